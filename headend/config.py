@@ -1,0 +1,439 @@
+"""The TOML configuration, loaded into pydantic models.
+
+Everything is checked before anything starts; a bad config raises `ConfigError`, whose
+message names the file, the key path (`meters[2].ct.primary (id "M-3")`) and the reason,
+one line per problem, all problems at once.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from headend.model import Obis, validate_meter_id
+
+# --------------------------------------------------------------------------- errors
+
+
+class ConfigError(Exception):
+    """A config that must not be started. `problems` holds (key path, reason) pairs."""
+
+    def __init__(self, file: str | Path, problems: Sequence[tuple[str, str]]) -> None:
+        self.file = str(file)
+        self.problems = list(problems)
+        lines = [f"{self.file}: {path}: {reason}" if path else f"{self.file}: {reason}" for path, reason in problems]
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- field types
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> timedelta:
+    """`"15m"`, `"1h30m"`, `"500ms"`, or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '15m' or '30s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        pos, seconds = 0, 0.0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            pos = match.end()
+        if not text or pos != len(text):
+            raise ValueError(f"{value!r} is not a duration; use forms like '90s', '15m', '1h30m', '500ms'")
+    else:
+        raise ValueError(f"expected a duration such as '15m' or '30s', got {type(value).__name__}")
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
+def _format_duration(value: timedelta) -> str:
+    return f"{value.total_seconds():g}s"
+
+
+def _parse_obis(value: object) -> Obis:
+    if isinstance(value, Obis):
+        return value
+    return Obis.parse(value)  # type: ignore[arg-type]
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(_format_duration)]
+ObisCode = Annotated[Obis, BeforeValidator(_parse_obis), PlainSerializer(str)]
+MeterIdStr = Annotated[str, BeforeValidator(validate_meter_id)]
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class SqliteStoreConfig(Strict):
+    path: Path = Path("var/readings.sqlite")
+
+
+class InfluxConfig(Strict):
+    url: str = "http://127.0.0.1:8086"
+    database: str = "headend"
+    api: Literal["v1", "v2"] = "v1"
+    username: str | None = None
+    #: Secrets come from the environment, never from the file: these name the variables.
+    password_env: str | None = None
+    token_env: str | None = None
+    org: str | None = None
+    bucket: str | None = None
+    timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL such as 'http://127.0.0.1:8086'")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _v2_needs_token(self) -> InfluxConfig:
+        if self.api == "v2":
+            missing = [k for k in ("token_env", "org", "bucket") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"api = 'v2' needs {', '.join(missing)}")
+        return self
+
+
+class WriterConfig(Strict):
+    batch_size: int = Field(5000, ge=1, le=100_000)
+    max_backoff: Duration = timedelta(seconds=30)
+    #: Outbox depth above which the writer logs a warning (the store is not keeping up).
+    warn_depth: int = Field(1_000_000, ge=1)
+
+
+class StorageConfig(Strict):
+    backend: Literal["sqlite", "influx"] = "sqlite"
+    outbox: Path = Path("var/outbox.sqlite")
+    sqlite: SqliteStoreConfig = SqliteStoreConfig()
+    influx: InfluxConfig | None = None
+    writer: WriterConfig = WriterConfig()
+
+    @model_validator(mode="after")
+    def _backend_configured(self) -> StorageConfig:
+        if self.backend == "influx" and self.influx is None:
+            raise ValueError("backend = 'influx' needs a [storage.influx] section")
+        return self
+
+
+# --------------------------------------------------------------------------- links
+
+BAUD_RATES = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+
+
+class TcpLink(Strict):
+    kind: Literal["tcp"]
+    id: Identifier
+    protocol: Literal["dlms-wrapper", "dlms-hdlc", "modbus-tcp"]
+    host: str
+    port: Port
+    max_sessions: int = Field(1, ge=1, le=1000)
+    timeout: Duration = timedelta(seconds=10)
+
+
+class SerialLink(Strict):
+    kind: Literal["serial"]
+    id: Identifier
+    protocol: Literal["dlms-hdlc", "modbus-rtu"]
+    device: str
+    baudrate: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    bytesize: Literal[7, 8] = 8
+    stopbits: Literal[1, 2] = 1
+    timeout: Duration = timedelta(seconds=5)
+
+    @field_validator("baudrate")
+    @classmethod
+    def _baud(cls, value: int) -> int:
+        if value not in BAUD_RATES:
+            raise ValueError(f"{value} is not a standard baud rate; use one of {', '.join(map(str, BAUD_RATES))}")
+        return value
+
+
+class MqttLink(Strict):
+    kind: Literal["mqtt"]
+    id: Identifier
+    protocol: Literal["mqtt"] = "mqtt"
+    host: str
+    port: Port = 1883
+    username: str | None = None
+    password_env: str | None = None
+    tls: bool = False
+    timeout: Duration = timedelta(seconds=30)
+
+
+Link = Annotated[TcpLink | SerialLink | MqttLink, Field(discriminator="kind")]
+
+
+class Concentrator(Strict):
+    id: Identifier
+    link: str
+    max_sessions: int = Field(4, ge=1, le=1000)
+    site: str | None = None
+
+
+# --------------------------------------------------------------------------- meters
+
+
+class ProtectionCategory(StrEnum):
+    """Customers that must never be cut off automatically."""
+
+    HOSPITAL = "hospital"
+    WATER = "water"
+    GAS = "gas"
+    RAIL = "rail"
+    MILITARY = "military"
+    LIFE_SUPPORT = "life_support"
+    EMERGENCY = "emergency"
+    OTHER = "other"
+
+
+class Ratio(Strict):
+    primary: Positive
+    secondary: Positive
+
+    @property
+    def factor(self) -> float:
+        return self.primary / self.secondary
+
+
+class Meter(Strict):
+    id: MeterIdStr
+    #: A meter hangs off exactly one of: a link (direct) or a concentrator.
+    link: str | None = None
+    concentrator: str | None = None
+    #: Protocol address: DLMS HDLC server address, Modbus unit id, or the concentrator's meter id.
+    address: int | str | None = None
+    serial: str | None = None
+    model: str | None = None
+    customer: str | None = None
+    groups: list[Identifier] = []
+    ct: Ratio | None = None
+    pt: Ratio | None = None
+    protected: bool = False
+    protection: ProtectionCategory | None = None
+
+    @model_validator(mode="after")
+    def _attachment_and_protection(self) -> Meter:
+        if (self.link is None) == (self.concentrator is None):
+            raise ValueError("set exactly one of 'link' or 'concentrator'")
+        if self.protected and self.protection is None:
+            raise ValueError(
+                "protected = true needs 'protection' (one of "
+                + ", ".join(c.value for c in ProtectionCategory)
+                + ") so operators see why"
+            )
+        if self.protection is not None and not self.protected:
+            raise ValueError("'protection' is set but protected = false; set protected = true or drop it")
+        return self
+
+    @property
+    def multiplier(self) -> float:
+        """CT ratio times PT ratio: what the meter's secondary-side value is multiplied by."""
+        return (self.ct.factor if self.ct else 1.0) * (self.pt.factor if self.pt else 1.0)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class Selector(Strict):
+    group: str | None = None
+    link: str | None = None
+    protocol: str | None = None
+    meters: list[MeterIdStr] | None = None
+
+
+class Plan(Strict):
+    id: Identifier
+    select: Selector = Selector()
+    read: list[Literal["profile", "registers", "events", "clock"]] = Field(min_length=1)
+    channels: list[ObisCode] = []
+    profile: ObisCode = Obis(1, 0, 99, 1, 0)
+    every: Duration | None = None
+    cron: str | None = None
+    window: Duration = timedelta(minutes=10)
+    deadline: Duration | None = None
+
+    @model_validator(mode="after")
+    def _when(self) -> Plan:
+        if (self.every is None) == (self.cron is None):
+            raise ValueError("set exactly one of 'every' or 'cron'")
+        if self.every is not None and self.every < timedelta(seconds=1):
+            raise ValueError("'every' must be at least 1s")
+        if "registers" in self.read and not self.channels:
+            raise ValueError("read includes 'registers' but 'channels' is empty")
+        if self.cron is not None and len(self.cron.split()) != 5:
+            raise ValueError(f"cron {self.cron!r} must have 5 fields (minute hour day month weekday)")
+        return self
+
+
+class ApiConfig(Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    tokens_file: Path | None = None
+
+
+class Config(Strict):
+    storage: StorageConfig = StorageConfig()
+    api: ApiConfig = ApiConfig()
+    links: list[Link] = []
+    concentrators: list[Concentrator] = []
+    meters: list[Meter] = []
+    plans: list[Plan] = []
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _key_path(loc: Iterable[str | int], raw: Any) -> str:
+    """Turn a pydantic location into `meters[2].ct.primary (id "M-3")`, naming list items by id.
+
+    Location parts that are not in the raw data (a tagged union's tag) are dropped, except
+    the last one, which is the missing key itself.
+    """
+    parts: list[str] = []
+    node: Any = raw
+    named = ""
+    loc = list(loc)
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            node = node[part]
+            parts.append(f"[{part}]")
+            if isinstance(node, dict) and isinstance(node.get("id"), str):
+                named = f' (id "{node["id"]}")'
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+            parts.append(f".{part}" if parts else str(part))
+        elif last:
+            parts.append(f".{part}" if parts else str(part))
+        # else: a union tag pydantic adds to the location; not a key the user wrote
+    return "".join(parts) + named
+
+
+def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        reason = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key (misspelt, or not valid here)"
+        elif err["type"] == "union_tag_invalid":
+            reason = f"{reason}"
+        problems.append((_key_path(err["loc"], raw), reason))
+    return problems
+
+
+def _duplicates(items: Iterable[str]) -> list[str]:
+    return [item for item, n in Counter(items).items() if n > 1]
+
+
+def _reference_problems(cfg: Config) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for section, items in (
+        ("links", cfg.links),
+        ("concentrators", cfg.concentrators),
+        ("meters", cfg.meters),
+        ("plans", cfg.plans),
+    ):
+        for dup in _duplicates(item.id for item in items):
+            idx = [i for i, item in enumerate(items) if item.id == dup]
+            problems.append((f'{section}[{idx[-1]}] (id "{dup}")', f"duplicate id, first used at {section}[{idx[0]}]"))
+    links = {link.id: link for link in cfg.links}
+    concentrators = {c.id for c in cfg.concentrators}
+    groups = {g for m in cfg.meters for g in m.groups}
+    meters = {m.id for m in cfg.meters}
+    for i, conc in enumerate(cfg.concentrators):
+        where = f'concentrators[{i}] (id "{conc.id}").link'
+        if conc.link not in links:
+            problems.append((where, f"no link with id {conc.link!r}"))
+        elif links[conc.link].kind != "mqtt":
+            problems.append((where, f"link {conc.link!r} is {links[conc.link].kind}; a concentrator needs an mqtt link"))
+    for i, meter in enumerate(cfg.meters):
+        where = f'meters[{i}] (id "{meter.id}")'
+        if meter.link is not None:
+            if meter.link not in links:
+                problems.append((f"{where}.link", f"no link with id {meter.link!r}"))
+            elif links[meter.link].kind == "mqtt":
+                problems.append((f"{where}.link", "meters behind MQTT are attached with 'concentrator', not 'link'"))
+        if meter.concentrator is not None and meter.concentrator not in concentrators:
+            problems.append((f"{where}.concentrator", f"no concentrator with id {meter.concentrator!r}"))
+    for i, plan in enumerate(cfg.plans):
+        where = f'plans[{i}] (id "{plan.id}").select'
+        sel = plan.select
+        if sel.group is not None and sel.group not in groups:
+            problems.append((f"{where}.group", f"no meter is in group {sel.group!r}"))
+        if sel.link is not None and sel.link not in links and sel.link not in concentrators:
+            problems.append((f"{where}.link", f"no link or concentrator with id {sel.link!r}"))
+        for m in sel.meters or []:
+            if m not in meters:
+                problems.append((f"{where}.meters", f"no meter with id {m!r}"))
+    return problems
+
+
+def parse_config(raw: dict[str, Any], file: str | Path = "<config>") -> Config:
+    """Validate an already-parsed TOML document."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(file, _pydantic_problems(exc, raw)) from None
+    problems = _reference_problems(cfg)
+    if problems:
+        raise ConfigError(file, problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file. Relative paths inside it stay relative to the CWD."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, [("", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [("", f"cannot read: {exc}")]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [("", f"not valid TOML: {exc}")]) from None
+    return parse_config(raw, path)

@@ -1,0 +1,242 @@
+"""Domain types shared by every part of the head-end.
+
+Timestamps are timezone-aware UTC; an interval read is stamped with the END of its interval.
+Values are in the base unit after the meter's scaler and the site's CT/PT multiplier; the raw
+value, scaler and multiplier are kept so a wrong multiplier can be corrected later.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+MAX_METER_ID_LENGTH = 64
+
+ReadingKind = Literal["interval", "register", "event"]
+READING_KINDS: tuple[ReadingKind, ...] = ("interval", "register", "event")
+
+
+class InvalidReading(ValueError):
+    """A reading that must not be accepted; the message says which field and why."""
+
+
+def validate_meter_id(meter: str) -> str:
+    """Return `meter` unchanged or raise ValueError saying what is wrong with it.
+
+    Spaces, commas, quotes and any printable unicode are fine (storage escapes them);
+    control characters and backslashes are refused because InfluxDB line protocol
+    cannot carry them unambiguously in a tag value.
+    """
+    if not isinstance(meter, str):
+        raise ValueError(f"meter id must be a string, got {type(meter).__name__}")
+    if not meter or not meter.strip():
+        raise ValueError("meter id must not be empty or blank")
+    if len(meter) > MAX_METER_ID_LENGTH:
+        raise ValueError(f"meter id {meter[:20]!r}... is longer than {MAX_METER_ID_LENGTH} characters")
+    if meter != meter.strip():
+        raise ValueError(f"meter id {meter!r} has leading or trailing whitespace")
+    for ch in meter:
+        if ch == "\\":
+            raise ValueError(f"meter id {meter!r} contains a backslash")
+        if unicodedata.category(ch).startswith("C"):
+            raise ValueError(f"meter id {meter!r} contains control character U+{ord(ch):04X}")
+    return meter
+
+
+_OBIS_RE = re.compile(r"^(\d{1,3})-(\d{1,3}):(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:\.(\d{1,3}))?$")
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Obis:
+    """An OBIS code (IEC 62056-61), A-B:C.D.E.F, each group 0..255."""
+
+    a: int
+    b: int
+    c: int
+    d: int
+    e: int
+    f: int = 255
+
+    def __post_init__(self) -> None:
+        for name in ("a", "b", "c", "d", "e", "f"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
+                raise ValueError(f"OBIS group {name.upper()} must be an integer 0..255, got {value!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> Obis:
+        """Parse `1-0:1.8.0.255` (or `1-0:1.8.0`, F defaulting to 255)."""
+        if not isinstance(text, str):
+            raise ValueError(f"OBIS code must be a string like '1-0:1.8.0.255', got {type(text).__name__}")
+        match = _OBIS_RE.match(text.strip())
+        if match is None:
+            raise ValueError(f"{text!r} is not an OBIS code; expected A-B:C.D.E.F such as '1-0:1.8.0.255'")
+        groups = [int(g) for g in match.groups(default="255")]
+        for label, value in zip("ABCDEF", groups, strict=True):
+            if value > 255:
+                raise ValueError(f"{text!r} is not an OBIS code: group {label} is {value}, above 255")
+        return cls(*groups)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Obis:
+        if len(raw) != 6:
+            raise ValueError(f"an OBIS code is 6 bytes, got {len(raw)}: {raw.hex()}")
+        return cls(*raw)
+
+    def to_bytes(self) -> bytes:
+        return bytes((self.a, self.b, self.c, self.d, self.e, self.f))
+
+    def __str__(self) -> str:
+        return f"{self.a}-{self.b}:{self.c}.{self.d}.{self.e}.{self.f}"
+
+
+class Quality(StrEnum):
+    """IEC 61968-9 reading-quality codes used by the head-end (system 2 = head-end).
+
+    A meter's own status codes (system 1) pass through as plain strings.
+    """
+
+    VALID = "1.0.0"
+    VALIDATED = "2.0.1"
+    MISSING = "2.5.259"
+    FAILED_VALIDATION = "2.6.0"
+    EDITED = "2.7.0"
+    ESTIMATED = "2.8.0"
+    CLOCK_ERROR = "1.2.0"
+
+
+_QUALITY_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")
+
+
+def validate_quality_code(code: str) -> str:
+    if not isinstance(code, str) or not _QUALITY_RE.match(code):
+        raise ValueError(f"{code!r} is not an IEC 61968-9 quality code (system.category.index, e.g. '2.5.259')")
+    return code
+
+
+def to_utc(ts: datetime, what: str = "timestamp") -> datetime:
+    if not isinstance(ts, datetime):
+        raise ValueError(f"{what} must be a datetime, got {type(ts).__name__}")
+    if ts.tzinfo is None or ts.utcoffset() is None:
+        raise ValueError(f"{what} {ts.isoformat()} has no timezone; readings are stamped in UTC")
+    return ts.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value of one channel of one meter.
+
+    `value` is None only for a marked gap (quality `2.5.259` missing); otherwise it is a
+    finite number. Identity in storage is (kind, meter, channel, timestamp).
+    """
+
+    meter: str
+    channel: Obis
+    timestamp: datetime
+    value: float | None
+    unit: str = ""
+    kind: ReadingKind = "interval"
+    raw: float | None = None
+    scaler: int = 0
+    multiplier: float = 1.0
+    qualities: tuple[str, ...] = ()
+    source: str = ""
+    collected_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        try:
+            validate_meter_id(self.meter)
+        except ValueError as exc:
+            raise InvalidReading(f"meter: {exc}") from None
+        if not isinstance(self.channel, Obis):
+            raise InvalidReading(f"channel must be an Obis, got {self.channel!r}")
+        if self.kind not in READING_KINDS:
+            raise InvalidReading(f"kind must be one of {READING_KINDS}, got {self.kind!r}")
+        try:
+            object.__setattr__(self, "timestamp", to_utc(self.timestamp))
+            object.__setattr__(self, "collected_at", to_utc(self.collected_at, "collected_at"))
+        except ValueError as exc:
+            raise InvalidReading(str(exc)) from None
+        self._check_number("value", self.value, optional=True)
+        self._check_number("raw", self.raw, optional=True)
+        self._check_number("multiplier", self.multiplier, optional=False)
+        if self.multiplier <= 0:
+            raise InvalidReading(f"multiplier must be positive, got {self.multiplier!r}")
+        if not isinstance(self.scaler, int) or isinstance(self.scaler, bool) or not -128 <= self.scaler <= 127:
+            raise InvalidReading(f"scaler must be an integer -128..127, got {self.scaler!r}")
+        object.__setattr__(self, "qualities", tuple(self.qualities))
+        try:
+            for code in self.qualities:
+                validate_quality_code(code)
+        except ValueError as exc:
+            raise InvalidReading(f"qualities: {exc}") from None
+        if self.value is None and Quality.MISSING not in self.qualities:
+            raise InvalidReading(
+                f"reading of {self.meter} {self.channel} at {self.timestamp.isoformat()} has no value "
+                f"but is not marked missing ({Quality.MISSING.value})"
+            )
+        for name in ("unit", "source"):
+            text = getattr(self, name)
+            if not isinstance(text, str) or any(unicodedata.category(ch) == "Cc" for ch in text):
+                raise InvalidReading(f"{name} must be a string without control characters, got {text!r}")
+
+    def _check_number(self, name: str, value: object, *, optional: bool) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidReading(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InvalidReading(
+                f"{name} of {self.meter} {self.channel} at {self.timestamp} is {value!r}; "
+                "only finite numbers are stored (mark a gap with value=None and quality 2.5.259)"
+            )
+        object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def from_raw(
+        cls,
+        meter: str,
+        channel: Obis,
+        timestamp: datetime,
+        raw: float,
+        *,
+        scaler: int = 0,
+        multiplier: float = 1.0,
+        **kwargs: object,
+    ) -> Reading:
+        """Build a reading from the meter's raw integer, its scaler and the site multiplier."""
+        # Dividing by 10**-scaler keeps 12345 with scaler -3 at exactly 12.345.
+        scaled = raw / 10.0**-scaler if scaler < 0 else raw * 10.0**scaler
+        value = scaled * multiplier
+        return cls(
+            meter=meter,
+            channel=channel,
+            timestamp=timestamp,
+            value=value,
+            raw=raw,
+            scaler=scaler,
+            multiplier=multiplier,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    @property
+    def identity(self) -> tuple[str, str, str, datetime]:
+        return (self.kind, self.meter, str(self.channel), self.timestamp)
+
+
+class RelayState(StrEnum):
+    """Relay state as read back from the meter (DLMS class 70 control_state)."""
+
+    DISCONNECTED = "disconnected"
+    CONNECTED = "connected"
+    READY_FOR_RECONNECTION = "ready_for_reconnection"
+
+
+class RelayAction(StrEnum):
+    DISCONNECT = "disconnect"
+    RECONNECT = "reconnect"

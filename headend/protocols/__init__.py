@@ -1,0 +1,1 @@
+"""Protocol drivers (DLMS/COSEM, Modbus, MQTT concentrators), all behind MeterSession."""

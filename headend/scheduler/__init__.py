@@ -1,0 +1,1 @@
+"""Read plans and the polling engine."""

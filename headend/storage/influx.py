@@ -1,0 +1,205 @@
+"""InfluxStore: readings in InfluxDB over its HTTP API.
+
+Writes go to the 1.x `/write` endpoint (line protocol), which InfluxDB 2.x and 3.x also
+serve for compatibility, or optionally to `/api/v2/write` with a token. Queries use
+InfluxQL over `/query`, chunked so large ranges never hit the server's row limit.
+Line protocol is built by influxdb-client's `Point`, which does the escaping.
+
+Schema: measurement = reading kind (`interval`, `register`, `event`); tags `meter`,
+`channel`; fields `value`, `raw`, `scaler`, `multiplier`, `unit`, `quality` (comma-joined
+IEC 61968-9 codes), `source`, `collected_at` (epoch ns).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import httpx
+from influxdb_client.client.write.point import Point
+from influxdb_client.domain.write_precision import WritePrecision
+
+from headend.model import Obis, Reading, ReadingKind
+from headend.storage.base import ReadingStore, StoreError, StoreRejected, StoreUnavailable
+from headend.storage.codec import from_ns, to_ns
+
+_CHUNK_SIZE = 10_000
+
+
+def to_line(r: Reading) -> str:
+    point = (
+        Point(r.kind)
+        .tag("meter", r.meter)
+        .tag("channel", str(r.channel))
+        .field("value", r.value)
+        .field("raw", r.raw)
+        .field("scaler", r.scaler)
+        .field("multiplier", r.multiplier)
+        .field("unit", r.unit)
+        .field("quality", ",".join(r.qualities))
+        .field("source", r.source)
+        .field("collected_at", to_ns(r.collected_at))
+        .time(to_ns(r.timestamp), WritePrecision.NS)
+    )
+    return point.to_line_protocol()
+
+
+def influxql_string(text: str) -> str:
+    """A single-quoted InfluxQL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _reading_from_row(kind: ReadingKind, row: dict[str, Any]) -> Reading:
+    quality = row.get("quality") or ""
+    return Reading(
+        kind=kind,
+        meter=row["meter"],
+        channel=Obis.parse(row["channel"]),
+        timestamp=from_ns(int(row["time"])),
+        value=None if row.get("value") is None else float(row["value"]),
+        raw=None if row.get("raw") is None else float(row["raw"]),
+        scaler=int(row.get("scaler") or 0),
+        multiplier=float(row.get("multiplier") or 1.0),
+        unit=row.get("unit") or "",
+        qualities=tuple(quality.split(",")) if quality else (),
+        source=row.get("source") or "",
+        collected_at=from_ns(int(row.get("collected_at") or 0)),
+    )
+
+
+class InfluxStore(ReadingStore):
+    def __init__(
+        self,
+        url: str,
+        database: str = "headend",
+        *,
+        api: Literal["v1", "v2"] = "v1",
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        org: str | None = None,
+        bucket: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if api == "v2" and not (token and org and bucket):
+            raise ValueError("the v2 write API needs token, org and bucket")
+        self.url = url.rstrip("/")
+        self.database = database
+        self.api = api
+        self._auth = (username, password or "") if username else None
+        self._token = token
+        self._org = org
+        self._bucket = bucket
+        self._timeout = timeout
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:  # never show credentials
+        return f"InfluxStore({self.url!r}, database={self.database!r}, api={self.api!r})"
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.url, timeout=self._timeout, auth=self._auth, transport=self._transport
+            )
+        return self._client
+
+    async def open(self) -> None:
+        if self.api == "v1":
+            await self._influxql(f'CREATE DATABASE "{self.database}"', method="POST")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _post(self, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.client.post(path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(f"InfluxDB at {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def write(self, batch: Sequence[Reading]) -> None:
+        if not batch:
+            return
+        body = "\n".join(to_line(r) for r in batch).encode()
+        if self.api == "v2":
+            response = await self._post(
+                "/api/v2/write",
+                params={"org": self._org, "bucket": self._bucket, "precision": "ns"},
+                headers={"Authorization": f"Token {self._token}", "Content-Type": "text/plain; charset=utf-8"},
+                content=body,
+            )
+        else:
+            response = await self._post("/write", params={"db": self.database, "precision": "ns"}, content=body)
+        if response.status_code in (200, 204):
+            return
+        reason = f"InfluxDB write answered {response.status_code}: {response.text[:300]}"
+        if response.status_code == 404 and "database not found" in response.text and self.api == "v1":
+            await self.open()
+            raise StoreUnavailable(reason + " (database created, will retry)")
+        if response.status_code in (400, 413, 422):
+            raise StoreRejected(reason)
+        raise StoreUnavailable(reason)
+
+    async def _influxql(self, q: str, *, method: str = "GET") -> list[dict[str, Any]]:
+        """Run InfluxQL; return the series of the (single) statement, merged across chunks."""
+        params = {"db": self.database, "q": q, "epoch": "ns", "chunked": "true", "chunk_size": str(_CHUNK_SIZE)}
+        try:
+            if method == "POST":
+                response = await self.client.post("/query", data=params)
+            else:
+                response = await self.client.get("/query", params=params)
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(f"InfluxDB at {self.url}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500:
+            raise StoreUnavailable(f"InfluxDB query answered {response.status_code}: {response.text[:300]}")
+        if response.status_code != 200:
+            raise StoreError(f"InfluxDB query answered {response.status_code}: {response.text[:300]}")
+        rows: list[dict[str, Any]] = []
+        for line in response.text.splitlines():
+            if not line.strip():
+                continue
+            doc = json.loads(line)
+            if "error" in doc:
+                raise StoreError(f"InfluxDB query failed: {doc['error']}")
+            for result in doc.get("results", []):
+                if "error" in result:
+                    raise StoreError(f"InfluxDB query failed: {result['error']}")
+                for series in result.get("series", []):
+                    tags = series.get("tags", {})
+                    columns = series["columns"]
+                    for values in series.get("values", []):
+                        rows.append({**tags, **dict(zip(columns, values, strict=True))})
+        return rows
+
+    def _where(self, meter: str, channel: Obis) -> str:
+        return f'"meter" = {influxql_string(meter)} AND "channel" = {influxql_string(str(channel))}'
+
+    async def query(
+        self,
+        meter: str,
+        channel: Obis,
+        start: datetime,
+        end: datetime,
+        kind: ReadingKind = "interval",
+    ) -> list[Reading]:
+        q = (
+            f'SELECT * FROM "{kind}" WHERE {self._where(meter, channel)} '
+            f"AND time > {to_ns(start)} AND time <= {to_ns(end)} ORDER BY time ASC"
+        )
+        return [_reading_from_row(kind, row) for row in await self._influxql(q)]
+
+    async def last_interval(self, meter: str, channel: Obis) -> datetime | None:
+        # `quality` is written on every point (possibly empty), so last() sees every interval.
+        rows = await self._influxql(f'SELECT last("quality") FROM "interval" WHERE {self._where(meter, channel)}')
+        return from_ns(int(rows[0]["time"])) if rows else None
+
+    async def count(self, kind: ReadingKind = "interval") -> int:
+        """Points of a measurement across all meters (for tests and the benchmark)."""
+        rows = await self._influxql(f'SELECT count("quality") FROM "{kind}"')
+        return int(rows[0]["count"]) if rows else 0

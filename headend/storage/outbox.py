@@ -1,0 +1,182 @@
+"""The durable outbox: a read is *accepted* once `accept()` has returned.
+
+SQLite in WAL mode with synchronous=FULL: when the commit returns, the rows are on disk and
+survive a crash or power cut. Only after that may a source be acknowledged (MQTT ack, poll
+cursor). The writer drains the oldest rows to the ReadingStore and deletes only what the
+store confirmed; a row that the store refuses on its own is moved to `quarantine` with the
+reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from headend.model import Reading
+from headend.storage import codec
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body TEXT NOT NULL,
+    accepted_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_ns INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A row taken from the outbox for writing; `reading` is None if its body no longer decodes."""
+
+    id: int
+    reading: Reading | None
+    body: str
+
+
+class WriterLocked(RuntimeError):
+    """Another process is already draining this outbox."""
+
+
+class Outbox:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection, used from worker threads one at a time under the lock.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.Lock()
+        with self._lock:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        self._waiters: set[asyncio.Event] = set()
+        self._writer_lock: IO[bytes] | None = None
+
+    # -- accepting ---------------------------------------------------------------------
+
+    def accept_sync(self, readings: Iterable[Reading]) -> int:
+        """Commit readings durably; raise before writing anything if one does not encode."""
+        bodies = [codec.encode(r) for r in readings]
+        if not bodies:
+            return 0
+        now = time.time_ns()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO outbox (body, accepted_ns) VALUES (?, ?)", [(b, now) for b in bodies]
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(bodies)
+
+    async def accept(self, readings: Sequence[Reading]) -> int:
+        """Durably accept readings. When this returns, the source may be acknowledged."""
+        n = await asyncio.to_thread(self.accept_sync, readings)
+        for event in self._waiters:
+            event.set()
+        return n
+
+    # -- draining ----------------------------------------------------------------------
+
+    def take_sync(self, limit: int) -> list[Pending]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, body FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
+        pending = []
+        for row_id, body in rows:
+            try:
+                reading: Reading | None = codec.decode(body)
+            except Exception:  # noqa: BLE001 - a damaged row must not block the queue
+                reading = None
+            pending.append(Pending(row_id, reading, body))
+        return pending
+
+    async def take(self, limit: int) -> list[Pending]:
+        return await asyncio.to_thread(self.take_sync, limit)
+
+    def delete_sync(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    async def delete(self, ids: Sequence[int]) -> None:
+        await asyncio.to_thread(self.delete_sync, ids)
+
+    def quarantine_sync(self, items: Sequence[Pending], reason: str) -> None:
+        now = time.time_ns()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
+                    [(p.id, p.body, reason, now) for p in items],
+                )
+                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(p.id,) for p in items])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    async def quarantine(self, items: Sequence[Pending], reason: str) -> None:
+        await asyncio.to_thread(self.quarantine_sync, items, reason)
+
+    # -- state -------------------------------------------------------------------------
+
+    def depth(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def quarantined(self) -> list[tuple[str, str]]:
+        """(body, reason) of every quarantined row, oldest first."""
+        with self._lock:
+            return list(self._db.execute("SELECT body, reason FROM quarantine ORDER BY id"))
+
+    def new_data_event(self) -> asyncio.Event:
+        """An event set whenever this process accepts readings (other processes are polled)."""
+        event = asyncio.Event()
+        self._waiters.add(event)
+        return event
+
+    def lock_for_writer(self) -> None:
+        """Make this process the only writer of the outbox; the OS frees the lock if it dies."""
+        handle = open(f"{self.path}.writer.lock", "wb")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise WriterLocked(f"{self.path} is already being drained by another process") from None
+        handle.write(str(os.getpid()).encode())
+        handle.flush()
+        self._writer_lock = handle
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        if self._writer_lock is not None:
+            self._writer_lock.close()
+            self._writer_lock = None

@@ -1,0 +1,89 @@
+"""Builds the storage pipeline (outbox -> batch writer -> store) from the config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping
+from types import TracebackType
+
+from headend.config import StorageConfig
+from headend.storage.base import ReadingStore
+from headend.storage.influx import InfluxStore
+from headend.storage.outbox import Outbox
+from headend.storage.sqlite import SqliteStore
+from headend.storage.writer import BatchWriter
+
+
+class MissingSecret(RuntimeError):
+    pass
+
+
+def _secret(env: Mapping[str, str], name: str | None, what: str) -> str | None:
+    if name is None:
+        return None
+    try:
+        return env[name]
+    except KeyError:
+        raise MissingSecret(f"{what} is read from the environment variable {name}, which is not set") from None
+
+
+def build_store(cfg: StorageConfig, env: Mapping[str, str] | None = None) -> ReadingStore:
+    env = os.environ if env is None else env
+    if cfg.backend == "sqlite":
+        return SqliteStore(cfg.sqlite.path)
+    influx = cfg.influx
+    assert influx is not None  # the config model guarantees it
+    return InfluxStore(
+        influx.url,
+        influx.database,
+        api=influx.api,
+        username=influx.username,
+        password=_secret(env, influx.password_env, "storage.influx password"),
+        token=_secret(env, influx.token_env, "storage.influx token"),
+        org=influx.org,
+        bucket=influx.bucket,
+        timeout=influx.timeout.total_seconds(),
+    )
+
+
+class Pipeline:
+    """`async with Pipeline(cfg) as p: await p.outbox.accept(readings)`; the writer runs meanwhile.
+
+    On exit the writer gets `flush_timeout` seconds to drain; whatever is left stays in the
+    outbox for the next start.
+    """
+
+    def __init__(self, cfg: StorageConfig, *, store: ReadingStore | None = None, flush_timeout: float = 10.0) -> None:
+        self.cfg = cfg
+        self.store = store or build_store(cfg)
+        self.outbox = Outbox(cfg.outbox)
+        self.writer = BatchWriter(
+            self.outbox,
+            self.store,
+            batch_size=cfg.writer.batch_size,
+            max_backoff=cfg.writer.max_backoff.total_seconds(),
+            warn_depth=cfg.writer.warn_depth,
+        )
+        self.flush_timeout = flush_timeout
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Pipeline:
+        self.outbox.lock_for_writer()
+        await self.store.open()
+        self._task = asyncio.create_task(self.writer.run(), name="outbox-writer")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._task is not None:
+            if exc_type is None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_timeout):
+                        await self.writer.wait_drained()
+            self.writer.stop()
+            await self._task
+        await self.store.close()
+        self.outbox.close()

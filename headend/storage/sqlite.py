@@ -1,0 +1,147 @@
+"""SqliteStore: the embedded default store (demo, small sites, no servers to run)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from headend.model import Obis, Reading, ReadingKind
+from headend.storage.base import ReadingStore
+from headend.storage.codec import from_ns, to_ns
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings (
+    kind TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    value REAL,
+    raw REAL,
+    scaler INTEGER NOT NULL,
+    multiplier REAL NOT NULL,
+    unit TEXT NOT NULL,
+    quality TEXT NOT NULL,
+    source TEXT NOT NULL,
+    collected_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, meter, channel, ts)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = "kind, meter, channel, ts, value, raw, scaler, multiplier, unit, quality, source, collected_at"
+
+
+def _row(r: Reading) -> tuple[Any, ...]:
+    return (
+        r.kind,
+        r.meter,
+        str(r.channel),
+        to_ns(r.timestamp),
+        r.value,
+        r.raw,
+        r.scaler,
+        r.multiplier,
+        r.unit,
+        ",".join(r.qualities),
+        r.source,
+        to_ns(r.collected_at),
+    )
+
+
+def _reading(row: tuple[Any, ...]) -> Reading:
+    kind, meter, channel, ts, value, raw, scaler, multiplier, unit, quality, source, collected = row
+    return Reading(
+        kind=kind,
+        meter=meter,
+        channel=Obis.parse(channel),
+        timestamp=from_ns(ts),
+        value=value,
+        raw=raw,
+        scaler=scaler,
+        multiplier=multiplier,
+        unit=unit,
+        qualities=tuple(quality.split(",")) if quality else (),
+        source=source,
+        collected_at=from_ns(collected),
+    )
+
+
+class SqliteStore(ReadingStore):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    def _run(self, sql: str, params: Sequence[Any] = (), *, many: Sequence[Sequence[Any]] | None = None) -> list[Any]:
+        with self._lock:
+            db = self._connect()
+            if many is None:
+                return db.execute(sql, params).fetchall()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(sql, many)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return []
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._run, "SELECT 1")
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    async def write(self, batch: Sequence[Reading]) -> None:
+        if batch:
+            rows = [_row(r) for r in batch]
+            sql = f"INSERT OR REPLACE INTO readings ({_COLUMNS}) VALUES ({', '.join('?' * 12)})"
+            await asyncio.to_thread(self._run, sql, many=rows)
+
+    async def query(
+        self,
+        meter: str,
+        channel: Obis,
+        start: datetime,
+        end: datetime,
+        kind: ReadingKind = "interval",
+    ) -> list[Reading]:
+        rows = await asyncio.to_thread(
+            self._run,
+            f"SELECT {_COLUMNS} FROM readings WHERE kind = ? AND meter = ? AND channel = ? "
+            "AND ts > ? AND ts <= ? ORDER BY ts",
+            (kind, meter, str(channel), to_ns(start), to_ns(end)),
+        )
+        return [_reading(row) for row in rows]
+
+    async def last_interval(self, meter: str, channel: Obis) -> datetime | None:
+        rows = await asyncio.to_thread(
+            self._run,
+            "SELECT max(ts) FROM readings WHERE kind = 'interval' AND meter = ? AND channel = ?",
+            (meter, str(channel)),
+        )
+        return None if rows[0][0] is None else from_ns(rows[0][0])
+
+    async def count(self, kind: ReadingKind = "interval") -> int:
+        rows = await asyncio.to_thread(self._run, "SELECT count(*) FROM readings WHERE kind = ?", (kind,))
+        return int(rows[0][0])

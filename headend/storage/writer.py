@@ -1,0 +1,140 @@
+"""Drains the outbox into a ReadingStore in batches.
+
+Rows are deleted only after the store confirmed them, so a crash anywhere replays at most
+one batch, which the store absorbs (a point's identity is measurement, meter, channel, time).
+Store down: back off (with jitter) and try again, the outbox grows and `depth` shows it.
+Store refuses a batch: split it until the refused readings are isolated, then quarantine
+those with the store's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from headend.storage.base import ReadingStore, StoreRejected, StoreUnavailable
+from headend.storage.outbox import Outbox, Pending
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WriterStats:
+    written: int = 0
+    batches: int = 0
+    store_failures: int = 0
+    quarantined: int = 0
+    last_error: str | None = None
+    depth: int = 0
+    healthy: bool = True
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        outbox: Outbox,
+        store: ReadingStore,
+        *,
+        batch_size: int = 5000,
+        min_backoff: float = 0.1,
+        max_backoff: float = 30.0,
+        poll_interval: float = 1.0,
+        warn_depth: int = 1_000_000,
+    ) -> None:
+        self.outbox = outbox
+        self.store = store
+        self.batch_size = batch_size
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.poll_interval = poll_interval
+        self.warn_depth = warn_depth
+        self.stats = WriterStats()
+        self._stop = asyncio.Event()
+        self._new_data = outbox.new_data_event()
+        self._drained = asyncio.Event()
+
+    async def run(self) -> None:
+        """Write until `stop()`; never returns on store errors, only backs off."""
+        backoff = self.min_backoff
+        while not self._stop.is_set():
+            self._new_data.clear()
+            batch = await self.outbox.take(self.batch_size)
+            if not batch:
+                self.stats.depth = 0
+                self._drained.set()
+                await self._wait(self.poll_interval, wake_on_data=True)
+                continue
+            self._drained.clear()
+            try:
+                await self._write(batch)
+            except StoreUnavailable as exc:
+                self._note_failure(str(exc))
+                await self._wait(backoff * random.uniform(0.5, 1.0), wake_on_data=False)
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
+            backoff = self.min_backoff
+            self.stats.healthy = True
+
+    async def _write(self, batch: Sequence[Pending]) -> None:
+        damaged = [p for p in batch if p.reading is None]
+        if damaged:
+            await self._quarantine(damaged, "outbox row does not decode into a reading")
+            batch = [p for p in batch if p.reading is not None]
+            if not batch:
+                return
+        try:
+            await self.store.write([p.reading for p in batch if p.reading is not None])
+        except StoreRejected as exc:
+            if len(batch) == 1:
+                await self._quarantine(batch, str(exc))
+                return
+            mid = len(batch) // 2
+            await self._write(batch[:mid])
+            await self._write(batch[mid:])
+            return
+        await self.outbox.delete([p.id for p in batch])
+        self.stats.written += len(batch)
+        self.stats.batches += 1
+
+    async def _quarantine(self, items: Sequence[Pending], reason: str) -> None:
+        for p in items:
+            log.error("store refused outbox row %d, quarantined: %s; body %s", p.id, reason, p.body[:500])
+        await self.outbox.quarantine(items, reason)
+        self.stats.quarantined += len(items)
+
+    def _note_failure(self, message: str) -> None:
+        self.stats.store_failures += 1
+        self.stats.last_error = message
+        self.stats.healthy = False
+        depth = self.outbox.depth()
+        self.stats.depth = depth
+        level = logging.WARNING if depth >= self.warn_depth or self.stats.store_failures == 1 else logging.INFO
+        log.log(level, "store unavailable (%s); outbox holds %d readings, retrying", message, depth)
+
+    async def _wait(self, seconds: float, *, wake_on_data: bool) -> None:
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if wake_on_data:
+            waits.append(asyncio.ensure_future(self._new_data.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            for w in waits:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await w
+
+    async def wait_drained(self) -> None:
+        """Return once the writer has found the outbox empty after the last accept."""
+        while True:
+            await self._drained.wait()
+            if self.outbox.depth() == 0:
+                return
+            self._drained.clear()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,1 @@
+"""Meter and concentrator simulators, so the head-end runs and is tested without hardware."""

@@ -1,0 +1,82 @@
+"""The contract every ReadingStore keeps; run against SqliteStore and a real InfluxDB."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from headend.model import Obis, Quality, Reading
+from headend.storage.base import ReadingStore
+from tests.factories import IMPORT, PROFILE_STEP, T0, intervals
+
+EXPORT = Obis.parse("1-0:2.8.0.255")
+DAY = timedelta(days=1)
+
+
+async def test_written_readings_come_back_with_every_field(store: ReadingStore) -> None:
+    batch = list(intervals(1, 0, 96))
+    await store.write(batch)
+    assert await store.query("M001", IMPORT, T0, T0 + DAY) == batch
+
+
+async def test_rewriting_the_same_identity_keeps_one_point(store: ReadingStore) -> None:
+    batch = list(intervals(1, 0, 10))
+    await store.write(batch)
+    await store.write(batch)
+    await store.write(batch[3:7])
+    assert await store.query("M001", IMPORT, T0, T0 + DAY) == batch
+    assert await store.count() == 10
+
+
+async def test_range_is_interval_ending_start_exclusive_end_inclusive(store: ReadingStore) -> None:
+    await store.write(list(intervals(1, 0, 96 * 2)))
+    day_one = await store.query("M001", IMPORT, T0, T0 + DAY)
+    assert len(day_one) == 96
+    assert day_one[0].timestamp == T0 + PROFILE_STEP
+    assert day_one[-1].timestamp == T0 + DAY
+
+
+async def test_meters_channels_and_kinds_are_kept_apart(store: ReadingStore) -> None:
+    imports = list(intervals(1, 0, 4))
+    exports = list(intervals(1, 0, 4, channel=EXPORT))
+    other = list(intervals(2, 0, 4))
+    register = Reading(meter="M001", channel=IMPORT, timestamp=T0 + DAY / 2, value=42.0, kind="register", unit="kWh")
+    await store.write([*imports, *exports, *other, register])
+    assert await store.query("M001", IMPORT, T0, T0 + DAY) == imports
+    assert await store.query("M001", EXPORT, T0, T0 + DAY) == exports
+    assert await store.query("M002", IMPORT, T0, T0 + DAY) == other
+    assert await store.query("M001", IMPORT, T0, T0 + DAY, kind="register") == [register]
+    assert await store.query("M003", IMPORT, T0, T0 + DAY) == []
+
+
+async def test_last_interval_is_the_newest_stored_interval(store: ReadingStore) -> None:
+    assert await store.last_interval("M001", IMPORT) is None
+    await store.write(list(intervals(1, 10, 20)))
+    await store.write(list(intervals(1, 0, 5)))
+    assert await store.last_interval("M001", IMPORT) == T0 + 20 * PROFILE_STEP
+    assert await store.last_interval("M001", EXPORT) is None
+
+
+async def test_a_marked_gap_is_stored_without_a_value(store: ReadingStore) -> None:
+    gap = Reading(meter="M001", channel=IMPORT, timestamp=T0 + PROFILE_STEP, value=None, qualities=(Quality.MISSING,))
+    await store.write([gap])
+    assert await store.query("M001", IMPORT, T0, T0 + DAY) == [gap]
+    assert await store.last_interval("M001", IMPORT) == gap.timestamp
+
+
+async def test_awkward_text_round_trips(store: ReadingStore) -> None:
+    ids = ["with space", "comma,here", 'double"quote', "single'quote", "eq=sign", "équipe ünï 電表", "plug🔌"]
+    batch = [
+        Reading(
+            meter=m,
+            channel=IMPORT,
+            timestamp=T0 + PROFILE_STEP,
+            value=-0.0 if i == 0 else 1e300 / (i + 1),
+            unit='k"W,h =',
+            source="mqtt/concentrator 'north', bay=3",
+            qualities=("1.4.9", "2.0.1"),
+        )
+        for i, m in enumerate(ids)
+    ]
+    await store.write(batch)
+    for reading in batch:
+        assert await store.query(reading.meter, IMPORT, T0, T0 + DAY) == [reading]
