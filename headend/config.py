@@ -7,6 +7,7 @@ one line per problem, all problems at once.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections import Counter
@@ -326,6 +327,11 @@ class Config(Strict):
 # --------------------------------------------------------------------------- loading
 
 
+def _named(item_id: str) -> str:
+    # JSON quoting shows control characters as escapes instead of printing them.
+    return f" (id {json.dumps(item_id, ensure_ascii=False)})"
+
+
 def _key_path(loc: Iterable[str | int], raw: Any) -> str:
     """Turn a pydantic location into `meters[2].ct.primary (id "M-3")`, naming list items by id.
 
@@ -342,7 +348,7 @@ def _key_path(loc: Iterable[str | int], raw: Any) -> str:
             node = node[part]
             parts.append(f"[{part}]")
             if isinstance(node, dict) and isinstance(node.get("id"), str):
-                named = f' (id "{node["id"]}")'
+                named = _named(node["id"])
         elif isinstance(node, dict) and part in node:
             node = node[part]
             parts.append(f".{part}" if parts else str(part))
@@ -358,9 +364,10 @@ def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
         reason = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             reason = "unknown key (misspelt, or not valid here)"
-        elif err["type"] == "union_tag_invalid":
-            reason = f"{reason}"
-        problems.append((_key_path(err["loc"], raw), reason))
+        loc = list(err["loc"])
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append(str(err.get("ctx", {}).get("discriminator", "kind")).strip("'"))
+        problems.append((_key_path(loc, raw), reason))
     return problems
 
 
@@ -378,19 +385,21 @@ def _reference_problems(cfg: Config) -> list[tuple[str, str]]:
     ):
         for dup in _duplicates(item.id for item in items):
             idx = [i for i, item in enumerate(items) if item.id == dup]
-            problems.append((f'{section}[{idx[-1]}] (id "{dup}")', f"duplicate id, first used at {section}[{idx[0]}]"))
+            problems.append((f"{section}[{idx[-1]}]{_named(dup)}", f"duplicate id, first used at {section}[{idx[0]}]"))
     links = {link.id: link for link in cfg.links}
     concentrators = {c.id for c in cfg.concentrators}
     groups = {g for m in cfg.meters for g in m.groups}
     meters = {m.id for m in cfg.meters}
     for i, conc in enumerate(cfg.concentrators):
-        where = f'concentrators[{i}] (id "{conc.id}").link'
+        where = f"concentrators[{i}]{_named(conc.id)}.link"
         if conc.link not in links:
             problems.append((where, f"no link with id {conc.link!r}"))
         elif links[conc.link].kind != "mqtt":
-            problems.append((where, f"link {conc.link!r} is {links[conc.link].kind}; a concentrator needs an mqtt link"))
+            problems.append(
+                (where, f"link {conc.link!r} is {links[conc.link].kind}; a concentrator needs an mqtt link")
+            )
     for i, meter in enumerate(cfg.meters):
-        where = f'meters[{i}] (id "{meter.id}")'
+        where = f"meters[{i}]{_named(meter.id)}"
         if meter.link is not None:
             if meter.link not in links:
                 problems.append((f"{where}.link", f"no link with id {meter.link!r}"))
@@ -399,7 +408,7 @@ def _reference_problems(cfg: Config) -> list[tuple[str, str]]:
         if meter.concentrator is not None and meter.concentrator not in concentrators:
             problems.append((f"{where}.concentrator", f"no concentrator with id {meter.concentrator!r}"))
     for i, plan in enumerate(cfg.plans):
-        where = f'plans[{i}] (id "{plan.id}").select'
+        where = f"plans[{i}]{_named(plan.id)}.select"
         sel = plan.select
         if sel.group is not None and sel.group not in groups:
             problems.append((f"{where}.group", f"no meter is in group {sel.group!r}"))

@@ -32,7 +32,7 @@ class AnnouncingStore(InfluxStore):
         self.batches += 1
         print(f"STORED {self.batches}", flush=True)
         if self.batches == self.freeze_after:
-            time.sleep(3600)  # freeze the whole process, loop included, until killed
+            time.sleep(3600)  # noqa: ASYNC251 - freeze the whole process, loop included, until killed
 
 
 async def main(argv: list[str]) -> None:

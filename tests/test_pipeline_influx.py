@@ -50,7 +50,9 @@ async def test_100k_interval_values_come_back_intact(tmp_path: Path, influx_stor
     outbox.close()
 
 
-async def test_influxd_down_for_10s_while_writing_loses_nothing(tmp_path: Path, own_influx_server: InfluxServer) -> None:
+async def test_influxd_down_for_10s_while_writing_loses_nothing(
+    tmp_path: Path, own_influx_server: InfluxServer
+) -> None:
     store = InfluxStore(own_influx_server.url, "headend")
     await store.open()
     outbox = Outbox(tmp_path / "outbox.sqlite")

@@ -23,7 +23,7 @@ from influxdb_client.domain.write_precision import WritePrecision
 
 from headend.model import Obis, Reading, ReadingKind
 from headend.storage.base import ReadingStore, StoreError, StoreRejected, StoreUnavailable
-from headend.storage.codec import from_ns, to_ns
+from headend.storage.codec import from_ns, parse_obis, to_ns
 
 _CHUNK_SIZE = 10_000
 
@@ -56,7 +56,7 @@ def _reading_from_row(kind: ReadingKind, row: dict[str, Any]) -> Reading:
     return Reading(
         kind=kind,
         meter=row["meter"],
-        channel=Obis.parse(row["channel"]),
+        channel=parse_obis(row["channel"]),
         timestamp=from_ns(int(row["time"])),
         value=None if row.get("value") is None else float(row["value"]),
         raw=None if row.get("raw") is None else float(row["raw"]),

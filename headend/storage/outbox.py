@@ -81,9 +81,7 @@ class Outbox:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO outbox (body, accepted_ns) VALUES (?, ?)", [(b, now) for b in bodies]
-                )
+                self._db.executemany("INSERT INTO outbox (body, accepted_ns) VALUES (?, ?)", [(b, now) for b in bodies])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

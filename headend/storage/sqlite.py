@@ -12,7 +12,7 @@ from typing import Any
 
 from headend.model import Obis, Reading, ReadingKind
 from headend.storage.base import ReadingStore
-from headend.storage.codec import from_ns, to_ns
+from headend.storage.codec import from_ns, parse_obis, to_ns
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -57,7 +57,7 @@ def _reading(row: tuple[Any, ...]) -> Reading:
     return Reading(
         kind=kind,
         meter=meter,
-        channel=Obis.parse(channel),
+        channel=parse_obis(channel),
         timestamp=from_ns(ts),
         value=value,
         raw=raw,
