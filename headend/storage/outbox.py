@@ -13,7 +13,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,7 @@ from typing import IO
 
 from headend.model import Reading
 from headend.storage import codec
+from headend.storage.sqlite_db import connect_durable, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,10 @@ class WriterLocked(RuntimeError):
 class Outbox:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used from worker threads one at a time under the lock.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = connect_durable(self.path)
+        self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
         self._waiters: set[asyncio.Event] = set()
         self._writer_lock: IO[bytes] | None = None
 
@@ -113,32 +107,20 @@ class Outbox:
         return await asyncio.to_thread(self.take_sync, limit)
 
     def delete_sync(self, ids: Sequence[int]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db) as db:
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     async def delete(self, ids: Sequence[int]) -> None:
         await asyncio.to_thread(self.delete_sync, ids)
 
     def quarantine_sync(self, items: Sequence[Pending], reason: str) -> None:
         now = time.time_ns()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
-                    [(p.id, p.body, reason, now) for p in items],
-                )
-                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(p.id,) for p in items])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db) as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
+                [(p.id, p.body, reason, now) for p in items],
+            )
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(p.id,) for p in items])
 
     async def quarantine(self, items: Sequence[Pending], reason: str) -> None:
         await asyncio.to_thread(self.quarantine_sync, items, reason)

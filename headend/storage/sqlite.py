@@ -13,6 +13,7 @@ from typing import Any
 from headend.model import Obis, Reading, ReadingKind
 from headend.storage.base import ReadingStore
 from headend.storage.codec import from_ns, parse_obis, to_ns
+from headend.storage.sqlite_db import connect_durable, write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -81,10 +82,7 @@ class SqliteStore(ReadingStore):
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            db = connect_durable(self.path)
             db.executescript(_SCHEMA)
             self._db = db
         return self._db
@@ -94,13 +92,8 @@ class SqliteStore(ReadingStore):
             db = self._connect()
             if many is None:
                 return db.execute(sql, params).fetchall()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(db):
                 db.executemany(sql, many)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             return []
 
     async def open(self) -> None:

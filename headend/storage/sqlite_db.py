@@ -1,0 +1,32 @@
+"""SQLite connections as the outbox and the SQLite store both need them: durable and explicit."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def connect_durable(path: Path) -> sqlite3.Connection:
+    """WAL journal, synchronous=FULL (a commit returns after fsync), transactions opened by hand."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        db.close()
+        raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode!r})")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
