@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -326,6 +326,8 @@ class Config(Strict):
 
 # --------------------------------------------------------------------------- loading
 
+M = TypeVar("M", bound=BaseModel)
+
 
 def _named(item_id: str) -> str:
     # JSON quoting shows control characters as escapes instead of printing them.
@@ -422,18 +424,15 @@ def _reference_problems(cfg: Config) -> list[tuple[str, str]]:
 
 def parse_config(raw: dict[str, Any], file: str | Path = "<config>") -> Config:
     """Validate an already-parsed TOML document."""
-    try:
-        cfg = Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(file, _pydantic_problems(exc, raw)) from None
+    cfg = validate_model(Config, raw, file)
     problems = _reference_problems(cfg)
     if problems:
         raise ConfigError(file, problems)
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config file. Relative paths inside it stay relative to the CWD."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file or raise ConfigError naming it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -442,7 +441,19 @@ def load_config(path: str | Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [("", f"cannot read: {exc}")]) from None
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [("", f"not valid TOML: {exc}")]) from None
-    return parse_config(raw, path)
+
+
+def validate_model(model: type[M], raw: dict[str, Any], file: str | Path) -> M:
+    """Validate raw TOML data into `model`, turning pydantic errors into a ConfigError."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(file, _pydantic_problems(exc, raw)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file. Relative paths inside it stay relative to the CWD."""
+    return parse_config(read_toml(path), path)
