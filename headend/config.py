@@ -248,6 +248,8 @@ class Meter(Strict):
     address: int | str | None = None
     serial: str | None = None
     model: str | None = None
+    #: Modbus register map: a name from config/meters/ (e.g. "eastron-sdm630") or a path to a map file.
+    map: str | None = None
     customer: str | None = None
     groups: list[Identifier] = []
     ct: Ratio | None = None
@@ -409,6 +411,10 @@ def _reference_problems(cfg: Config) -> list[tuple[str, str]]:
                 problems.append((f"{where}.link", "meters behind MQTT are attached with 'concentrator', not 'link'"))
         if meter.concentrator is not None and meter.concentrator not in concentrators:
             problems.append((f"{where}.concentrator", f"no concentrator with id {meter.concentrator!r}"))
+        if meter.map is not None:
+            problems.extend((f"{where}.map", reason) for reason in _map_problems(meter.map))
+        elif meter.link in links and links[meter.link].protocol.startswith("modbus"):
+            problems.append((f"{where}.map", "a meter on a Modbus link needs a register map (e.g. 'eastron-sdm630')"))
     for i, plan in enumerate(cfg.plans):
         where = f"plans[{i}]{_named(plan.id)}.select"
         sel = plan.select
@@ -420,6 +426,16 @@ def _reference_problems(cfg: Config) -> list[tuple[str, str]]:
             if m not in meters:
                 problems.append((f"{where}.meters", f"no meter with id {m!r}"))
     return problems
+
+
+def _map_problems(name: str) -> list[str]:
+    from headend.protocols.modbus_maps import find_map  # maps build on this module
+
+    try:
+        find_map(name)
+    except ConfigError as exc:
+        return [f"register map {name!r}: {line}" for line in str(exc).splitlines()]
+    return []
 
 
 def parse_config(raw: dict[str, Any], file: str | Path = "<config>") -> Config:

@@ -151,6 +151,20 @@ BAD_CONFIGS = [
     pytest.param(
         '[[plans]]\nid = "p"\nread = ["profile"]', 'plans[0] (id "p")', "exactly one of 'every' or 'cron'", id="no-when"
     ),
+    pytest.param(
+        '[[links]]\nid = "rs485"\nkind = "serial"\nprotocol = "modbus-rtu"\ndevice = "/dev/ttyS0"\n'
+        '[[meters]]\nid = "M-2"\nlink = "rs485"\naddress = 2\nmap = "eastron-sdm999"',
+        'meters[1] (id "M-2").map',
+        "no meter map 'eastron-sdm999'",
+        id="unknown-modbus-map",
+    ),
+    pytest.param(
+        '[[links]]\nid = "rs485"\nkind = "serial"\nprotocol = "modbus-rtu"\ndevice = "/dev/ttyS0"\n'
+        '[[meters]]\nid = "M-2"\nlink = "rs485"\naddress = 2',
+        'meters[1] (id "M-2").map',
+        "needs a register map",
+        id="modbus-meter-without-map",
+    ),
 ]
 
 
@@ -167,6 +181,22 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         '\n[[meters]]\nid = "M-2"\nlink = "nope"\n[[meters]]\nid = "M-3"\nconcentrator = "dc9"\n',
     )
     assert [p for p, _ in err.problems] == ['meters[1] (id "M-2").link', 'meters[2] (id "M-3").concentrator']
+
+
+def test_a_broken_map_file_fails_the_config_that_uses_it(tmp_path: Path) -> None:
+    bad_map = tmp_path / "my-meter.toml"
+    bad_map.write_text(
+        'model = "X"\nmanufacturer = "Y"\nsource = "t"\n[[channels]]\nobis = "1-0:1.8.0.255"\nname = "e"\n'
+        'function = "input"\naddress = 0\ntype = "float24"\n'
+    )
+    err = load(
+        tmp_path,
+        f'\n[[links]]\nid = "rs485"\nkind = "serial"\nprotocol = "modbus-rtu"\ndevice = "/dev/ttyS0"\n'
+        f'[[meters]]\nid = "M-2"\nlink = "rs485"\naddress = 2\nmap = "{bad_map}"\n',
+    )
+    ((key, reason),) = err.problems
+    assert key == 'meters[1] (id "M-2").map'
+    assert f"{bad_map}: channels[0].type: Input should be" in reason
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from headend.config import SerialLink, parse_config
 from headend.localservers import free_port
 from headend.model import Obis, RelayAction, RelayState
 from headend.protocols.base import BadFrame, LinkDown, Refused, Timeout, Unsupported
 from headend.protocols.modbus import ModbusLink
-from headend.protocols.modbus_maps import MeterMap, plan_blocks, shipped_maps
+from headend.protocols.modbus_maps import MeterMap, find_map, plan_blocks, shipped_maps
 from simulators.clock import ManualClock
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
 from simulators.ptypair import NullModem
 
+ROOT = Path(__file__).resolve().parent.parent
 MAPS = shipped_maps()
 IMPORT = Obis.parse("1-0:1.8.0.255")
 START = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
@@ -224,3 +228,63 @@ async def test_rtu_frame_gap_follows_the_baud_rate() -> None:
     fast = ModbusLink.serial("/dev/null-not-opened", baudrate=38400)
     assert slow.frame_gap == pytest.approx(3.5 * 11 / 9600)
     assert fast.frame_gap == 0.00175
+
+
+async def test_a_register_relay_is_written_and_read_back(tmp_path: Path, clock: ManualClock) -> None:
+    text = (ROOT / "config/meters/sim-relay-meter.toml").read_text()
+    text = text.replace(
+        'kind = "coil"\naddress = 0', 'kind = "register"\naddress = 0x0F00\nconnected = 0xAA\ndisconnected = 0x55'
+    )
+    (tmp_path / "register-relay.toml").write_text(text)
+    m = find_map(str(tmp_path / "register-relay.toml"))
+    assert m.relay is not None and m.relay.kind == "register"
+    sim = ModbusSimulator([SimulatedMeter(1, m, clock)])
+    port = free_port()
+    await sim.start_tcp("127.0.0.1", port)
+    async with ModbusLink.tcp("127.0.0.1", port, timeout=0.5) as link:
+        session = link.session("M-1", 1, m)
+        assert await session.read_relay() == RelayState.CONNECTED
+        await session.operate_relay(RelayAction.DISCONNECT)
+        assert await session.read_relay() == RelayState.DISCONNECTED
+        assert not sim.meters[1].relay_connected
+    await sim.stop()
+
+
+async def test_links_and_sessions_come_from_the_config(null_modem: NullModem, clock: ManualClock) -> None:
+    cfg = parse_config(
+        {
+            "links": [{"id": "rs485-a", "kind": "serial", "protocol": "modbus-rtu", "device": null_modem.b,
+                       "baudrate": 19200, "parity": "N", "timeout": "500ms"}],
+            "meters": [{"id": "SDM-2", "link": "rs485-a", "address": 2, "map": "eastron-sdm630",
+                        "ct": {"primary": 100, "secondary": 5}}],
+        }
+    )  # fmt: skip
+    meter = cfg.meters[0]
+    assert meter.map is not None and meter.ct is not None
+    sim = ModbusSimulator([SimulatedMeter(2, MAPS["eastron-sdm630"], clock)])
+    await sim.start_rtu(null_modem.a, 19200)
+    link_cfg = cfg.links[0]
+    assert isinstance(link_cfg, SerialLink)
+    async with ModbusLink.from_config(link_cfg) as link:
+        session = link.session(meter.id, int(meter.address or 0), find_map(meter.map), ct=meter.ct.factor)
+        (energy,) = await session.read_registers([IMPORT])
+        assert energy.value == pytest.approx(sim.meters[2].expected(IMPORT, clock.now()) * 20)
+        assert energy.source == "modbus/rs485-a/2"
+    await sim.stop()
+
+
+async def test_the_simulator_runs_as_its_own_process() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "simulators.modbus_meter", "--map", "abb-b23", "--units", "1-3",
+        "--tcp", f"127.0.0.1:{port}", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert b"ABB B23 units 1-3 on tcp" in await proc.stdout.readline()  # printed once it listens
+        async with ModbusLink.tcp("127.0.0.1", port, timeout=1.0) as link:
+            for unit in (1, 2, 3):
+                assert await link.session(f"M-{unit}", unit, MAPS["abb-b23"]).read_serial() == 70_000_000 + unit
+    finally:
+        proc.terminate()
+        await proc.wait()
