@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,17 +30,7 @@ from pymodbus.simulator.simutils import DataType
 from headend.model import Obis
 from headend.protocols.modbus_maps import Channel, MeterMap, RegisterSpec, decode, encode, find_map
 from simulators.clock import Clock
-
-DAY = 86_400.0
-ENERGY_IMPORT = Obis(1, 0, 1, 8, 0)
-ENERGY_EXPORT = Obis(1, 0, 2, 8, 0)
-
-# Engineering value of each OBIS measurand, in the unit the map declares, from the physics.
-_PHASE_VOLTAGE = {Obis(1, 0, 32, 7, 0): 0, Obis(1, 0, 52, 7, 0): 1, Obis(1, 0, 72, 7, 0): 2}
-_PHASE_CURRENT = {Obis(1, 0, 31, 7, 0): 0, Obis(1, 0, 51, 7, 0): 1, Obis(1, 0, 71, 7, 0): 2}
-_PHASE_POWER = {Obis(1, 0, 36, 7, 0): 0, Obis(1, 0, 56, 7, 0): 1, Obis(1, 0, 76, 7, 0): 2}
-_TOTAL_POWER = Obis(1, 0, 16, 7, 0)
-_FREQUENCY = Obis(1, 0, 14, 7, 0)
+from simulators.physics import LoadModel
 
 
 @dataclass
@@ -63,60 +52,26 @@ class SimulatedMeter:
     serial: int = 0
     base_power_w: float = 3000.0
     energy_start_kwh: float = 12_345.0
-    relay_connected: bool = True
     faults: Faults = field(default_factory=Faults)
     requests: Counter[int] = field(default_factory=Counter)
-    _lost_kwh: float = 0.0
-    _open_since: float | None = None
+    load: LoadModel = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.serial:
             self.serial = 70_000_000 + self.unit
-        self._phase = (self.unit * 0.37) % 1.0
-        self._t0 = self.clock.now()
+        self.load = LoadModel(
+            t0=self.clock.now(), seed=self.unit, base_power_w=self.base_power_w, energy_start_kwh=self.energy_start_kwh
+        )
 
-    # -- physics ---------------------------------------------------------------------
-
-    def _closed_form_kwh(self, t: float) -> float:
-        """Energy of P(t) = P0 (1 + 0.5 sin(w t + phi)) from the meter's start to t, in kWh."""
-        w = 2 * math.pi / DAY
-        phi = self._phase * 2 * math.pi
-        p0 = self.base_power_w
-        joules = p0 * (t - self._t0) + 0.5 * p0 / w * (math.cos(w * self._t0 + phi) - math.cos(w * t + phi))
-        return joules / 3.6e6
+    @property
+    def relay_connected(self) -> bool:
+        return self.load.relay_connected
 
     def import_kwh(self, t: float) -> float:
-        lost = self._lost_kwh
-        if self._open_since is not None:
-            lost += self._closed_form_kwh(t) - self._closed_form_kwh(self._open_since)
-        return self.energy_start_kwh + self._closed_form_kwh(t) - lost
-
-    def power_w(self, t: float) -> float:
-        if not self.relay_connected:
-            return 0.0
-        return self.base_power_w * (1 + 0.5 * math.sin(2 * math.pi * t / DAY + self._phase * 2 * math.pi))
-
-    def voltage_v(self, t: float, phase: int) -> float:
-        return 230.0 + 3.0 * math.sin(2 * math.pi * t / 3600 + phase)
+        return self.load.import_kwh(t)
 
     def value(self, obis: Obis, t: float) -> float:
-        """The true value of a measurand, in SI base units (W, V, A, Hz, kWh)."""
-        if obis == ENERGY_IMPORT:
-            return self.import_kwh(t)
-        if obis == ENERGY_EXPORT:
-            return 10.0 + self.unit  # a consumer: export stays put
-        if obis in _PHASE_VOLTAGE:
-            return self.voltage_v(t, _PHASE_VOLTAGE[obis])
-        if obis in _PHASE_POWER:
-            return self.power_w(t) / 3
-        if obis in _PHASE_CURRENT:
-            i = _PHASE_CURRENT[obis]
-            return self.power_w(t) / 3 / self.voltage_v(t, i)
-        if obis == _TOTAL_POWER:
-            return self.power_w(t)
-        if obis == _FREQUENCY:
-            return 50.0 + 0.02 * math.sin(2 * math.pi * t / 600)
-        raise KeyError(f"the simulator has no physics for {obis}")
+        return self.load.value(obis, t)
 
     # -- what goes on the wire -------------------------------------------------------
 
@@ -150,15 +105,7 @@ class SimulatedMeter:
             registers[offset : offset + serial.width] = self.registers(serial, self.serial)
 
     def set_relay(self, connected: bool) -> None:
-        if connected == self.relay_connected:
-            return
-        t = self.clock.now()
-        if connected and self._open_since is not None:
-            self._lost_kwh += self._closed_form_kwh(t) - self._closed_form_kwh(self._open_since)
-            self._open_since = None
-        elif not connected:
-            self._open_since = t
-        self.relay_connected = connected
+        self.load.set_relay(connected, self.clock.now())
 
     async def action(
         self,
