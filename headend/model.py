@@ -95,6 +95,14 @@ class Obis:
         return f"{self.a}-{self.b}:{self.c}.{self.d}.{self.e}.{self.f}"
 
 
+# Channels every part of the head-end names.
+IMPORT_ENERGY = Obis(1, 0, 1, 8, 0)  # +A register, kWh
+EXPORT_ENERGY = Obis(1, 0, 2, 8, 0)  # -A register, kWh
+IMPORT_INTERVAL = Obis(1, 0, 1, 29, 0)  # +A energy of one recording interval, kWh
+LOAD_PROFILE = Obis(1, 0, 99, 1, 0)
+DISCONNECT_CONTROL = Obis(0, 0, 96, 3, 10)
+
+
 class Quality(StrEnum):
     """IEC 61968-9 reading-quality codes used by the head-end (system 2 = head-end).
 

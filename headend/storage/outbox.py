@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     body TEXT NOT NULL,
     accepted_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY,
@@ -66,25 +70,28 @@ class Outbox:
 
     # -- accepting ---------------------------------------------------------------------
 
-    def accept_sync(self, readings: Iterable[Reading]) -> int:
-        """Commit readings durably; raise before writing anything if one does not encode."""
+    def accept_sync(self, readings: Iterable[Reading], cursors: Mapping[str, int] | None = None) -> int:
+        """Commit readings (and source cursors, in the same transaction) durably.
+
+        Raises before writing anything if one reading does not encode.
+        """
         bodies = [codec.encode(r) for r in readings]
-        if not bodies:
+        if not bodies and not cursors:
             return 0
         now = time.time_ns()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT INTO outbox (body, accepted_ns) VALUES (?, ?)", [(b, now) for b in bodies])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db) as db:
+            db.executemany("INSERT INTO outbox (body, accepted_ns) VALUES (?, ?)", [(b, now) for b in bodies])
+            if cursors:
+                db.executemany("INSERT OR REPLACE INTO cursors (key, value) VALUES (?, ?)", list(cursors.items()))
         return len(bodies)
 
-    async def accept(self, readings: Sequence[Reading]) -> int:
-        """Durably accept readings. When this returns, the source may be acknowledged."""
-        n = await asyncio.to_thread(self.accept_sync, readings)
+    async def accept(self, readings: Sequence[Reading], *, cursors: Mapping[str, int] | None = None) -> int:
+        """Durably accept readings. When this returns, the source may be acknowledged.
+
+        `cursors` (e.g. the last sequence number taken from a source) commit atomically with
+        the readings, so a source's position never runs ahead of what is stored.
+        """
+        n = await asyncio.to_thread(self.accept_sync, readings, cursors)
         for event in self._waiters:
             event.set()
         return n
@@ -125,6 +132,16 @@ class Outbox:
     async def quarantine(self, items: Sequence[Pending], reason: str) -> None:
         await asyncio.to_thread(self.quarantine_sync, items, reason)
 
+    def cursors(self, prefix: str = "") -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM cursors WHERE key LIKE ? || '%'", (prefix,)).fetchall()
+        return {k: int(v) for k, v in rows}
+
+    async def quarantine_raw(self, source: str, payload: bytes, reason: str) -> None:
+        """Keep a message that never became readings (it does not parse), with the reason."""
+        body = f"{source} {payload.hex()}"
+        await self.quarantine([Pending(-time.time_ns(), None, body)], reason)
+
     # -- state -------------------------------------------------------------------------
 
     def depth(self) -> int:
@@ -134,7 +151,7 @@ class Outbox:
     def quarantined(self) -> list[tuple[str, str]]:
         """(body, reason) of every quarantined row, oldest first."""
         with self._lock:
-            return list(self._db.execute("SELECT body, reason FROM quarantine ORDER BY id"))
+            return list(self._db.execute("SELECT body, reason FROM quarantine ORDER BY quarantined_ns, id"))
 
     def new_data_event(self) -> asyncio.Event:
         """An event set whenever this process accepts readings (other processes are polled)."""

@@ -1,0 +1,108 @@
+"""Topics and payloads between the head-end and MQTT data concentrators (see docs/mqtt.md).
+
+Shared by the head-end's concentrator link and the concentrator simulator, so both speak
+exactly one documented scheme. Payloads are JSON, validated with pydantic on arrival.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from headend.config import ObisCode
+
+ROOT = "headend/v1"
+
+
+def state_topic(concentrator: str) -> str:
+    return f"{ROOT}/dc/{concentrator}/state"
+
+
+def data_topic(concentrator: str) -> str:
+    return f"{ROOT}/dc/{concentrator}/data"
+
+
+def command_topic(concentrator: str, command: str) -> str:
+    return f"{ROOT}/dc/{concentrator}/cmd/{command}"
+
+
+def response_topic(headend: str) -> str:
+    return f"{ROOT}/he/{headend}/resp"
+
+
+STATE_FILTER = f"{ROOT}/dc/+/state"
+DATA_FILTER = f"{ROOT}/dc/+/data"
+COMMAND_NAMES = ("read", "profile", "backfill", "clock", "clock_sync", "relay", "relay_state")
+
+
+def concentrator_of(topic: str) -> str:
+    parts = topic.split("/")
+    if len(parts) < 5 or "/".join(parts[:2]) != ROOT or parts[2] != "dc":
+        raise ValueError(f"topic {topic!r} is not under {ROOT}/dc/<concentrator>/")
+    return parts[3]
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InventoryMeter(Payload):
+    id: str
+    serial: str | None = None
+    model: str | None = None
+    address: str | None = None
+
+
+class State(Payload):
+    """Birth (online, retained, with inventory) and death (offline, the Last Will)."""
+
+    status: Literal["online", "offline"]
+    #: Birth/death sequence: bumps on every (re)connect; a death with an older bdSeq is stale.
+    bdseq: int = Field(ge=0)
+    firmware: str | None = None
+    #: The last data `seq` published before this birth (gap detection across reconnects).
+    seq: int | None = Field(default=None, ge=-1)
+    meters: list[InventoryMeter] = []
+    ts: datetime | None = None
+
+
+class Point(Payload):
+    t: datetime
+    v: float | None
+    q: list[str] = []
+    raw: float | None = None
+    scaler: int = 0
+
+
+class Data(Payload):
+    """Meter reads: an interval block or a register snapshot, numbered per concentrator."""
+
+    seq: int = Field(ge=0)
+    meter: str
+    kind: Literal["interval", "register", "event"]
+    channel: ObisCode
+    unit: str = ""
+    interval_s: int | None = Field(default=None, gt=0)
+    readings: list[Point] = Field(min_length=1, max_length=10_000)
+    replay: bool = False
+
+
+class Command(Payload):
+    """Head-end -> concentrator. Correlation and reply topic also travel in the payload so a
+    v3.1.1 session (no MQTT 5 properties) can answer too."""
+
+    correlation_id: str
+    reply_to: str
+    meter: str | None = None
+    args: dict[str, Any] = {}
+
+
+class Response(Payload):
+    correlation_id: str
+    status: Literal["ok", "error"]
+    #: On error: unknown_meter, meter_timeout, refused, unsupported, bad_request.
+    error: str | None = None
+    message: str | None = None
+    result: dict[str, Any] = {}

@@ -1,0 +1,316 @@
+"""MQTT data concentrator simulator: K concentrators with N meters each (docs/mqtt.md).
+
+Each concentrator connects with a Last Will (retained `offline` state), publishes a retained
+birth with its inventory, publishes 15-minute interval blocks of its meters as time passes
+(`publish_until()` with simulated time, or on the wall clock when run as a program), and
+answers commands: read, profile, backfill, clock, clock_sync, relay, relay_state.
+
+Faults: duplicate publishes, out-of-order pairs, dropped messages (sequence gaps, kept for
+backfill), going offline without a clean disconnect, clock drift, stuck relays, ignored
+commands.
+
+    python -m simulators.mqtt_concentrator --broker 127.0.0.1:1883 --concentrators 3 --meters 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Obis, RelayState
+from headend.protocols.mqtt_schema import (
+    Command,
+    Data,
+    InventoryMeter,
+    Point,
+    Response,
+    State,
+    command_topic,
+    data_topic,
+    state_topic,
+)
+from simulators.clock import Clock
+from simulators.physics import LoadModel
+
+log = logging.getLogger(__name__)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class ConcentratorFaults:
+    duplicate: bool = False
+    out_of_order: bool = False
+    drop_seqs: set[int] = field(default_factory=set)
+    stuck_relays: set[str] = field(default_factory=set)
+    clock_drift_s: float = 0.0
+    ignore_commands: bool = False
+
+
+class SimulatedConcentrator:
+    def __init__(
+        self,
+        concentrator_id: str,
+        host: str,
+        port: int,
+        meters: list[str],
+        clock: Clock,
+        *,
+        interval: timedelta = timedelta(minutes=15),
+        firmware: str = "dc-sim 1.0",
+        faults: ConcentratorFaults | None = None,
+        protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
+    ) -> None:
+        self.id = concentrator_id
+        self.host = host
+        self.port = port
+        self.clock = clock
+        self.interval = interval
+        self.firmware = firmware
+        self.faults = faults or ConcentratorFaults()
+        self.protocol = protocol
+        t0 = clock.now()
+        self.loads = {m: LoadModel(t0=t0, seed=i + 1) for i, m in enumerate(meters)}
+        self.seq = -1
+        self.bdseq = -1
+        self.sent: dict[int, Data] = {}
+        self.commands: list[tuple[str, Command]] = []
+        start = datetime.fromtimestamp(t0, UTC)
+        self.published_until = _EPOCH + ((start - _EPOCH) // interval) * interval
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._held: Data | None = None
+        self.ready = asyncio.Event()
+
+    # -- connection ------------------------------------------------------------------
+
+    def _state(self, status: str) -> str:
+        return State(
+            status=status,  # type: ignore[arg-type]
+            bdseq=self.bdseq,
+            firmware=self.firmware if status == "online" else None,
+            seq=self.seq if status == "online" else None,
+            meters=[InventoryMeter(id=m, serial=f"SN{i + 1:08d}") for i, m in enumerate(self.loads)]
+            if status == "online"
+            else [],
+            ts=self.clock.datetime(),
+        ).model_dump_json()
+
+    async def start(self) -> None:
+        self.bdseq += 1
+        will = aiomqtt.Will(state_topic(self.id), self._state("offline"), qos=1, retain=True)
+        self._client = aiomqtt.Client(
+            self.host, self.port, identifier=f"dc-{self.id}", will=will, protocol=self.protocol, keepalive=5
+        )
+        await self._client.__aenter__()
+        await self._client.subscribe(command_topic(self.id, "+"), qos=1)
+        await self._client.publish(state_topic(self.id), self._state("online"), qos=1, retain=True)
+        self._task = asyncio.create_task(self._serve_commands(self._client), name=f"dc-{self.id}-commands")
+        self.ready.set()
+
+    async def stop(self) -> None:
+        """Clean shutdown: say offline, then disconnect."""
+        if self._client is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.publish(state_topic(self.id), self._state("offline"), qos=1, retain=True)
+        await self._close(clean=True)
+
+    async def crash(self) -> None:
+        """Drop off the network without DISCONNECT: the broker publishes the Last Will."""
+        if self._client is None:
+            return
+        sock = self._client._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the TCP connection ends; no DISCONNECT was sent
+        await self._close(clean=False)
+
+    async def _close(self, *, clean: bool) -> None:
+        client, self._client = self._client, None
+        self.ready.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._task
+            self._task = None
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, OSError):
+                await client.__aexit__(None, None, None)
+
+    # -- data ------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return self.clock.datetime() + timedelta(seconds=self.faults.clock_drift_s)
+
+    def _interval_point(self, meter: str, end: datetime) -> Point:
+        load = self.loads[meter]
+        t_end = end.timestamp()
+        kwh = load.import_kwh(t_end) - load.import_kwh(t_end - self.interval.total_seconds())
+        raw = round(kwh * 1000)
+        stamp = end + timedelta(seconds=self.faults.clock_drift_s)
+        return Point(t=stamp, v=raw / 1000, raw=raw, scaler=-3)
+
+    async def publish_until(self, t: datetime) -> int:
+        """Publish every interval block that ended by `t`; returns how many messages."""
+        n = 0
+        while self.published_until + self.interval <= t:
+            end = self.published_until + self.interval
+            for meter in self.loads:
+                self.seq += 1
+                data = Data(
+                    seq=self.seq,
+                    meter=meter,
+                    kind="interval",
+                    channel=IMPORT_INTERVAL,
+                    unit="kWh",
+                    interval_s=int(self.interval.total_seconds()),
+                    readings=[self._interval_point(meter, end)],
+                )
+                self.sent[self.seq] = data
+                await self._publish_live(data)
+                n += 1
+            self.published_until = end
+        if self._held is not None:
+            held, self._held = self._held, None
+            await self._publish(held)
+        return n
+
+    async def _publish_live(self, data: Data) -> None:
+        if data.seq in self.faults.drop_seqs:
+            return
+        if self.faults.out_of_order and self._held is None:
+            self._held = data
+            return
+        await self._publish(data)
+        if self._held is not None:
+            held, self._held = self._held, None
+            await self._publish(held)
+
+    async def _publish(self, data: Data) -> None:
+        if self._client is None:
+            raise RuntimeError(f"concentrator {self.id} is not connected")
+        payload = data.model_dump_json()
+        await self._client.publish(data_topic(self.id), payload, qos=1)
+        if self.faults.duplicate:
+            await self._client.publish(data_topic(self.id), payload, qos=1)
+
+    # -- commands --------------------------------------------------------------------
+
+    async def _serve_commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            name = str(message.topic).rsplit("/", 1)[-1]
+            try:
+                command = Command.model_validate_json(message.payload)  # type: ignore[arg-type]
+            except ValueError:
+                log.warning("%s: unreadable command on %s", self.id, message.topic)
+                continue
+            self.commands.append((name, command))
+            if self.faults.ignore_commands:
+                continue
+            response = await self._answer(name, command)
+            props = None
+            if self.protocol == aiomqtt.ProtocolVersion.V5:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = command.correlation_id.encode()
+            await client.publish(command.reply_to, response.model_dump_json(), qos=1, properties=props)
+
+    async def _answer(self, name: str, c: Command) -> Response:
+        def ok(**result: Any) -> Response:
+            return Response(correlation_id=c.correlation_id, status="ok", result=result)
+
+        def error(code: str, message: str) -> Response:
+            return Response(correlation_id=c.correlation_id, status="error", error=code, message=message)
+
+        if name == "backfill":
+            first, last = int(c.args.get("seq_from", 0)), int(c.args.get("seq_to", -1))
+            republished = 0
+            for seq in range(first, last + 1):
+                if seq in self.sent:
+                    await self._publish(self.sent[seq].model_copy(update={"replay": True}))
+                    republished += 1
+            return ok(published=republished)
+        if c.meter not in self.loads:
+            return error("unknown_meter", f"no meter {c.meter!r} behind {self.id}")
+        load = self.loads[c.meter]
+        now = self.clock.now()
+        if name == "read":
+            readings = []
+            for code in c.args.get("channels", []):
+                obis = Obis.parse(code)
+                if obis != IMPORT_ENERGY and obis not in {Obis(1, 0, 16, 7, 0), Obis(1, 0, 32, 7, 0)}:
+                    return error("unsupported", f"{c.meter} does not report {obis}")
+                unit = "kWh" if obis == IMPORT_ENERGY else ("W" if obis.c == 16 else "V")
+                point = Point(t=self._now(), v=load.value(obis, now))
+                readings.append({"channel": str(obis), "unit": unit, "point": point.model_dump(mode="json")})
+            return ok(readings=readings)
+        if name == "profile":
+            start = datetime.fromisoformat(c.args["start"])
+            end = min(datetime.fromisoformat(c.args["end"]), self.published_until)
+            b = _EPOCH + ((start - _EPOCH) // self.interval + 1) * self.interval
+            points = []
+            while b <= end:
+                points.append(self._interval_point(c.meter, b).model_dump(mode="json"))
+                b += self.interval
+            return ok(channel=str(IMPORT_INTERVAL), unit="kWh", points=points)
+        if name == "clock":
+            return ok(time=self._now().isoformat())
+        if name == "clock_sync":
+            drift = self.faults.clock_drift_s
+            self.faults.clock_drift_s = 0.0
+            return ok(drift_s=drift)
+        if name in ("relay", "relay_state"):
+            if name == "relay":
+                action = c.args.get("action")
+                if action not in ("disconnect", "reconnect"):
+                    return error("bad_request", f"relay action must be disconnect or reconnect, not {action!r}")
+                if c.meter not in self.faults.stuck_relays:
+                    load.set_relay(action == "reconnect", now)
+            state = RelayState.CONNECTED if load.relay_connected else RelayState.DISCONNECTED
+            return ok(state=state.value)
+        return error("unsupported", f"unknown command {name!r}")
+
+
+async def _main(args: argparse.Namespace) -> None:
+    host, _, port = args.broker.rpartition(":")
+    clock = Clock()
+    fleet = [
+        SimulatedConcentrator(
+            f"dc-{k:03d}",
+            host or "127.0.0.1",
+            int(port),
+            [f"dc-{k:03d}-m{n:04d}" for n in range(args.meters)],
+            clock,
+            interval=timedelta(seconds=args.interval),
+        )
+        for k in range(args.concentrators)
+    ]
+    for dc in fleet:
+        await dc.start()
+    print(f"{len(fleet)} concentrators x {args.meters} meters on {args.broker}", flush=True)
+    while True:
+        for dc in fleet:
+            await dc.publish_until(clock.datetime())
+        await asyncio.sleep(1)  # the wall-clock tick of a running simulator
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--broker", default="127.0.0.1:1883")
+    p.add_argument("--concentrators", type=int, default=1)
+    p.add_argument("--meters", type=int, default=10)
+    p.add_argument("--interval", type=int, default=900, help="seconds per interval")
+    asyncio.run(_main(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

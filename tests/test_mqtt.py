@@ -1,0 +1,227 @@
+"""Concentrators over a real Mosquitto broker: acked after durable, gaps backfilled, commands answered."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from headend.localservers import MosquittoServer
+from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, RelayAction, RelayState
+from headend.protocols.base import LinkDown, MeterSession, Refused, Timeout
+from headend.protocols.mqtt import ConcentratorLink
+from headend.protocols.mqtt_schema import data_topic
+from headend.storage.outbox import Outbox
+from simulators.clock import ManualClock
+from simulators.mqtt_concentrator import ConcentratorFaults, SimulatedConcentrator
+from tests.factories import T0
+
+STEP = timedelta(minutes=15)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    box = Outbox(tmp_path / "outbox.sqlite")
+    yield box
+    box.close()
+
+
+@pytest.fixture
+async def link(mosquitto_server: MosquittoServer, outbox: Outbox) -> AsyncIterator[ConcentratorLink]:
+    async with ConcentratorLink(
+        "127.0.0.1", mosquitto_server.port, outbox, headend_id=unique("he"), gap_grace=0.4, command_timeout=3
+    ) as link:
+        await link.connected.wait()
+        yield link
+
+
+def dc(
+    mosquitto_server: MosquittoServer, clock: ManualClock, meters: int = 3, **faults: object
+) -> SimulatedConcentrator:
+    cid = unique("dc")
+    return SimulatedConcentrator(
+        cid,
+        "127.0.0.1",
+        mosquitto_server.port,
+        [f"{cid}-m{i}" for i in range(meters)],
+        clock,
+        faults=ConcentratorFaults(**faults),  # type: ignore[arg-type]
+    )
+
+
+def stored(outbox: Outbox) -> dict[tuple[str, str], float | None]:
+    return {
+        (p.reading.meter, p.reading.timestamp.isoformat()): p.reading.value
+        for p in outbox.take_sync(100_000)
+        if p.reading
+    }
+
+
+async def test_birth_brings_a_concentrator_online_with_its_inventory(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=4)
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators and link.concentrators[sim.id].online)
+    state = link.concentrators[sim.id]
+    assert sorted(state.meters) == sorted(sim.loads)
+    assert state.firmware == "dc-sim 1.0"
+    await sim.crash()  # no DISCONNECT: the broker publishes the Last Will
+    await link.until(lambda: not link.concentrators[sim.id].online)
+    await sim.start()  # a new birth (bdseq + 1) brings it back
+    await link.until(lambda: link.concentrators[sim.id].online and link.concentrators[sim.id].bdseq == 1)
+    await sim.stop()
+
+
+async def test_interval_blocks_are_accepted_into_the_outbox_before_the_ack(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=3)
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators)
+    clock.advance(4 * 3600)
+    assert await sim.publish_until(clock.datetime()) == 3 * 16
+    await link.until(lambda: link.stats.accepted_readings == 48)
+    rows = stored(outbox)
+    assert len(rows) == 48
+    meter = next(iter(sim.loads))
+    first_end = sim.published_until - 15 * STEP
+    load = sim.loads[meter]
+    expected = (
+        round((load.import_kwh(first_end.timestamp()) - load.import_kwh(first_end.timestamp() - 900)) * 1000) / 1000
+    )
+    assert rows[(meter, first_end.isoformat())] == expected
+    taken = outbox.take_sync(1)[0].reading
+    assert taken is not None and taken.channel == IMPORT_INTERVAL and taken.source == f"mqtt/{sim.id}"
+    assert outbox.cursors(f"mqtt:{sim.id}:") == {f"mqtt:{sim.id}:watermark": 47, f"mqtt:{sim.id}:highest": 47}
+    await sim.stop()
+
+
+async def test_duplicates_and_out_of_order_are_harmless(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=2, duplicate=True, out_of_order=True)
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators)
+    clock.advance(2 * 3600)
+    await sim.publish_until(clock.datetime())
+    # Every message arrives twice; the second copy of each is recognised and not stored again.
+    await link.until(lambda: link.concentrators[sim.id].watermark == 15 and link.stats.duplicates == 16)
+    assert len(stored(outbox)) == 16 and outbox.depth() == 16
+    assert link.stats.backfills == 0
+    await sim.stop()
+
+
+async def test_a_sequence_gap_triggers_a_backfill_that_fills_it(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=2, drop_seqs={3, 4, 9})
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators)
+    clock.advance(3 * 3600)
+    await sim.publish_until(clock.datetime())  # seq 0..23, 3, 4 and 9 never published live
+    await link.until(lambda: link.concentrators[sim.id].watermark == 23, timeout=20)
+    backfills = [c for name, c in sim.commands if name == "backfill"]
+    assert {(c.args["seq_from"], c.args["seq_to"]) for c in backfills} == {(3, 4), (9, 9)}
+    assert link.stats.gaps >= 2
+    assert len(stored(outbox)) == 24
+    await sim.stop()
+
+
+async def test_commands_answer_with_read_back(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=2, stuck_relays=set(), clock_drift_s=42.0)
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators and link.concentrators[sim.id].online)
+    meter = next(iter(sim.loads))
+    async with link.session(meter, sim.id) as session:
+        assert isinstance(session, MeterSession)
+        clock.advance(3600)
+        (energy,) = await session.read_registers([IMPORT_ENERGY])
+        assert energy.value == pytest.approx(sim.loads[meter].import_kwh(clock.now()))
+        profile = await session.read_profile(IMPORT_INTERVAL, clock.datetime() - timedelta(hours=1), clock.datetime())
+        assert len(profile) == 0  # nothing published yet: the concentrator has no intervals
+        await sim.publish_until(clock.datetime())
+        profile = await session.read_profile(IMPORT_INTERVAL, clock.datetime() - timedelta(hours=1), clock.datetime())
+        assert len(profile) == 4 and all(r.kind == "interval" for r in profile)
+        meter_time = await session.read_clock()
+        assert (meter_time - clock.datetime()).total_seconds() == pytest.approx(42.0)
+        await session.set_clock(clock.datetime())
+        assert await session.read_clock() == clock.datetime()
+        assert await session.read_relay() == RelayState.CONNECTED
+        await session.operate_relay(RelayAction.DISCONNECT)
+        assert await session.read_relay() == RelayState.DISCONNECTED
+        await session.operate_relay(RelayAction.RECONNECT)
+        assert await session.read_relay() == RelayState.CONNECTED
+    await sim.stop()
+
+
+async def test_a_stuck_relay_shows_in_the_read_back(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=1)
+    meter = next(iter(sim.loads))
+    sim.faults.stuck_relays.add(meter)
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators and link.concentrators[sim.id].online)
+    session = link.session(meter, sim.id)
+    await session.operate_relay(RelayAction.DISCONNECT)
+    assert await session.read_relay() == RelayState.CONNECTED
+    await sim.stop()
+
+
+async def test_command_errors_map_to_meter_errors(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=1)
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators and link.concentrators[sim.id].online)
+    with pytest.raises(Refused, match="unknown_meter"):
+        await link.session("not-here", sim.id).read_relay()
+    sim.faults.ignore_commands = True
+    with pytest.raises(Timeout, match="did not answer relay_state"):
+        await link.command(sim.id, "relay_state", meter=next(iter(sim.loads)), timeout=0.5)
+    await sim.crash()
+    await link.until(lambda: not link.concentrators[sim.id].online)
+    with pytest.raises(LinkDown, match="is offline"):
+        await link.session(next(iter(sim.loads)), sim.id).read_relay()
+
+
+async def test_a_bad_message_is_quarantined_and_the_link_goes_on(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=1)
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators)
+    async with aiomqtt.Client("127.0.0.1", mosquitto_server.port) as rogue:
+        await rogue.publish(data_topic(sim.id), b'{"seq": "x", "garbage', qos=1)
+        bad = {
+            "seq": 0,
+            "meter": "m",
+            "kind": "interval",
+            "channel": "1-0:1.29.0.255",
+            "readings": [{"t": "2026-01-01T00:15:00", "v": 1}],
+        }
+        await rogue.publish(data_topic(sim.id), json.dumps(bad), qos=1)  # naive timestamp: refused
+    await link.until(lambda: link.stats.bad_messages == 2)
+    quarantined = outbox.quarantined()
+    assert len(quarantined) == 2 and "garbage".encode().hex() in quarantined[0][0]
+    clock.advance(900)
+    await sim.publish_until(clock.datetime())
+    await link.until(lambda: link.stats.accepted_readings == 1)
+    await sim.stop()
