@@ -220,7 +220,7 @@ async def test_a_bad_message_is_quarantined_and_the_link_goes_on(
         await rogue.publish(data_topic(sim.id), json.dumps(bad), qos=1)  # naive timestamp: refused
     await link.until(lambda: link.stats.bad_messages == 2)
     quarantined = outbox.quarantined()
-    assert len(quarantined) == 2 and "garbage".encode().hex() in quarantined[0][0]
+    assert len(quarantined) == 2 and b"garbage".hex() in quarantined[0][0]
     clock.advance(900)
     await sim.publish_until(clock.datetime())
     await link.until(lambda: link.stats.accepted_readings == 1)
