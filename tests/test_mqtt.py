@@ -225,3 +225,24 @@ async def test_a_bad_message_is_quarantined_and_the_link_goes_on(
     await sim.publish_until(clock.datetime())
     await link.until(lambda: link.stats.accepted_readings == 1)
     await sim.stop()
+
+
+async def test_mqtt_311_sessions_work_with_correlation_in_the_payload(
+    mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
+) -> None:
+    v311 = aiomqtt.ProtocolVersion.V311
+    async with ConcentratorLink(
+        "127.0.0.1", mosquitto_server.port, outbox, headend_id=unique("he"), protocol=v311, command_timeout=3
+    ) as link:
+        await link.connected.wait()
+        cid = unique("dc")
+        sim = SimulatedConcentrator(cid, "127.0.0.1", mosquitto_server.port, [f"{cid}-m0"], clock, protocol=v311)
+        await sim.start()
+        await link.until(lambda: cid in link.concentrators and link.concentrators[cid].online)
+        session = link.session(f"{cid}-m0", cid)
+        await session.operate_relay(RelayAction.DISCONNECT)
+        assert await session.read_relay() == RelayState.DISCONNECTED
+        clock.advance(1800)
+        await sim.publish_until(clock.datetime())
+        await link.until(lambda: link.stats.accepted_readings == 2)
+        await sim.stop()

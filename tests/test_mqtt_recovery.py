@@ -1,0 +1,110 @@
+"""Nothing lost over MQTT: a head-end killed before its commit, and a broker restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from headend.localservers import MosquittoServer
+from headend.protocols.mqtt import ConcentratorLink
+from headend.storage.outbox import Outbox
+from simulators.clock import ManualClock
+from simulators.mqtt_concentrator import SimulatedConcentrator
+from tests.factories import T0
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path: Path) -> Iterator[MosquittoServer]:
+    server = MosquittoServer(tmp_path / "mosquitto")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def start_worker(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.mqtt_worker", *args,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+
+
+async def read_until(proc: asyncio.subprocess.Process, line: str) -> None:
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        while True:
+            got = (await proc.stdout.readline()).decode().strip()
+            if got == line:
+                return
+            if not got and proc.stdout.at_eof():
+                raise AssertionError(f"worker exited before printing {line!r}")
+
+
+async def test_a_head_end_killed_before_its_commit_gets_the_messages_again(
+    tmp_path: Path, mosquitto_server: MosquittoServer
+) -> None:
+    clock = ManualClock(T0)
+    headend_id = f"he-{uuid.uuid4().hex[:8]}"
+    common = ["--port", str(mosquitto_server.port), "--headend-id", headend_id, "--outbox", str(tmp_path / "o.sqlite")]
+    worker = await start_worker(*common, "--freeze")
+    await read_until(worker, "CONNECTED")
+    sim = SimulatedConcentrator(
+        f"dc-{uuid.uuid4().hex[:8]}", "127.0.0.1", mosquitto_server.port, ["a", "b", "c"], clock
+    )
+    await sim.start()
+    clock.advance(900)
+    await sim.publish_until(clock.datetime())  # 3 messages, QoS 1; the broker has them
+    await read_until(worker, "RECEIVED")  # frozen inside the first accept: nothing committed, nothing acked
+    worker.kill()
+    await worker.wait()
+    outbox = Outbox(tmp_path / "o.sqlite")
+    assert outbox.depth() == 0
+
+    worker = await start_worker(*common)
+    await read_until(worker, "ACCEPTED 3")  # the broker delivered all three again
+    worker.kill()
+    await worker.wait()
+    readings = [p.reading for p in outbox.take_sync(100)]
+    assert sorted(r.meter for r in readings if r) == ["a", "b", "c"]
+    outbox.close()
+    await sim.stop()
+
+
+async def test_the_link_reconnects_by_itself_after_a_broker_restart(
+    tmp_path: Path, own_mosquitto: MosquittoServer
+) -> None:
+    clock = ManualClock(T0)
+    outbox = Outbox(tmp_path / "o.sqlite")
+    sim = SimulatedConcentrator("dc-restart", "127.0.0.1", own_mosquitto.port, ["a", "b"], clock)
+    async with ConcentratorLink(
+        "127.0.0.1", own_mosquitto.port, outbox, headend_id="he-restart", reconnect_min=0.1, reconnect_max=0.5
+    ) as link:
+        await link.connected.wait()
+        await sim.start()
+        clock.advance(900)
+        await sim.publish_until(clock.datetime())
+        await link.until(lambda: link.stats.accepted_readings == 2)
+
+        await asyncio.to_thread(own_mosquitto.stop)
+        await link.until(lambda: not link.connected.is_set())
+        await sim.crash()
+        await asyncio.to_thread(own_mosquitto.start)
+        async with asyncio.timeout(30):
+            await link.connected.wait()
+        assert link.stats.connects == 2
+
+        await sim.start()
+        clock.advance(900)
+        await sim.publish_until(clock.datetime())
+        await link.until(lambda: link.stats.accepted_readings == 4)
+        assert link.concentrators["dc-restart"].watermark == 3
+        await sim.stop()
+    assert outbox.depth() == 4
+    outbox.close()
