@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 
 from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Obis, RelayState
 from headend.protocols.mqtt_schema import (
+    Block,
     Command,
     Data,
     InventoryMeter,
@@ -69,8 +70,10 @@ class SimulatedConcentrator:
         firmware: str = "dc-sim 1.0",
         faults: ConcentratorFaults | None = None,
         protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
+        meters_per_message: int = 1000,
     ) -> None:
         self.id = concentrator_id
+        self.meters_per_message = meters_per_message
         self.host = host
         self.port = port
         self.clock = clock
@@ -160,24 +163,33 @@ class SimulatedConcentrator:
         stamp = end + timedelta(seconds=self.faults.clock_drift_s)
         return Point(t=stamp, v=raw / 1000, raw=raw, scaler=-3)
 
+    def _block(self, meter: str, ends: list[datetime]) -> Block:
+        return Block(
+            meter=meter,
+            kind="interval",
+            channel=IMPORT_INTERVAL,
+            unit="kWh",
+            interval_s=int(self.interval.total_seconds()),
+            readings=[self._interval_point(meter, end) for end in ends],
+        )
+
+    def _next(self, blocks: list[Block]) -> Data:
+        self.seq += 1
+        data = Data(seq=self.seq, blocks=blocks)
+        self.sent[self.seq] = data
+        return data
+
     async def publish_until(self, t: datetime) -> int:
-        """Publish every interval block that ended by `t`; returns how many messages."""
+        """Publish every interval that ended by `t`, one message per interval (and per
+        `meters_per_message` meters); returns how many messages were made."""
         n = 0
+        meters = list(self.loads)
         while self.published_until + self.interval <= t:
             end = self.published_until + self.interval
-            for meter in self.loads:
-                self.seq += 1
-                data = Data(
-                    seq=self.seq,
-                    meter=meter,
-                    kind="interval",
-                    channel=IMPORT_INTERVAL,
-                    unit="kWh",
-                    interval_s=int(self.interval.total_seconds()),
-                    readings=[self._interval_point(meter, end)],
+            for i in range(0, len(meters), self.meters_per_message):
+                await self._publish_live(
+                    self._next([self._block(m, [end]) for m in meters[i : i + self.meters_per_message]])
                 )
-                self.sent[self.seq] = data
-                await self._publish_live(data)
                 n += 1
             self.published_until = end
         if self._held is not None:
@@ -197,12 +209,17 @@ class SimulatedConcentrator:
             await self._publish(held)
 
     async def _publish(self, data: Data) -> None:
+        """Publish, or keep it buffered (in `sent`) while the broker is away, as a real DC does."""
         if self._client is None:
-            raise RuntimeError(f"concentrator {self.id} is not connected")
+            return
         payload = data.model_dump_json()
-        await self._client.publish(data_topic(self.id), payload, qos=1)
-        if self.faults.duplicate:
+        try:
             await self._client.publish(data_topic(self.id), payload, qos=1)
+            if self.faults.duplicate:
+                await self._client.publish(data_topic(self.id), payload, qos=1)
+        except aiomqtt.MqttError as exc:
+            log.warning("%s: broker gone (%s); seq %d stays buffered for backfill", self.id, exc, data.seq)
+            await self._close(clean=False)
 
     # -- commands --------------------------------------------------------------------
 
@@ -224,6 +241,16 @@ class SimulatedConcentrator:
                 props.CorrelationData = command.correlation_id.encode()
             await client.publish(command.reply_to, response.model_dump_json(), qos=1, properties=props)
 
+    def _interval_ends(self, start: datetime, end: datetime) -> list[datetime]:
+        """Interval ends in (start, end] that the meter has recorded."""
+        end = min(end, self.published_until)
+        b = _EPOCH + ((start - _EPOCH) // self.interval + 1) * self.interval
+        ends = []
+        while b <= end:
+            ends.append(b)
+            b += self.interval
+        return ends
+
     async def _answer(self, name: str, c: Command) -> Response:
         def ok(**result: Any) -> Response:
             return Response(correlation_id=c.correlation_id, status="ok", result=result)
@@ -231,8 +258,8 @@ class SimulatedConcentrator:
         def error(code: str, message: str) -> Response:
             return Response(correlation_id=c.correlation_id, status="error", error=code, message=message)
 
-        if name == "backfill":
-            first, last = int(c.args.get("seq_from", 0)), int(c.args.get("seq_to", -1))
+        if name == "backfill" and "seq_from" in c.args:
+            first, last = int(c.args["seq_from"]), int(c.args.get("seq_to", c.args["seq_from"]))
             republished = 0
             for seq in range(first, last + 1):
                 if seq in self.sent:
@@ -253,14 +280,13 @@ class SimulatedConcentrator:
                 point = Point(t=self._now(), v=load.value(obis, now))
                 readings.append({"channel": str(obis), "unit": unit, "point": point.model_dump(mode="json")})
             return ok(readings=readings)
-        if name == "profile":
-            start = datetime.fromisoformat(c.args["start"])
-            end = min(datetime.fromisoformat(c.args["end"]), self.published_until)
-            b = _EPOCH + ((start - _EPOCH) // self.interval + 1) * self.interval
-            points = []
-            while b <= end:
-                points.append(self._interval_point(c.meter, b).model_dump(mode="json"))
-                b += self.interval
+        if name in ("profile", "backfill"):
+            ends = self._interval_ends(datetime.fromisoformat(c.args["start"]), datetime.fromisoformat(c.args["end"]))
+            if name == "backfill":  # a time range: published as a new data message
+                if ends:
+                    await self._publish(self._next([self._block(c.meter, ends)]))
+                return ok(published=1 if ends else 0, intervals=len(ends))
+            points = [self._interval_point(c.meter, end).model_dump(mode="json") for end in ends]
             return ok(channel=str(IMPORT_INTERVAL), unit="kWh", points=points)
         if name == "clock":
             return ok(time=self._now().isoformat())

@@ -104,7 +104,105 @@ async def test_the_link_reconnects_by_itself_after_a_broker_restart(
         clock.advance(900)
         await sim.publish_until(clock.datetime())
         await link.until(lambda: link.stats.accepted_readings == 4)
-        assert link.concentrators["dc-restart"].watermark == 3
+        assert link.concentrators["dc-restart"].watermark == 1
         await sim.stop()
     assert outbox.depth() == 4
+    outbox.close()
+
+
+def distinct_readings(path: Path) -> set[tuple[str, str]]:
+    outbox = Outbox(path)
+    try:
+        return {(p.reading.meter, p.reading.timestamp.isoformat()) for p in outbox.take_sync(1_000_000) if p.reading}
+    finally:
+        outbox.close()
+
+
+async def test_a_head_end_killed_mid_stream_and_restarted_loses_nothing(
+    tmp_path: Path, mosquitto_server: MosquittoServer
+) -> None:
+    clock = ManualClock(T0)
+    run = uuid.uuid4().hex[:6]
+    outbox_path = tmp_path / "o.sqlite"
+    common = ["--port", str(mosquitto_server.port), "--headend-id", f"he-{run}", "--outbox", str(outbox_path)]
+    worker = await start_worker(*common)
+    await read_until(worker, "CONNECTED")
+    fleet = [
+        SimulatedConcentrator(f"dc{k}-{run}", "127.0.0.1", mosquitto_server.port,
+                              [f"dc{k}-{run}-m{n:02d}" for n in range(50)], clock, meters_per_message=10)
+        for k in range(2)
+    ]  # fmt: skip
+    for dc in fleet:
+        await dc.start()
+    clock.advance(86_400)
+    stream = asyncio.gather(*(dc.publish_until(clock.datetime()) for dc in fleet))
+    await read_until_at_least(worker, 2000)  # mid-stream: some committed, most still coming
+    worker.kill()
+    await worker.wait()
+    await stream  # the concentrators finish their day; the broker queues it for the session
+    assert 0 < len(distinct_readings(outbox_path)) < 2 * 50 * 96
+
+    worker = await start_worker(*common)
+    await read_until_total(outbox_path, worker, 2 * 50 * 96)
+    worker.kill()
+    await worker.wait()
+    for dc in fleet:
+        await dc.stop()
+
+
+async def read_until_at_least(proc: asyncio.subprocess.Process, n: int) -> None:
+    assert proc.stdout is not None
+    async with asyncio.timeout(60):
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            if line.startswith("ACCEPTED") and int(line.split()[1]) >= n:
+                return
+            if not line:
+                raise AssertionError("worker exited")
+
+
+async def read_until_total(outbox_path: Path, proc: asyncio.subprocess.Process, total: int) -> None:
+    """Follow the worker's accepts until the outbox holds `total` distinct readings."""
+    assert proc.stdout is not None
+    async with asyncio.timeout(60):
+        while len(distinct_readings(outbox_path)) < total:
+            line = await proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"worker exited with {len(distinct_readings(outbox_path))} of {total}")
+
+
+async def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path, own_mosquitto: MosquittoServer) -> None:
+    clock = ManualClock(T0)
+    outbox = Outbox(tmp_path / "o.sqlite")
+    meters = [f"m{n:02d}" for n in range(20)]
+    sim = SimulatedConcentrator("dc-mid", "127.0.0.1", own_mosquitto.port, meters, clock, meters_per_message=5)
+    async with ConcentratorLink(
+        "127.0.0.1",
+        own_mosquitto.port,
+        outbox,
+        headend_id="he-mid",
+        reconnect_min=0.1,
+        reconnect_max=0.5,
+        gap_grace=0.5,
+    ) as link:
+        await link.connected.wait()
+        await sim.start()
+        await link.until(lambda: "dc-mid" in link.concentrators)
+        clock.advance(6 * 3600)
+        await sim.publish_until(clock.datetime())  # the first 6 hours
+        await link.until(lambda: link.stats.accepted_readings > 0)
+        await asyncio.to_thread(own_mosquitto.stop)  # the broker goes away mid-stream
+        clock.advance(6 * 3600)
+        await sim.publish_until(clock.datetime())  # the concentrator buffers what it cannot send
+        await asyncio.to_thread(own_mosquitto.start)
+        async with asyncio.timeout(30):
+            await link.connected.wait()
+        await sim.start()  # reconnects; its birth tells the head-end how far it got
+        clock.advance(12 * 3600)
+        await sim.publish_until(clock.datetime())
+        await link.until(lambda: link.concentrators["dc-mid"].watermark == sim.seq, timeout=30)
+        await sim.stop()
+    got = {(p.reading.meter, p.reading.timestamp) for p in outbox.take_sync(1_000_000) if p.reading}
+    assert len(got) == 20 * 96
+    assert link.stats.backfills >= 1
     outbox.close()

@@ -41,6 +41,7 @@ from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Time
 from headend.protocols.mqtt_schema import (
     DATA_FILTER,
     STATE_FILTER,
+    Block,
     Command,
     Data,
     InventoryMeter,
@@ -151,6 +152,8 @@ class ConcentratorLink:
         username: str | None = None,
         password: str | None = None,
         multipliers: Mapping[str, float] | None = None,
+        known_meters: set[str] | None = None,
+        max_batch: int = 500,
         command_timeout: float = 10.0,
         gap_grace: float = 5.0,
         reconnect_min: float = 0.2,
@@ -165,6 +168,9 @@ class ConcentratorLink:
         self.username = username
         self.password = password
         self.multipliers = dict(multipliers or {})
+        #: The registry's meters; data for any other meter is refused (quarantined). None: no check.
+        self.known_meters = known_meters
+        self.max_batch = max_batch
         self.command_timeout = command_timeout
         self.gap_grace = gap_grace
         self.reconnect_min = reconnect_min
@@ -241,9 +247,14 @@ class ConcentratorLink:
                     watcher = asyncio.create_task(self._watch_gaps())
                     try:
                         async for message in client.messages:
-                            await self._handle(message)
-                            if message.qos > 0:
-                                client._client.ack(message.mid, message.qos)
+                            batch = [message]
+                            while len(batch) < self.max_batch and len(client.messages) > 0:
+                                batch.append(await anext(client.messages))
+                            await self._handle(batch)
+                            # In arrival order, as MQTT requires, and only after the commit.
+                            for m in batch:
+                                if m.qos > 0:
+                                    client._client.ack(m.mid, m.qos)
                     finally:
                         watcher.cancel()
             except aiomqtt.MqttCodeError as exc:
@@ -286,25 +297,42 @@ class ConcentratorLink:
 
     # -- incoming ----------------------------------------------------------------------
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        self.stats.received += 1
-        topic = str(message.topic)
-        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-        try:
-            if topic == response_topic(self.headend_id):
-                self._on_response(Response.model_validate_json(payload))
-            elif topic.endswith("/state"):
-                self._on_state(concentrator_of(topic), State.model_validate_json(payload))
-            elif topic.endswith("/data"):
-                await self._on_data(concentrator_of(topic), Data.model_validate_json(payload))
-        except (ValidationError, ValueError, InvalidReading) as exc:
-            self.stats.bad_messages += 1
-            reason = str(exc).replace("\n", "; ")[:500]
-            log.error("bad MQTT message on %s (%s); raw %s", topic, reason, payload[:200].hex())
-            # Kept, not dropped: the raw message goes to the outbox's quarantine before the ack.
-            await self.outbox.quarantine_raw(f"mqtt {topic}", payload, reason)
+    async def _handle(self, batch: Sequence[aiomqtt.Message]) -> None:
+        """Handle messages already received; their readings commit in one outbox transaction."""
+        readings: list[Reading] = []
+        touched: set[str] = set()
+        for message in batch:
+            self.stats.received += 1
+            topic = str(message.topic)
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            try:
+                if topic == response_topic(self.headend_id):
+                    self._on_response(Response.model_validate_json(payload))
+                elif topic.endswith("/state"):
+                    self._on_state(concentrator_of(topic), State.model_validate_json(payload))
+                elif topic.endswith("/data"):
+                    concentrator = concentrator_of(topic)
+                    readings += await self._on_data(concentrator, topic, Data.model_validate_json(payload))
+                    touched.add(concentrator)
+            except (ValidationError, ValueError, InvalidReading) as exc:
+                await self._bad(topic, payload, str(exc))
+        if touched:
+            cursors: dict[str, int] = {}
+            for concentrator in touched:
+                c = self.concentrators[concentrator]
+                watermark_key, highest_key = _cursor_keys(concentrator)
+                cursors |= {watermark_key: c.watermark, highest_key: c.highest}
+            await self.outbox.accept(readings, cursors=cursors)
+            self.stats.accepted_readings += len(readings)
         async with self._changed:
             self._changed.notify_all()
+
+    async def _bad(self, topic: str, payload: bytes, reason: str) -> None:
+        self.stats.bad_messages += 1
+        reason = reason.replace("\n", "; ")[:500]
+        log.error("bad MQTT message on %s (%s); raw %s", topic, reason, payload[:200].hex())
+        # Kept, not dropped: the raw message goes to the outbox's quarantine before the ack.
+        await self.outbox.quarantine_raw(f"mqtt {topic}", payload, reason)
 
     def _on_state(self, concentrator: str, state: State) -> None:
         c = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
@@ -325,27 +353,33 @@ class ConcentratorLink:
                     c.missing_since.setdefault(gap, now)
         log.info("%s is %s (bdseq %d, %d meters)", concentrator, state.status, state.bdseq, len(c.meters))
 
-    async def _on_data(self, concentrator: str, data: Data) -> None:
+    async def _on_data(self, concentrator: str, topic: str, data: Data) -> list[Reading]:
         c = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
         if data.seq <= c.watermark or data.seq in c.received_above:
             self.stats.duplicates += 1
-            return
-        readings = self._readings(concentrator, data)
+            return []
+        readings: list[Reading] = []
+        for block in data.blocks:
+            unknown = (c.meters and block.meter not in c.meters) or (
+                self.known_meters is not None and block.meter not in self.known_meters
+            )
+            if unknown:
+                reason = f"unknown meter {block.meter!r} (not in {concentrator}'s inventory or the registry)"
+                await self._bad(topic, block.model_dump_json().encode(), reason)
+                continue
+            readings += self._readings(concentrator, block)
         before = len(c.missing_since)
         c.note(data.seq, self.monotonic())
         if len(c.missing_since) > before:
             self.stats.gaps += 1
             log.warning("%s: seq gap before %d (%d missing)", concentrator, data.seq, len(c.missing_since))
-        watermark_key, highest_key = _cursor_keys(concentrator)
-        await self.outbox.accept(readings, cursors={watermark_key: c.watermark, highest_key: c.highest})
-        self.stats.accepted_readings += len(readings)
+        return readings
 
-    def _readings(self, concentrator: str, data: Data) -> list[Reading]:
-        multiplier = self.multipliers.get(data.meter, 1.0)
+    def _readings(self, concentrator: str, block: Block) -> list[Reading]:
+        multiplier = self.multipliers.get(block.meter, 1.0)
         source = f"mqtt/{concentrator}"
-        return [
-            point_reading(data.meter, data.channel, data.kind, data.unit, p, multiplier, source) for p in data.readings
-        ]
+        m, ch, kind, unit = block.meter, block.channel, block.kind, block.unit
+        return [point_reading(m, ch, kind, unit, p, multiplier, source) for p in block.readings]
 
     def _on_response(self, response: Response) -> None:
         future = self._pending.pop(response.correlation_id, None)

@@ -76,16 +76,22 @@ class Point(Payload):
     scaler: int = 0
 
 
-class Data(Payload):
-    """Meter reads: an interval block or a register snapshot, numbered per concentrator."""
+class Block(Payload):
+    """The reads of one channel of one meter: an interval block or a register snapshot."""
 
-    seq: int = Field(ge=0)
     meter: str
     kind: Literal["interval", "register", "event"]
     channel: ObisCode
     unit: str = ""
     interval_s: int | None = Field(default=None, gt=0)
     readings: list[Point] = Field(min_length=1, max_length=10_000)
+
+
+class Data(Payload):
+    """One data message, numbered per concentrator: blocks of one or many meters."""
+
+    seq: int = Field(ge=0)
+    blocks: list[Block] = Field(min_length=1, max_length=10_000)
     replay: bool = False
 
 
