@@ -176,6 +176,9 @@ class MosquittoServer(LocalServer):
 allow_anonymous true
 persistence true
 persistence_location {self.workdir}/
+# Mosquitto drops QoS 1 messages beyond 1000 queued per client by default: a head-end that
+# falls behind a burst would see sequence gaps (which it backfills, but should not need to).
+max_queued_messages 1000000
 log_dest stderr
 log_type error
 log_type warning

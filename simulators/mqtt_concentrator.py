@@ -40,7 +40,7 @@ from headend.protocols.mqtt_schema import (
     data_topic,
     state_topic,
 )
-from simulators.clock import Clock
+from simulators.clock import Clock, ManualClock
 from simulators.physics import LoadModel
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,10 @@ class SimulatedConcentrator:
 
 async def _main(args: argparse.Namespace) -> None:
     host, _, port = args.broker.rpartition(":")
-    clock = Clock()
+    clock: Clock = Clock()
+    if args.backlog_days:
+        # Start in the past and publish that backlog at once (benchmarks, catch-up after an outage).
+        clock = ManualClock(Clock().now() - args.backlog_days * 86_400)
     fleet = [
         SimulatedConcentrator(
             f"dc-{k:03d}",
@@ -323,6 +326,12 @@ async def _main(args: argparse.Namespace) -> None:
     for dc in fleet:
         await dc.start()
     print(f"{len(fleet)} concentrators x {args.meters} meters on {args.broker}", flush=True)
+    if isinstance(clock, ManualClock):
+        await asyncio.sleep(args.start_delay)
+        clock.advance(args.backlog_days * 86_400)
+        await asyncio.gather(*(dc.publish_until(clock.datetime()) for dc in fleet))
+        print(f"published {sum(dc.seq + 1 for dc in fleet)} messages of backlog", flush=True)
+        clock = Clock()
     while True:
         for dc in fleet:
             await dc.publish_until(clock.datetime())
@@ -335,6 +344,8 @@ def main() -> None:
     p.add_argument("--concentrators", type=int, default=1)
     p.add_argument("--meters", type=int, default=10)
     p.add_argument("--interval", type=int, default=900, help="seconds per interval")
+    p.add_argument("--backlog-days", type=float, default=0, help="publish this many past days at once first")
+    p.add_argument("--start-delay", type=float, default=1.0, help="seconds between birth and the backlog")
     asyncio.run(_main(p.parse_args()))
 
 

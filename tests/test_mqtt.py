@@ -227,6 +227,24 @@ async def test_a_bad_message_is_quarantined_and_the_link_goes_on(
     await sim.stop()
 
 
+async def test_a_time_range_backfill_publishes_the_intervals_again(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
+) -> None:
+    sim = dc(mosquitto_server, clock, meters=2, drop_seqs={0, 1, 2, 3})  # the first hour never arrives
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators and link.concentrators[sim.id].online)
+    meter = next(iter(sim.loads))
+    clock.advance(3600)
+    await sim.publish_until(clock.datetime())
+    response = await link.command(
+        sim.id, "backfill", meter=meter, args={"start": T0.isoformat(), "end": clock.datetime().isoformat()}
+    )
+    assert response.result == {"published": 1, "intervals": 4}
+    await link.until(lambda: link.stats.accepted_readings >= 4)
+    assert sorted(k[1] for k in stored(outbox) if k[0] == meter) == [(T0 + k * STEP).isoformat() for k in range(1, 5)]
+    await sim.stop()
+
+
 async def test_mqtt_311_sessions_work_with_correlation_in_the_payload(
     mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
 ) -> None:
