@@ -11,6 +11,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from headend.config import MqttLink, parse_config
 from headend.localservers import MosquittoServer
 from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, RelayAction, RelayState
 from headend.protocols.base import LinkDown, MeterSession, Refused, Timeout
@@ -263,4 +264,31 @@ async def test_mqtt_311_sessions_work_with_correlation_in_the_payload(
         clock.advance(1800)
         await sim.publish_until(clock.datetime())
         await link.until(lambda: link.stats.accepted_readings == 2)
+        await sim.stop()
+
+
+async def test_a_link_from_the_config_accepts_only_registry_meters_with_their_multiplier(
+    mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
+) -> None:
+    cid = unique("dc")
+    cfg = parse_config(
+        {
+            "links": [{"id": "broker", "kind": "mqtt", "host": "127.0.0.1", "port": mosquitto_server.port}],
+            "concentrators": [{"id": cid, "link": "broker"}],
+            "meters": [{"id": f"{cid}-m0", "concentrator": cid, "ct": {"primary": 150, "secondary": 5}}],
+        }
+    )
+    link_cfg = cfg.links[0]
+    assert isinstance(link_cfg, MqttLink)
+    sim = SimulatedConcentrator(cid, "127.0.0.1", mosquitto_server.port, [f"{cid}-m0", f"{cid}-m1"], clock)
+    async with ConcentratorLink.from_config(link_cfg, outbox, cfg, headend_id=unique("he")) as link:
+        await link.connected.wait()
+        await sim.start()
+        await link.until(lambda: cid in link.concentrators)
+        clock.advance(900)
+        await sim.publish_until(clock.datetime())
+        await link.until(lambda: link.stats.accepted_readings == 1 and link.stats.bad_messages == 1)
+        (reading,) = [p.reading for p in outbox.take_sync(10)]
+        assert reading is not None and reading.meter == f"{cid}-m0" and reading.multiplier == 30.0
+        assert reading.value == pytest.approx((reading.raw or 0) / 1000 * 30)
         await sim.stop()

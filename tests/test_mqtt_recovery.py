@@ -206,3 +206,26 @@ async def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path, own_mos
     assert len(got) == 20 * 96
     assert link.stats.backfills >= 1
     outbox.close()
+
+
+async def test_the_concentrator_simulator_runs_as_its_own_process(
+    tmp_path: Path, mosquitto_server: MosquittoServer
+) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite")
+    async with ConcentratorLink(
+        "127.0.0.1", mosquitto_server.port, outbox, headend_id=f"he-{uuid.uuid4().hex[:6]}"
+    ) as link:
+        await link.connected.wait()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "simulators.mqtt_concentrator", "--broker", f"127.0.0.1:{mosquitto_server.port}",
+            "--concentrators", "2", "--meters", "3", "--backlog-days", "0.25", "--start-delay", "0.5",
+            cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            await link.until(lambda: link.stats.accepted_readings >= 2 * 3 * 24)
+            assert {c for c, s in link.concentrators.items() if s.online} >= {"dc-000", "dc-001"}
+        finally:
+            proc.terminate()
+            await proc.wait()
+        await link.until(lambda: not link.concentrators["dc-000"].online)  # its Will, as the process died
+    outbox.close()

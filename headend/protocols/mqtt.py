@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 import uuid
@@ -36,6 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
+from headend.config import Config, MqttLink
 from headend.model import InvalidReading, Obis, Reading, ReadingKind, RelayAction, RelayState
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.mqtt_schema import (
@@ -185,6 +187,32 @@ class ConcentratorLink:
         self._changed = asyncio.Condition()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(
+        cls, link: MqttLink, outbox: Outbox, config: Config, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> ConcentratorLink:
+        """A link for an `[[links]] kind = "mqtt"` entry: the registry's meters behind its
+        concentrators are the only ones accepted, with their CT/PT multipliers."""
+        env = os.environ if env is None else env
+        password = None
+        if link.password_env is not None:
+            if link.password_env not in env:
+                raise LinkDown(f"link {link.id}: password variable {link.password_env} is not set")
+            password = env[link.password_env]
+        concentrators = {c.id for c in config.concentrators if c.link == link.id}
+        meters = [m for m in config.meters if m.concentrator in concentrators]
+        return cls(
+            link.host,
+            link.port,
+            outbox,
+            username=link.username,
+            password=password,
+            known_meters={m.id for m in meters},
+            multipliers={m.id: m.multiplier for m in meters},
+            command_timeout=link.timeout.total_seconds(),
+            **kwargs,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
