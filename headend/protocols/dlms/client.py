@@ -1,0 +1,329 @@
+"""DLMS/COSEM client session over the TCP wrapper: a MeterSession.
+
+Every read from the socket is under the session timeout, every frame and APDU is parsed by
+bounded parsers, and any parse failure ends the session with BadFrame (logged once with
+the meter and the raw bytes). Keys and passwords are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from headend.model import Obis, Quality, Reading, RelayAction, RelayState
+from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
+from headend.protocols.dlms import axdr, codec, xdlms
+from headend.protocols.dlms.axdr import DateTime, Structure, Typed
+from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
+
+log = logging.getLogger(__name__)
+
+CLOCK = Obis(0, 0, 1, 0, 0)
+DISCONNECT_CONTROL = Obis(0, 0, 96, 3, 10)
+PUBLIC_CLIENT = 16
+MANAGEMENT_CLIENT = 1
+# DLMS unit codes (Blue Book) -> (unit, extra decimal exponent): energy is reported in kWh
+# and kvarh across all protocols.
+_UNITS: dict[int, tuple[str, int]] = {
+    27: ("W", 0), 28: ("VA", 0), 29: ("var", 0), 30: ("kWh", -3), 31: ("kVAh", -3), 32: ("kvarh", -3),
+    33: ("A", 0), 35: ("V", 0), 44: ("Hz", 0), 255: ("", 0),
+}  # fmt: skip
+_CT_ONLY = {31, 51, 71, 91}
+_PT_ONLY = {32, 52, 72, 12}
+_NO_RATIO = {14}
+_CONTROL_STATES = {0: RelayState.DISCONNECTED, 1: RelayState.CONNECTED, 2: RelayState.READY_FOR_RECONNECTION}
+
+
+class DlmsSession:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        meter: str,
+        *,
+        authentication: str = codec.AUTH_NONE,
+        password: bytes | None = None,
+        client_sap: int | None = None,
+        server_sap: int = 1,
+        timeout: float = 10.0,
+        ct: float = 1.0,
+        pt: float = 1.0,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.meter = meter
+        self.authentication = authentication
+        self._password = password
+        self.client_sap = client_sap if client_sap is not None else (
+            MANAGEMENT_CLIENT if authentication == codec.AUTH_LLS else PUBLIC_CLIENT
+        )  # fmt: skip
+        self.server_sap = server_sap
+        self.timeout = timeout
+        self.ct = ct
+        self.pt = pt
+        self.now = now or (lambda: datetime.now(UTC))
+        self.source = f"dlms/{host}:{port}"
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._invoke = 0
+        self._scalers: dict[Obis, tuple[int, int]] = {}
+
+    def __repr__(self) -> str:  # the password stays out of logs and tracebacks
+        return f"DlmsSession({self.meter!r}, {self.host}:{self.port}, auth={self.authentication})"
+
+    # -- association -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        try:
+            async with asyncio.timeout(self.timeout):
+                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        except (OSError, TimeoutError) as exc:
+            raise LinkDown(f"cannot connect to {self.host}:{self.port}: {exc}", meter=self.meter) from None
+        try:
+            reply = await self._exchange(codec.aarq(self.authentication, self._password))
+            try:
+                result = codec.parse_aare(reply)
+            except codec.AcseError as exc:
+                raise self._bad(str(exc), reply) from None
+            if not result.accepted:
+                raise Refused(f"association rejected: {result.diagnostic}", meter=self.meter)
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None and self._writer is not None:
+            with contextlib.suppress(MeterError):
+                await self._exchange(codec.rlrq())
+        await self._close()
+
+    async def _close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await writer.wait_closed()
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _bad(self, what: str, raw: bytes) -> BadFrame:
+        log.warning("%s: bad frame from %s:%d (%s): %s", self.meter, self.host, self.port, what, raw[:256].hex())
+        return BadFrame(what, meter=self.meter, raw=raw)
+
+    async def _exchange(self, apdu: bytes) -> bytes:
+        if self._writer is None or self._reader is None:
+            raise LinkDown("session is not open", meter=self.meter)
+        frame = WrapperFrame(self.client_sap, self.server_sap, apdu)
+        try:
+            async with asyncio.timeout(self.timeout):
+                self._writer.write(frame.to_bytes())
+                await self._writer.drain()
+                answer = await read_frame(self._reader)
+        except TimeoutError:
+            await self._close()
+            raise Timeout(f"no complete answer within {self.timeout}s", meter=self.meter) from None
+        except asyncio.IncompleteReadError as exc:
+            await self._close()
+            if exc.partial:
+                raise self._bad("connection closed in the middle of a frame", exc.partial) from None
+            raise LinkDown("meter closed the connection", meter=self.meter) from None
+        except WrapperError as exc:
+            await self._close()
+            raise self._bad(str(exc), exc.raw) from None
+        except OSError as exc:
+            await self._close()
+            raise LinkDown(f"connection lost: {exc}", meter=self.meter) from None
+        return answer.apdu
+
+    async def _service(self, request_bytes: bytes) -> xdlms.GetResult | xdlms.SetResult | xdlms.ActionResult:
+        reply = await self._exchange(request_bytes)
+        try:
+            response = xdlms.parse_response(reply)
+        except (xdlms.XdlmsError, axdr.AxdrError) as exc:
+            await self._close()
+            raise self._bad(str(exc), reply) from None
+        if isinstance(response, xdlms.ExceptionResult):
+            raise Refused(f"exception response {response.state_error}/{response.service_error}", meter=self.meter)
+        return response
+
+    def _next_invoke(self) -> int:
+        self._invoke = (self._invoke + 1) % 16
+        return 0xC0 | self._invoke  # service class confirmed, high priority
+
+    # -- COSEM services ----------------------------------------------------------------------
+
+    async def get(self, class_id: int, obis: Obis, attribute: int, *, selector: int | None = None,
+                  parameters: bytes = b"") -> Any:  # fmt: skip
+        invoke = self._next_invoke()
+        request = xdlms.GetRequest(invoke, xdlms.Attribute(class_id, obis, attribute), selector, parameters)
+        response = await self._service(request.to_bytes())
+        data = bytearray()
+        while True:
+            if not isinstance(response, xdlms.GetResult):
+                raise self._bad("GET answered with another service", b"")
+            if response.error is not None:
+                raise _access_error(response.error, f"GET {class_id}/{obis}/{attribute}", self.meter)
+            data += response.data or b""
+            if response.block_number is None or response.last_block:
+                break
+            response = await self._service(xdlms.GetRequestNext(invoke, response.block_number).to_bytes())
+        try:
+            return axdr.decode(bytes(data))
+        except axdr.AxdrError as exc:
+            await self._close()
+            raise self._bad(f"GET {obis}/{attribute}: {exc}", bytes(data)) from None
+
+    async def set(self, class_id: int, obis: Obis, attribute: int, value: Any) -> None:
+        request = xdlms.SetRequest(self._next_invoke(), xdlms.Attribute(class_id, obis, attribute), axdr.encode(value))
+        response = await self._service(request.to_bytes())
+        if not isinstance(response, xdlms.SetResult):
+            raise self._bad("SET answered with another service", b"")
+        if response.result != 0:
+            raise _access_error(response.result, f"SET {class_id}/{obis}/{attribute}", self.meter)
+
+    async def action(self, class_id: int, obis: Obis, method: int, parameter: Any = None) -> Any:
+        params = None if parameter is None else axdr.encode(parameter)
+        request = xdlms.ActionRequest(self._next_invoke(), xdlms.Attribute(class_id, obis, method), params)
+        response = await self._service(request.to_bytes())
+        if not isinstance(response, xdlms.ActionResult):
+            raise self._bad("ACTION answered with another service", b"")
+        if response.result != 0:
+            raise _access_error(response.result, f"ACTION {class_id}/{obis}/{method}", self.meter)
+        return None if response.data is None else axdr.decode(response.data)
+
+    # -- MeterSession ------------------------------------------------------------------------
+
+    def _ratio(self, obis: Obis) -> float:
+        if obis.c in _NO_RATIO:
+            return 1.0
+        if obis.c in _CT_ONLY:
+            return self.ct
+        if obis.c in _PT_ONLY:
+            return self.pt
+        return self.ct * self.pt
+
+    async def _scaler_unit(self, obis: Obis, class_id: int = 3) -> tuple[int, int]:
+        if obis not in self._scalers:
+            value = await self.get(class_id, obis, 3)
+            if not isinstance(value, Structure) or len(value) != 2 or not all(isinstance(v, int) for v in value):
+                raise self._bad(f"scaler_unit of {obis} is not structure(integer, enum): {value!r}", b"")
+            self._scalers[obis] = (int(value[0]), int(value[1]))
+        return self._scalers[obis]
+
+    def _reading(self, obis: Obis, raw: int | float, scaler: int, unit_code: int, t: datetime, **kw: Any) -> Reading:
+        unit, extra = _UNITS.get(unit_code, (f"unit{unit_code}", 0))
+        return Reading.from_raw(
+            self.meter, obis, t, raw, scaler=scaler + extra, multiplier=self._ratio(obis), unit=unit,
+            source=self.source, **kw,
+        )  # fmt: skip
+
+    async def read_registers(self, channels: Sequence[Obis]) -> list[Reading]:
+        readings = []
+        for obis in channels:
+            scaler, unit = await self._scaler_unit(obis)
+            value = await self.get(3, obis, 2)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self._bad(f"value of {obis} is not a number: {value!r}", b"")
+            readings.append(self._reading(obis, value, scaler, unit, self.now(), kind="register"))
+        return readings
+
+    async def read_clock(self) -> datetime:
+        value = await self.get(8, CLOCK, 2)
+        try:
+            return DateTime.from_bytes(value).to_utc()
+        except (axdr.AxdrError, TypeError) as exc:
+            raise self._bad(f"clock is not a date-time: {exc}", value if isinstance(value, bytes) else b"") from None
+
+    async def set_clock(self, t: datetime) -> None:
+        await self.set(8, CLOCK, 2, Typed(axdr.OCTET_STRING, axdr.utc_datetime(t)))
+
+    async def read_profile(self, profile: Obis, since: datetime, until: datetime | None = None) -> list[Reading]:
+        """Intervals with since < t <= until, read by range descriptor (selective access 1)."""
+        until = until or self.now()
+        captured = await self.get(7, profile, 3)
+        columns = _capture_columns(captured)
+        clock_col = next((i for i, (c, o, _a) in enumerate(columns) if c == 8 and o == CLOCK), None)
+        if clock_col is None:
+            raise Unsupported(f"profile {profile} does not capture the clock", meter=self.meter)
+        status_col = next((i for i, (c, o, _a) in enumerate(columns) if c == 1 and o.c == 96 and o.d == 10), None)
+        value_cols = [(i, o) for i, (c, o, a) in enumerate(columns) if c in (3, 4) and a == 2]
+        scalers = {o: await self._scaler_unit(o) for _i, o in value_cols}
+        restricting = Structure([Typed(axdr.LONG_UNSIGNED, 8), CLOCK.to_bytes(), Typed(axdr.INTEGER, 2),
+                                 Typed(axdr.LONG_UNSIGNED, 0)])  # fmt: skip
+        descriptor = Structure([
+            restricting,
+            Typed(axdr.OCTET_STRING, axdr.utc_datetime(since + timedelta(seconds=1))),
+            Typed(axdr.OCTET_STRING, axdr.utc_datetime(until)),
+            [],
+        ])  # fmt: skip
+        rows = await self.get(7, profile, 2, selector=1, parameters=axdr.encode(descriptor))
+        if not isinstance(rows, list):
+            raise self._bad(f"profile buffer is not an array: {type(rows).__name__}", b"")
+        readings = []
+        for row in rows:
+            if not isinstance(row, list) or len(row) != len(columns):
+                raise self._bad(f"profile row does not match its {len(columns)} capture objects: {row!r}", b"")
+            try:
+                t = DateTime.from_bytes(row[clock_col]).to_utc()
+            except (axdr.AxdrError, TypeError) as exc:
+                raise self._bad(f"profile row time: {exc}", b"") from None
+            if not since < t <= until:
+                continue
+            status = row[status_col] if status_col is not None else 0
+            qualities = (f"1.0.{status}",) if status else ()
+            for i, obis in value_cols:
+                value = row[i]
+                if value is None:
+                    readings.append(Reading(meter=self.meter, channel=obis, timestamp=t, value=None,
+                                            qualities=(Quality.MISSING, *qualities), source=self.source))  # fmt: skip
+                    continue
+                scaler, unit = scalers[obis]
+                readings.append(self._reading(obis, value, scaler, unit, t, kind="interval", qualities=qualities))
+        return readings
+
+    async def read_relay(self) -> RelayState:
+        value = await self.get(70, DISCONNECT_CONTROL, 3)
+        if value not in _CONTROL_STATES:
+            raise self._bad(f"control_state {value!r} is not 0, 1 or 2", b"")
+        return _CONTROL_STATES[value]
+
+    async def read_control_mode(self) -> int:
+        return int(await self.get(70, DISCONNECT_CONTROL, 4))
+
+    async def operate_relay(self, action: RelayAction) -> None:
+        """remote_disconnect (method 1) or remote_reconnect (method 2); confirm with read_relay()."""
+        method = 1 if action == RelayAction.DISCONNECT else 2
+        await self.action(70, DISCONNECT_CONTROL, method, Typed(axdr.INTEGER, 0))
+
+
+def _capture_columns(captured: Any) -> list[tuple[int, Obis, int]]:
+    if not isinstance(captured, list):
+        raise BadFrame(f"capture_objects is not an array: {captured!r}")
+    columns = []
+    for item in captured:
+        if not isinstance(item, Structure) or len(item) != 4 or not isinstance(item[1], bytes):
+            raise BadFrame(f"capture object is not structure(class, obis, attribute, index): {item!r}")
+        columns.append((int(item[0]), Obis.from_bytes(item[1]), int(item[2])))
+    return columns
+
+
+def _access_error(code: int, what: str, meter: str) -> MeterError:
+    name = xdlms.DAR.get(code, f"result {code}")
+    text = f"{what}: {name}"
+    if code in (4, 9, 11, 12):
+        return Unsupported(text, meter=meter)
+    if code in (3, 13):
+        return Refused(text, meter=meter)
+    if code in (1, 2, 14, 15):
+        return Timeout(text, meter=meter)
+    return Refused(text, meter=meter)

@@ -1,0 +1,375 @@
+"""DLMS/COSEM meter simulator over the TCP wrapper (IEC 62056-47), logical-name referencing.
+
+Objects: Clock 0-0:1.0.0.255 (class 8), energy and instantaneous registers (class 3) with
+scaler_unit, a load profile 1-0:99.1.0.255 (class 7: clock, status, +A, -A, +R, -R at
+15-minute intervals) that fills as simulated time passes and answers range-descriptor
+selective access, Disconnect Control 0-0:96.3.10.255 (class 70) whose relay follows
+control_mode (remote reconnect ends in ready_for_reconnection in modes 1, 3, 5), logical
+device name, serial number and firmware (class 1).
+
+Associations: public client without security; LLS with the meter's password. Large answers
+go out as GET data blocks of `block_size` bytes.
+
+Faults: response `delay`, `drop_after_bytes` (connection cut mid-answer), `corrupt`
+(garbage frame), clock drift (`clock_offset_s`), `missing_intervals` (profile rows the meter
+never recorded), `stuck_relay`.
+
+    python -m simulators.dlms_meter --meters 3 --port 4059    # meters on ports 4059, 4060, 4061
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from headend.model import Obis
+from headend.protocols.dlms import axdr, codec, xdlms
+from headend.protocols.dlms.axdr import DateTime, Structure, Typed
+from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
+from simulators.clock import Clock
+from simulators.physics import LoadModel
+
+log = logging.getLogger(__name__)
+
+CLOCK = Obis(0, 0, 1, 0, 0)
+PROFILE = Obis(1, 0, 99, 1, 0)
+STATUS = Obis(0, 0, 96, 10, 1)
+DISCONNECT = Obis(0, 0, 96, 3, 10)
+SERIAL = Obis(0, 0, 96, 1, 0)
+FIRMWARE = Obis(1, 0, 0, 2, 0)
+LDN = Obis(0, 0, 42, 0, 0)
+A_PLUS, A_MINUS, R_PLUS, R_MINUS = Obis(1, 0, 1, 8, 0), Obis(1, 0, 2, 8, 0), Obis(1, 0, 3, 8, 0), Obis(1, 0, 4, 8, 0)
+UNIT_WH, UNIT_VARH, UNIT_W, UNIT_V, UNIT_A, UNIT_HZ = 30, 32, 27, 35, 33, 44
+SUCCESS, HARDWARE_FAULT, TEMPORARY_FAILURE, OBJECT_UNDEFINED, OBJECT_UNAVAILABLE, TYPE_UNMATCHED = 0, 1, 2, 4, 11, 12
+DISCONNECTED, CONNECTED, READY = 0, 1, 2
+STEP = timedelta(minutes=15)
+
+
+@dataclass
+class DlmsFaults:
+    delay: float = 0.0
+    drop_after_bytes: int | None = None
+    corrupt: bool = False
+    clock_offset_s: float = 0.0
+    missing_intervals: set[datetime] = field(default_factory=set)
+    stuck_relay: bool = False
+
+
+@dataclass
+class RegisterSpec:
+    """A class 3 register: how to get its value from the load, its scaler and unit."""
+
+    type_tag: int
+    scaler: int
+    unit: int
+
+
+REGISTERS: dict[Obis, RegisterSpec] = {
+    A_PLUS: RegisterSpec(axdr.DOUBLE_LONG_UNSIGNED, 0, UNIT_WH),
+    A_MINUS: RegisterSpec(axdr.DOUBLE_LONG_UNSIGNED, 0, UNIT_WH),
+    R_PLUS: RegisterSpec(axdr.DOUBLE_LONG_UNSIGNED, 0, UNIT_VARH),
+    R_MINUS: RegisterSpec(axdr.DOUBLE_LONG_UNSIGNED, 0, UNIT_VARH),
+    Obis(1, 0, 16, 7, 0): RegisterSpec(axdr.DOUBLE_LONG, 0, UNIT_W),
+    Obis(1, 0, 32, 7, 0): RegisterSpec(axdr.LONG_UNSIGNED, -1, UNIT_V),
+    Obis(1, 0, 52, 7, 0): RegisterSpec(axdr.LONG_UNSIGNED, -1, UNIT_V),
+    Obis(1, 0, 72, 7, 0): RegisterSpec(axdr.LONG_UNSIGNED, -1, UNIT_V),
+    Obis(1, 0, 31, 7, 0): RegisterSpec(axdr.LONG_UNSIGNED, -2, UNIT_A),
+    Obis(1, 0, 51, 7, 0): RegisterSpec(axdr.LONG_UNSIGNED, -2, UNIT_A),
+    Obis(1, 0, 71, 7, 0): RegisterSpec(axdr.LONG_UNSIGNED, -2, UNIT_A),
+    Obis(1, 0, 14, 7, 0): RegisterSpec(axdr.LONG_UNSIGNED, -2, UNIT_HZ),
+}
+ENERGIES = (A_PLUS, A_MINUS, R_PLUS, R_MINUS)
+CAPTURE = [(8, CLOCK, 2), (1, STATUS, 2), (3, A_PLUS, 2), (3, A_MINUS, 2), (3, R_PLUS, 2), (3, R_MINUS, 2)]
+
+
+class SimulatedDlmsMeter:
+    def __init__(
+        self,
+        name: str,
+        clock: Clock,
+        *,
+        password: bytes = b"12345678",
+        require_lls: bool = False,
+        serial: str = "",
+        installed: datetime | None = None,
+        control_mode: int = 4,
+        block_size: int = 1024,
+        seed: int = 1,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.password = password
+        self.require_lls = require_lls
+        self.serial = serial or f"SIM{seed:08d}"
+        self.load = LoadModel(t0=clock.now(), seed=seed)
+        now = clock.datetime()
+        # The profile buffer starts at installation (default: 10 days of history).
+        self.installed = installed or (now - timedelta(days=10))
+        self.control_mode = control_mode
+        self.control_state = CONNECTED
+        self.block_size = block_size
+        self.faults = DlmsFaults()
+        self.associations = 0
+        self.requests = 0
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    # -- values ------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self.clock.datetime() + timedelta(seconds=self.faults.clock_offset_s)
+
+    def register_value(self, obis: Obis, t: float) -> int:
+        spec = REGISTERS[obis]
+        if obis == A_PLUS:
+            value = self.load.import_kwh(t) * 1000
+        elif obis == A_MINUS:
+            value = self.load.export_kwh(t) * 1000
+        elif obis == R_PLUS:
+            value = self.load.import_kwh(t) * 250  # a power factor near 0.97
+        elif obis == R_MINUS:
+            value = 5_000.0 + self.load.seed
+        else:
+            value = self.load.value(obis, t)
+        return round(value / 10.0**spec.scaler)
+
+    def profile_rows(self, start: datetime, end: datetime) -> list[Structure]:
+        """Rows with start <= t <= end, as recorded up to now."""
+        last = min(end, self.clock.datetime())
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        t = max(start, self.installed)
+        t = epoch + -((epoch - t) // STEP) * STEP  # round up to a boundary
+        rows = []
+        while t <= last:
+            if t not in self.faults.missing_intervals:
+                ts = t.timestamp()
+                meter_time = t + timedelta(seconds=self.faults.clock_offset_s)
+                energies = [Typed(axdr.DOUBLE_LONG_UNSIGNED, self.register_value(o, ts)) for o in ENERGIES]
+                # Status bit 5 (0x20, clock adjusted / invalid) while the meter's clock is off.
+                status = Typed(axdr.UNSIGNED, 0x20 if self.faults.clock_offset_s else 0)
+                rows.append(
+                    Structure([Typed(axdr.OCTET_STRING, DateTime.from_datetime(meter_time)), status, *energies])
+                )
+            t += STEP
+        return rows
+
+    # -- COSEM services ------------------------------------------------------------------
+
+    def get(self, request: xdlms.GetRequest) -> Any:
+        """Return the attribute's value, or a bare int: the data-access-result of a failure."""
+        a = request.attribute
+        t = self.clock.now()
+        if a.class_id == 8 and a.obis == CLOCK:
+            if a.index == 1:
+                return CLOCK.to_bytes()
+            if a.index == 2:
+                return Typed(axdr.OCTET_STRING, DateTime.from_datetime(self.now()))
+            if a.index == 3:
+                return Typed(axdr.LONG, 0)
+        if a.class_id == 3 and a.obis in REGISTERS:
+            spec = REGISTERS[a.obis]
+            if a.index == 1:
+                return a.obis.to_bytes()
+            if a.index == 2:
+                return Typed(spec.type_tag, self.register_value(a.obis, t))
+            if a.index == 3:
+                return Structure([Typed(axdr.INTEGER, spec.scaler), Typed(axdr.ENUM, spec.unit)])
+        if a.class_id == 1 and a.index == 2:
+            if a.obis == SERIAL:
+                return self.serial
+            if a.obis == FIRMWARE:
+                return "SIM-DLMS 2.1"
+            if a.obis == LDN:
+                return f"SIM{self.name}"[:16].encode()
+        if a.class_id == 7 and a.obis == PROFILE:
+            if a.index == 3:
+                u16, i8 = axdr.LONG_UNSIGNED, axdr.INTEGER
+                return [Structure([Typed(u16, c), o.to_bytes(), Typed(i8, i), Typed(u16, 0)]) for c, o, i in CAPTURE]
+            if a.index == 4:
+                return Typed(axdr.DOUBLE_LONG_UNSIGNED, int(STEP.total_seconds()))
+            if a.index == 2:
+                if request.selector is None:
+                    return self.profile_rows(self.installed, self.clock.datetime())
+                if request.selector != 1:
+                    return OBJECT_UNAVAILABLE
+                start, end = _range(request.parameters)
+                return self.profile_rows(start, end)
+        if a.class_id == 70 and a.obis == DISCONNECT:
+            if a.index == 2:
+                return self.control_state == CONNECTED
+            if a.index == 3:
+                return Typed(axdr.ENUM, self.control_state)
+            if a.index == 4:
+                return Typed(axdr.ENUM, self.control_mode)
+        return OBJECT_UNDEFINED
+
+    def set(self, request: xdlms.SetRequest) -> int:
+        a = request.attribute
+        if a.class_id == 8 and a.obis == CLOCK and a.index == 2:
+            value = axdr.decode(request.data)
+            if not isinstance(value, bytes) or len(value) != 12:
+                return TYPE_UNMATCHED
+            wanted = DateTime.from_bytes(value).to_utc()
+            self.faults.clock_offset_s = (wanted - self.clock.datetime()).total_seconds()
+            return SUCCESS
+        if a.class_id == 70 and a.obis == DISCONNECT and a.index == 4:
+            value = axdr.decode(request.data)
+            if not isinstance(value, int) or not 0 <= value <= 6:
+                return TYPE_UNMATCHED
+            self.control_mode = value
+            return SUCCESS
+        return OBJECT_UNDEFINED
+
+    def action(self, request: xdlms.ActionRequest) -> int:
+        m = request.method
+        if m.class_id != 70 or m.obis != DISCONNECT or m.index not in (1, 2):
+            return OBJECT_UNDEFINED
+        if self.control_mode == 0:
+            return TEMPORARY_FAILURE  # mode 0: the disconnector is always connected
+        if self.faults.stuck_relay:
+            return SUCCESS  # acknowledged; the relay does not move: only a read-back shows it
+        t = self.clock.now()
+        if m.index == 1:
+            self.control_state = DISCONNECTED
+            self.load.set_relay(False, t)
+        elif self.control_state == DISCONNECTED:
+            # Modes 1, 3, 5: the customer must press the button; 2, 4, 6: straight back on.
+            self.control_state = READY if self.control_mode in (1, 3, 5) else CONNECTED
+            self.load.set_relay(self.control_state == CONNECTED, t)
+        elif self.control_state == READY and self.control_mode not in (1, 3, 5):
+            self.control_state = CONNECTED
+            self.load.set_relay(True, t)
+        return SUCCESS
+
+    def press_button(self) -> None:
+        """The customer's manual reconnect at the meter."""
+        if self.control_state == READY:
+            self.control_state = CONNECTED
+            self.load.set_relay(True, self.clock.now())
+
+    # -- the wire ------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._connections):
+                writer.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        associated = False
+        lls = False
+        blocks: list[bytes] = []
+        self._connections.add(writer)
+        try:
+            while True:
+                try:
+                    frame = await read_frame(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                except WrapperError as exc:
+                    log.warning("%s: bad wrapper frame %s", self.name, exc.raw.hex())
+                    return
+                self.requests += 1
+                apdu = frame.apdu
+                reply: bytes | None
+                if apdu[0] == codec.AARQ_TAG:
+                    request = codec.parse_aarq(apdu)
+                    lls = request.authentication == codec.AUTH_LLS
+                    ok = (lls and request.password == self.password) or (not lls and not self.require_lls)
+                    associated = ok
+                    self.associations += int(ok)
+                    reason = "authentication_failed" if lls else "authentication_required"
+                    reply = codec.aare(ok, authentication=request.authentication, failure=reason)
+                elif apdu[0] == codec.RLRQ_TAG:
+                    reply = codec.rlre()
+                    associated = False
+                elif not associated:
+                    reply = xdlms.ExceptionResult(1, 2).to_bytes()  # service not allowed: no association
+                else:
+                    reply, blocks = self._service(apdu, blocks, lls)
+                if self.faults.delay:
+                    await asyncio.sleep(self.faults.delay)
+                out = WrapperFrame(frame.destination, frame.source, reply).to_bytes()
+                if self.faults.corrupt:
+                    out = out[:8] + bytes(b ^ 0x5A for b in out[8:])
+                if self.faults.drop_after_bytes is not None:
+                    writer.write(out[: self.faults.drop_after_bytes])
+                    await writer.drain()
+                    return
+                writer.write(out)
+                await writer.drain()
+        finally:
+            self._connections.discard(writer)
+            writer.close()
+
+    def _service(self, apdu: bytes, blocks: list[bytes], lls: bool) -> tuple[bytes, list[bytes]]:
+        try:
+            request = xdlms.parse_request(apdu)
+        except (xdlms.XdlmsError, ValueError):
+            return xdlms.ExceptionResult(2, 1).to_bytes(), []
+        if isinstance(request, xdlms.GetRequestNext):
+            if not blocks or request.block_number > len(blocks) or request.block_number < 1:
+                return xdlms.GetResult(request.invoke_id, error=16, block_number=request.block_number).to_bytes(), []
+            n = request.block_number + 1
+            last = n == len(blocks)
+            return xdlms.GetResult(
+                request.invoke_id, data=blocks[n - 1], block_number=n, last_block=last
+            ).to_bytes(), blocks
+        if isinstance(request, xdlms.GetRequest):
+            value = self.get(request)
+            if type(value) is int:  # get() answers values as Typed/bytes/str/...; a bare int is an error
+                return xdlms.GetResult(request.invoke_id, error=value).to_bytes(), []
+            data = axdr.encode(value)
+            if len(data) <= self.block_size:
+                return xdlms.GetResult(request.invoke_id, data=data).to_bytes(), []
+            chunks = [data[i : i + self.block_size] for i in range(0, len(data), self.block_size)]
+            first = xdlms.GetResult(request.invoke_id, data=chunks[0], block_number=1, last_block=len(chunks) == 1)
+            return first.to_bytes(), chunks
+        if isinstance(request, xdlms.SetRequest):
+            return xdlms.SetResult(request.invoke_id, self.set(request)).to_bytes(), []
+        if not lls and request.method.class_id == 70:
+            return xdlms.ActionResult(request.invoke_id, 3).to_bytes(), []  # read-write-denied to the public client
+        return xdlms.ActionResult(request.invoke_id, self.action(request)).to_bytes(), []
+
+
+def _range(parameters: bytes) -> tuple[datetime, datetime]:
+    value = axdr.decode(parameters)
+    if not isinstance(value, Structure) or len(value) < 3:
+        raise ValueError("range descriptor must be a structure")
+    return DateTime.from_bytes(value[1]).to_utc(), DateTime.from_bytes(value[2]).to_utc()
+
+
+async def _main(args: argparse.Namespace) -> None:
+    clock = Clock()
+    meters = [SimulatedDlmsMeter(f"{i:03d}", clock, seed=i + 1) for i in range(args.meters)]
+    for i, m in enumerate(meters):
+        await m.start(args.host, args.port + i)
+        print(
+            f"DLMS meter {m.serial} on {args.host}:{m.port} (TCP wrapper, LLS password {m.password.decode()})",
+            flush=True,
+        )
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--meters", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4059)
+    asyncio.run(_main(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

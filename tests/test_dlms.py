@@ -1,0 +1,164 @@
+"""The DLMS client against the DLMS meter simulator over the TCP wrapper."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from headend.model import Obis, Quality, RelayAction, RelayState
+from headend.protocols.base import BadFrame, MeterSession, Refused, Timeout, Unsupported
+from headend.protocols.dlms.client import DlmsSession
+from simulators.clock import ManualClock
+from simulators.dlms_meter import ENERGIES, PROFILE, SimulatedDlmsMeter
+
+NOW = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
+A_PLUS = Obis(1, 0, 1, 8, 0)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(NOW)
+
+
+@pytest.fixture
+async def meter(clock: ManualClock) -> AsyncIterator[SimulatedDlmsMeter]:
+    m = SimulatedDlmsMeter("1", clock, block_size=512)
+    await m.start()
+    yield m
+    await m.stop()
+
+
+def session(meter: SimulatedDlmsMeter, clock: ManualClock, **kw: object) -> DlmsSession:
+    kw.setdefault("authentication", "lls")
+    kw.setdefault("password", b"12345678")
+    return DlmsSession("127.0.0.1", meter.port, "M-1", timeout=2.0, now=clock.datetime, **kw)  # type: ignore[arg-type]
+
+
+async def test_registers_come_with_scaler_unit_applied(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    async with session(meter, clock, ct=40.0) as s:
+        assert isinstance(s, MeterSession)
+        energy, voltage, current, freq = await s.read_registers(
+            [A_PLUS, Obis(1, 0, 32, 7, 0), Obis(1, 0, 31, 7, 0), Obis(1, 0, 14, 7, 0)]
+        )
+    t = clock.now()
+    assert (energy.unit, energy.scaler, energy.raw) == ("kWh", -3, meter.register_value(A_PLUS, t))
+    assert energy.value == pytest.approx(meter.register_value(A_PLUS, t) / 1000 * 40)
+    assert voltage.unit == "V" and voltage.value == pytest.approx(meter.register_value(voltage.channel, t) / 10)
+    assert current.unit == "A" and current.value == pytest.approx(meter.register_value(current.channel, t) / 100 * 40)
+    assert freq.unit == "Hz" and freq.multiplier == 1.0
+
+
+async def test_clock_read_and_set_corrects_drift(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    meter.faults.clock_offset_s = 754.0
+    async with session(meter, clock) as s:
+        assert await s.read_clock() == clock.datetime() + timedelta(seconds=754)
+        await s.set_clock(clock.datetime())
+        assert await s.read_clock() == clock.datetime()
+
+
+async def test_seven_days_of_profile_by_range_match_value_for_value(
+    meter: SimulatedDlmsMeter, clock: ManualClock
+) -> None:
+    since = NOW - timedelta(days=7)
+    async with session(meter, clock) as s:
+        readings = await s.read_profile(PROFILE, since, NOW)
+    assert len(readings) == 7 * 96 * 4
+    # 672 rows of about 40 bytes in 512-byte blocks: the answer came in some 50 GET data blocks.
+    assert meter.requests > 50
+    by_channel: dict[Obis, list[float]] = {}
+    for r in readings:
+        by_channel.setdefault(r.channel, []).append(r.raw or 0)
+        assert since < r.timestamp <= NOW and r.kind == "interval"
+    for obis in ENERGIES:
+        expected = [meter.register_value(obis, (since + k * timedelta(minutes=15)).timestamp()) for k in range(1, 673)]
+        assert by_channel[obis] == expected
+
+
+async def test_profile_since_the_last_stored_interval_and_missing_rows(
+    meter: SimulatedDlmsMeter, clock: ManualClock
+) -> None:
+    last_stored = NOW - timedelta(hours=2)
+    meter.faults.missing_intervals = {NOW - timedelta(hours=1)}
+    async with session(meter, clock) as s:
+        readings = await s.read_profile(PROFILE, last_stored, NOW)
+    stamps = sorted({r.timestamp for r in readings})
+    assert stamps == [last_stored + k * timedelta(minutes=15) for k in (1, 2, 3, 5, 6, 7, 8)]
+
+
+async def test_status_column_passes_through_as_quality(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    meter.faults.clock_offset_s = 120
+    async with session(meter, clock) as s:
+        readings = await s.read_profile(PROFILE, NOW - timedelta(hours=1), NOW + timedelta(minutes=5))
+    assert readings and all(r.qualities == ("1.0.32",) for r in readings)
+    assert Quality.MISSING not in readings[0].qualities
+
+
+@pytest.mark.parametrize(
+    ("mode", "after_reconnect"), [(4, RelayState.CONNECTED), (1, RelayState.READY_FOR_RECONNECTION)]
+)
+async def test_disconnect_and_reconnect_follow_the_control_mode(
+    meter: SimulatedDlmsMeter, clock: ManualClock, mode: int, after_reconnect: RelayState
+) -> None:
+    meter.control_mode = mode
+    async with session(meter, clock) as s:
+        assert await s.read_control_mode() == mode
+        await s.operate_relay(RelayAction.DISCONNECT)
+        assert await s.read_relay() == RelayState.DISCONNECTED
+        (before,) = await s.read_registers([A_PLUS])
+        clock.advance(3600)
+        (after,) = await s.read_registers([A_PLUS])
+        assert after.value == before.value, "no energy through an open disconnector"
+        await s.operate_relay(RelayAction.RECONNECT)
+        assert await s.read_relay() == after_reconnect
+        meter.press_button()
+        assert await s.read_relay() == RelayState.CONNECTED
+
+
+async def test_a_stuck_relay_is_seen_in_the_read_back(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    meter.faults.stuck_relay = True
+    async with session(meter, clock) as s:
+        await s.operate_relay(RelayAction.DISCONNECT)
+        assert await s.read_relay() == RelayState.CONNECTED
+
+
+async def test_the_public_client_may_read_but_not_switch(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    async with session(meter, clock, authentication="none", password=None) as s:
+        assert await s.read_relay() == RelayState.CONNECTED
+        with pytest.raises(Refused, match="read-write-denied"):
+            await s.operate_relay(RelayAction.DISCONNECT)
+
+
+async def test_a_wrong_password_is_refused(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    with pytest.raises(Refused, match="association rejected: authentication_failed"):
+        async with session(meter, clock, password=b"00000000"):
+            pass
+    assert "00000000" not in repr(session(meter, clock, password=b"00000000"))
+
+
+async def test_unknown_objects_are_unsupported(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    async with session(meter, clock) as s:
+        with pytest.raises(Unsupported, match="object-undefined"):
+            await s.read_registers([Obis(1, 0, 9, 8, 0)])
+
+
+async def test_a_slow_meter_times_out(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    meter.faults.delay = 1.0
+    with pytest.raises(Timeout, match="no complete answer within 0.3s"):
+        async with DlmsSession("127.0.0.1", meter.port, "M-1", timeout=0.3):
+            pass
+
+
+@pytest.mark.parametrize("fault", ["drop", "corrupt"])
+async def test_broken_answers_end_the_session_with_bad_frame(
+    meter: SimulatedDlmsMeter, clock: ManualClock, fault: str
+) -> None:
+    async with session(meter, clock) as s:
+        if fault == "drop":
+            meter.faults.drop_after_bytes = 13
+        else:
+            meter.faults.corrupt = True
+        with pytest.raises(BadFrame) as info:
+            await s.read_clock()
+        assert info.value.raw

@@ -1,0 +1,114 @@
+"""Interoperability: the Gurux DLMS client (gurux-dlms from PyPI, written by others) against
+the project's DLMS meter simulator over the TCP wrapper."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
+from gurux_dlms.enums import Authentication, InterfaceType
+from gurux_dlms.objects import GXDLMSClock, GXDLMSDisconnectControl, GXDLMSProfileGeneric, GXDLMSRegister
+
+from simulators.clock import ManualClock
+from simulators.dlms_meter import A_PLUS, SimulatedDlmsMeter
+
+NOW = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
+
+
+class GuruxSession:
+    """Gurux builds and parses the frames; this moves them over a socket."""
+
+    def __init__(self, port: int, password: str | None) -> None:
+        auth = Authentication.LOW if password else Authentication.NONE
+        self.client = GXDLMSClient(True, 1 if password else 16, 1, auth, password, InterfaceType.WRAPPER)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def _exchange(self, frame: bytes, reply: GXReplyData) -> None:
+        self.sock.sendall(frame)
+        buf = GXByteBuffer()
+        while not self.client.getData(buf, reply, None):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("meter closed the connection")
+            buf.set(chunk)
+
+    def run(self, frames: list[bytes]) -> GXReplyData:
+        reply = GXReplyData()
+        for frame in frames:
+            self._exchange(frame, reply)
+        while reply.isMoreData():
+            self._exchange(self.client.receiverReady(reply), reply)
+        return reply
+
+    def associate(self) -> None:
+        self.client.parseAareResponse(self.run(self.client.aarqRequest()).data)
+
+    def read(self, obj: Any, attribute: int) -> Any:
+        self.client.updateValue(obj, attribute, self.run(self.client.read(obj, attribute)).value)
+        return obj
+
+    def close(self) -> None:
+        self.run(self.client.releaseRequest())
+        self.sock.close()
+
+
+@pytest.fixture
+async def meter() -> AsyncIterator[SimulatedDlmsMeter]:
+    m = SimulatedDlmsMeter("1", ManualClock(NOW), block_size=512)
+    await m.start()
+    yield m
+    await m.stop()
+
+
+def gurux_reads(port: int) -> dict[str, Any]:
+    g = GuruxSession(port, "12345678")
+    g.associate()
+    out: dict[str, Any] = {}
+    clock = g.read(GXDLMSClock("0.0.1.0.0.255"), 2)
+    out["clock"] = clock.time.value
+    register = g.read(g.read(GXDLMSRegister("1.0.1.8.0.255"), 3), 2)
+    out["register"] = (register.value, register.scaler, register.unit)
+    profile = g.read(GXDLMSProfileGeneric("1.0.99.1.0.255"), 3)
+    out["capture"] = [(o.logicalName, a.attributeIndex) for o, a in profile.captureObjects]
+    start, end = NOW - timedelta(days=1), NOW
+    g.client.updateValue(profile, 2, g.run(g.client.readRowsByRange(profile, start, end)).value)
+    out["rows"] = [(row[0].value, row[2]) for row in profile.buffer]
+    dc = GXDLMSDisconnectControl("0.0.96.3.10.255")
+    g.run(dc.remoteDisconnect(g.client))
+    out["after_disconnect"] = g.read(dc, 3).controlState
+    g.run(dc.remoteReconnect(g.client))
+    out["after_reconnect"] = g.read(dc, 3).controlState
+    g.close()
+    return out
+
+
+async def test_gurux_client_reads_and_switches_the_simulator(meter: SimulatedDlmsMeter) -> None:
+    got = await asyncio.to_thread(gurux_reads, meter.port)
+    assert got["clock"].replace(tzinfo=None) == NOW.replace(tzinfo=None)
+    value, scaler, unit = got["register"]
+    assert value == meter.register_value(A_PLUS, NOW.timestamp()) and scaler == 1.0 and unit == 30
+    assert got["capture"][0] == ("0.0.1.0.0.255", 2) and len(got["capture"]) == 6
+    # A range is inclusive at both ends: the day's 96 intervals plus the row at its start.
+    assert len(got["rows"]) == 97
+    for stamp, energy in got["rows"]:
+        assert energy == meter.register_value(A_PLUS, stamp.replace(tzinfo=UTC).timestamp())
+    assert int(got["after_disconnect"]) == 0 and int(got["after_reconnect"]) == 1
+    assert meter.associations == 1
+
+
+async def test_gurux_is_refused_with_a_wrong_password(meter: SimulatedDlmsMeter) -> None:
+    def attempt() -> None:
+        g = GuruxSession(meter.port, "wrong!!!")
+        try:
+            g.associate()
+        finally:
+            g.sock.close()
+
+    with pytest.raises(Exception, match="(?i)authentication|reject"):
+        await asyncio.to_thread(attempt)
+    assert meter.associations == 0
