@@ -145,7 +145,7 @@ async def test_unknown_objects_are_unsupported(meter: SimulatedDlmsMeter, clock:
 
 async def test_a_slow_meter_times_out(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
     meter.faults.delay = 1.0
-    with pytest.raises(Timeout, match="no complete answer within 0.3s"):
+    with pytest.raises(Timeout, match=r"no complete answer within 0\.3s"):
         async with DlmsSession("127.0.0.1", meter.port, "M-1", timeout=0.3):
             pass
 

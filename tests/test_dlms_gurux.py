@@ -109,6 +109,6 @@ async def test_gurux_is_refused_with_a_wrong_password(meter: SimulatedDlmsMeter)
         finally:
             g.sock.close()
 
-    with pytest.raises(Exception, match="(?i)authentication|reject"):
+    with pytest.raises(Exception, match=r"(?i)authentication|reject"):
         await asyncio.to_thread(attempt)
     assert meter.associations == 0
