@@ -33,7 +33,9 @@ async def measure(ports: list[int], seconds: float, concurrency: int, profile: b
         nonlocal done
         port = ports[i % len(ports)]
         while time.perf_counter() < deadline:
-            async with DlmsSession("127.0.0.1", port, f"B{i}", authentication="lls", password=b"12345678") as s:
+            async with DlmsSession.tcp_wrapper(
+                "127.0.0.1", port, f"B{i}", authentication="lls", password=b"12345678"
+            ) as s:
                 now = await s.read_clock()
                 if profile:
                     rows = await s.read_profile(PROFILE, now - timedelta(days=2), now - timedelta(days=1))

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import serial_asyncio_fast
+
 from headend.model import Obis
-from headend.protocols.dlms import axdr, codec, xdlms
+from headend.protocols.dlms import axdr, codec, hdlc, xdlms
 from headend.protocols.dlms.axdr import DateTime, Structure, Typed
 from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
 from simulators.clock import Clock
@@ -268,9 +271,7 @@ class SimulatedDlmsMeter:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        associated = False
-        lls = False
-        blocks: list[bytes] = []
+        association = Association(self)
         self._connections.add(writer)
         try:
             while True:
@@ -281,40 +282,17 @@ class SimulatedDlmsMeter:
                 except WrapperError as exc:
                     log.warning("%s: bad wrapper frame %s", self.name, exc.raw.hex())
                     return
-                self.requests += 1
-                apdu = frame.apdu
-                reply: bytes | None
-                if apdu[0] == codec.AARQ_TAG:
-                    request = codec.parse_aarq(apdu)
-                    lls = request.authentication == codec.AUTH_LLS
-                    ok = (lls and request.password == self.password) or (not lls and not self.require_lls)
-                    associated = ok
-                    self.associations += int(ok)
-                    reason = "authentication_failed" if lls else "authentication_required"
-                    reply = codec.aare(ok, authentication=request.authentication, failure=reason)
-                elif apdu[0] == codec.RLRQ_TAG:
-                    reply = codec.rlre()
-                    associated = False
-                elif not associated:
-                    reply = xdlms.ExceptionResult(1, 2).to_bytes()  # service not allowed: no association
-                else:
-                    reply, blocks = self._service(apdu, blocks, lls)
+                reply = association.handle(frame.apdu)
                 if self.faults.delay:
                     await asyncio.sleep(self.faults.delay)
                 out = WrapperFrame(frame.destination, frame.source, reply).to_bytes()
-                if self.faults.corrupt:
-                    out = out[:8] + bytes(b ^ 0x5A for b in out[8:])
-                if self.faults.drop_after_bytes is not None:
-                    writer.write(out[: self.faults.drop_after_bytes])
-                    await writer.drain()
+                if not await self.send_with_faults(writer, out, header=8):
                     return
-                writer.write(out)
-                await writer.drain()
         finally:
             self._connections.discard(writer)
             writer.close()
 
-    def _service(self, apdu: bytes, blocks: list[bytes], lls: bool) -> tuple[bytes, list[bytes]]:
+    def service(self, apdu: bytes, blocks: list[bytes], lls: bool) -> tuple[bytes, list[bytes]]:
         try:
             request = xdlms.parse_request(apdu)
         except (xdlms.XdlmsError, ValueError):
@@ -342,6 +320,50 @@ class SimulatedDlmsMeter:
         if not lls and request.method.class_id == 70:
             return xdlms.ActionResult(request.invoke_id, 3).to_bytes(), []  # read-write-denied to the public client
         return xdlms.ActionResult(request.invoke_id, self.action(request)).to_bytes(), []
+
+    async def send_with_faults(self, writer: asyncio.StreamWriter, out: bytes, header: int) -> bool:
+        """Write an answer as the faults say; False when the connection was dropped."""
+        if self.faults.corrupt:
+            out = out[:header] + bytes(b ^ 0x5A for b in out[header:])
+        if self.faults.drop_after_bytes is not None:
+            writer.write(out[: self.faults.drop_after_bytes])
+            await writer.drain()
+            return False
+        writer.write(out)
+        await writer.drain()
+        return True
+
+
+class Association:
+    """One client's association with a meter: ACSE, then xDLMS services, GET blocks pending."""
+
+    def __init__(self, meter: SimulatedDlmsMeter) -> None:
+        self.meter = meter
+        self.associated = False
+        self.lls = False
+        self.blocks: list[bytes] = []
+
+    def handle(self, apdu: bytes) -> bytes:
+        meter = self.meter
+        meter.requests += 1
+        if apdu[:1] == bytes([codec.AARQ_TAG]):
+            try:
+                request = codec.parse_aarq(apdu)
+            except codec.AcseError:
+                return codec.aare(False, failure="no_reason_given")
+            self.lls = request.authentication == codec.AUTH_LLS
+            ok = (self.lls and request.password == meter.password) or (not self.lls and not meter.require_lls)
+            self.associated = ok
+            meter.associations += int(ok)
+            reason = "authentication_failed" if self.lls else "authentication_required"
+            return codec.aare(ok, authentication=request.authentication, failure=reason)
+        if apdu[:1] == bytes([codec.RLRQ_TAG]):
+            self.associated = False
+            return codec.rlre()
+        if not self.associated:
+            return xdlms.ExceptionResult(1, 2).to_bytes()  # service not allowed: no association
+        reply, self.blocks = meter.service(apdu, self.blocks, self.lls)
+        return reply
 
 
 def _range(parameters: bytes) -> tuple[datetime, datetime]:
@@ -373,3 +395,132 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@dataclass
+class _HdlcLink:
+    """Per (client, meter) HDLC state on a bus."""
+
+    association: Association
+    connected: bool = False
+    send_seq: int = 0
+    recv_seq: int = 0
+    pending: bytearray = field(default_factory=bytearray)
+
+
+class HdlcBus:
+    """Meters on one HDLC line (a serial port or a TCP socket), selected by physical address."""
+
+    def __init__(self, meters: dict[int, SimulatedDlmsMeter], *, max_info: int = hdlc.DEFAULT_MAX_INFO) -> None:
+        self.meters = meters
+        self.max_info = max_info
+        self.bad_frames = 0
+        self._links: dict[tuple[bytes, int], _HdlcLink] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._stopping = False
+        self.port = 0
+
+    async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self.serve, host, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def start_serial(self, device: str, baudrate: int = 9600) -> None:
+        reader, writer = await serial_asyncio_fast.open_serial_connection(url=device, baudrate=baudrate)
+        task = asyncio.create_task(self.serve(reader, writer))
+        self._tasks.add(task)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def _meter(self, destination: bytes) -> tuple[int, SimulatedDlmsMeter] | None:
+        _logical, physical = hdlc.address_parts(destination)
+        if physical is None and len(self.meters) == 1:
+            physical = next(iter(self.meters))
+        meter = self.meters.get(physical) if physical is not None else None
+        return (physical, meter) if meter is not None and physical is not None else None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    frame = await hdlc.read_frame(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                except asyncio.CancelledError:
+                    if self._stopping:  # closing the line cancels the pending read
+                        return
+                    raise
+                except hdlc.HdlcError as exc:
+                    self.bad_frames += 1
+                    log.warning("HDLC bus: bad frame %s (%s)", exc.raw.hex(), exc)
+                    continue
+                found = self._meter(frame.destination)
+                if found is None:
+                    continue  # nobody on the line has this address: silence, as on a real bus
+                physical, meter = found
+                key = (frame.source, physical)
+                link = self._links.setdefault(key, _HdlcLink(Association(meter)))
+                if not await self._on_frame(frame, link, meter, writer, reader):
+                    return
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _send(self, meter: SimulatedDlmsMeter, writer: asyncio.StreamWriter, frame: hdlc.Frame) -> bool:
+        if meter.faults.delay:
+            await asyncio.sleep(meter.faults.delay)
+        return await meter.send_with_faults(writer, frame.to_bytes(), header=3)
+
+    async def _on_frame(self, frame: hdlc.Frame, link: _HdlcLink, meter: SimulatedDlmsMeter,
+                        writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:  # fmt: skip
+        reply_to = (frame.source, frame.destination)
+        if frame.control == hdlc.SNRM:
+            link.connected, link.send_seq, link.recv_seq = True, 0, 0
+            link.association = Association(meter)
+            params = hdlc.snrm_parameters(self.max_info)
+            return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.UA, params))
+        if frame.control == hdlc.DISC:
+            was = link.connected
+            link.connected = False
+            return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.UA if was else hdlc.DM))
+        if not link.connected:
+            return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.DM))
+        if not frame.is_information:
+            return True  # a stray RR: nothing to send
+        link.recv_seq = (frame.send_sequence + 1) % 8
+        link.pending += frame.info
+        if frame.segmented:
+            return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.rr_control(link.recv_seq)))
+        request, link.pending = bytes(link.pending), bytearray()
+        if not request.startswith(hdlc.LLC_REQUEST):
+            self.bad_frames += 1
+            return True
+        answer = link.association.handle(request[3:])
+        parts = hdlc.segments(hdlc.LLC_RESPONSE + answer, self.max_info)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            control = hdlc.information_control(link.send_seq, link.recv_seq)
+            link.send_seq = (link.send_seq + 1) % 8
+            if not await self._send(meter, writer, hdlc.Frame(*reply_to, control, part, not last)):
+                return False
+            if not last:
+                ack = await hdlc.read_frame(reader)  # the client's RR asking for the next segment
+                if not ack.is_rr:
+                    return True
+        return True

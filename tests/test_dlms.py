@@ -33,7 +33,7 @@ async def meter(clock: ManualClock) -> AsyncIterator[SimulatedDlmsMeter]:
 def session(meter: SimulatedDlmsMeter, clock: ManualClock, **kw: object) -> DlmsSession:
     kw.setdefault("authentication", "lls")
     kw.setdefault("password", b"12345678")
-    return DlmsSession("127.0.0.1", meter.port, "M-1", timeout=2.0, now=clock.datetime, **kw)  # type: ignore[arg-type]
+    return DlmsSession.tcp_wrapper("127.0.0.1", meter.port, "M-1", timeout=2.0, now=clock.datetime, **kw)  # type: ignore[arg-type]
 
 
 async def test_registers_come_with_scaler_unit_applied(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
@@ -146,7 +146,7 @@ async def test_unknown_objects_are_unsupported(meter: SimulatedDlmsMeter, clock:
 async def test_a_slow_meter_times_out(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
     meter.faults.delay = 1.0
     with pytest.raises(Timeout, match=r"no complete answer within 0\.3s"):
-        async with DlmsSession("127.0.0.1", meter.port, "M-1", timeout=0.3):
+        async with DlmsSession.tcp_wrapper("127.0.0.1", meter.port, "M-1", timeout=0.3):
             pass
 
 

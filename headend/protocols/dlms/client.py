@@ -7,7 +7,6 @@ the meter and the raw bytes). Keys and passwords are never logged.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -16,10 +15,10 @@ from types import TracebackType
 from typing import Any, Self
 
 from headend.model import Obis, Quality, Reading, RelayAction, RelayState
-from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
+from headend.protocols.base import BadFrame, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.dlms import axdr, codec, xdlms
 from headend.protocols.dlms.axdr import DateTime, Structure, Typed
-from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
+from headend.protocols.dlms.transport import HdlcTransport, WrapperTransport
 
 log = logging.getLogger(__name__)
 
@@ -42,111 +41,92 @@ _CONTROL_STATES = {0: RelayState.DISCONNECTED, 1: RelayState.CONNECTED, 2: Relay
 class DlmsSession:
     def __init__(
         self,
-        host: str,
-        port: int,
-        meter: str,
+        transport: WrapperTransport | HdlcTransport,
         *,
         authentication: str = codec.AUTH_NONE,
         password: bytes | None = None,
-        client_sap: int | None = None,
-        server_sap: int = 1,
-        timeout: float = 10.0,
         ct: float = 1.0,
         pt: float = 1.0,
         now: Callable[[], datetime] | None = None,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.meter = meter
+        self.transport = transport
+        self.meter = transport.meter
         self.authentication = authentication
         self._password = password
-        self.client_sap = client_sap if client_sap is not None else (
-            MANAGEMENT_CLIENT if authentication == codec.AUTH_LLS else PUBLIC_CLIENT
-        )  # fmt: skip
-        self.server_sap = server_sap
-        self.timeout = timeout
         self.ct = ct
         self.pt = pt
         self.now = now or (lambda: datetime.now(UTC))
-        self.source = f"dlms/{host}:{port}"
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self.source = f"dlms/{transport.where}"
         self._invoke = 0
         self._scalers: dict[Obis, tuple[int, int]] = {}
 
+    @classmethod
+    def tcp_wrapper(cls, host: str, port: int, meter: str, *, authentication: str = codec.AUTH_NONE,
+                    client_sap: int | None = None, server_sap: int = 1, timeout: float = 10.0,
+                    **kwargs: Any) -> DlmsSession:  # fmt: skip
+        transport = WrapperTransport(
+            host, port, meter, client_sap=_client_sap(authentication, client_sap), server_sap=server_sap,
+            timeout=timeout,
+        )  # fmt: skip
+        return cls(transport, authentication=authentication, **kwargs)
+
+    @classmethod
+    def hdlc_tcp(cls, host: str, port: int, meter: str, *, authentication: str = codec.AUTH_NONE,
+                 client_sap: int | None = None, server_logical: int = 1, server_physical: int | None = None,
+                 timeout: float = 10.0, **kwargs: Any) -> DlmsSession:  # fmt: skip
+        transport = HdlcTransport.tcp(
+            host, port, meter, client_sap=_client_sap(authentication, client_sap), server_logical=server_logical,
+            server_physical=server_physical, timeout=timeout,
+        )  # fmt: skip
+        return cls(transport, authentication=authentication, **kwargs)
+
+    @classmethod
+    def hdlc_serial(cls, device: str, meter: str, *, baudrate: int = 9600, authentication: str = codec.AUTH_NONE,
+                    client_sap: int | None = None, server_logical: int = 1, server_physical: int | None = None,
+                    timeout: float = 10.0, **kwargs: Any) -> DlmsSession:  # fmt: skip
+        transport = HdlcTransport.serial(
+            device, meter, baudrate=baudrate, client_sap=_client_sap(authentication, client_sap),
+            server_logical=server_logical, server_physical=server_physical, timeout=timeout,
+        )  # fmt: skip
+        return cls(transport, authentication=authentication, **kwargs)
+
     def __repr__(self) -> str:  # the password stays out of logs and tracebacks
-        return f"DlmsSession({self.meter!r}, {self.host}:{self.port}, auth={self.authentication})"
+        return f"DlmsSession({self.meter!r}, {self.transport.where}, auth={self.authentication})"
 
     # -- association -----------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        await self.transport.open()
         try:
-            async with asyncio.timeout(self.timeout):
-                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        except (OSError, TimeoutError) as exc:
-            raise LinkDown(f"cannot connect to {self.host}:{self.port}: {exc}", meter=self.meter) from None
-        try:
-            reply = await self._exchange(codec.aarq(self.authentication, self._password))
+            reply = await self.transport.exchange(codec.aarq(self.authentication, self._password))
             try:
                 result = codec.parse_aare(reply)
             except codec.AcseError as exc:
-                raise self._bad(str(exc), reply) from None
+                raise self.transport.bad(str(exc), reply) from None
             if not result.accepted:
                 raise Refused(f"association rejected: {result.diagnostic}", meter=self.meter)
         except BaseException:
-            await self._close()
+            await self.transport.close()
             raise
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None and self._writer is not None:
+        if exc_type is None and self.transport.is_open:
             with contextlib.suppress(MeterError):
-                await self._exchange(codec.rlrq())
-        await self._close()
-
-    async def _close(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(self.timeout):
-                    await writer.wait_closed()
-
-    # -- transport -------------------------------------------------------------------------
+                await self.transport.exchange(codec.rlrq())
+            await self.transport.release_link()
+        await self.transport.close()
 
     def _bad(self, what: str, raw: bytes) -> BadFrame:
-        log.warning("%s: bad frame from %s:%d (%s): %s", self.meter, self.host, self.port, what, raw[:256].hex())
-        return BadFrame(what, meter=self.meter, raw=raw)
+        return self.transport.bad(what, raw)
 
-    async def _exchange(self, apdu: bytes) -> bytes:
-        if self._writer is None or self._reader is None:
-            raise LinkDown("session is not open", meter=self.meter)
-        frame = WrapperFrame(self.client_sap, self.server_sap, apdu)
-        try:
-            async with asyncio.timeout(self.timeout):
-                self._writer.write(frame.to_bytes())
-                await self._writer.drain()
-                answer = await read_frame(self._reader)
-        except TimeoutError:
-            await self._close()
-            raise Timeout(f"no complete answer within {self.timeout}s", meter=self.meter) from None
-        except asyncio.IncompleteReadError as exc:
-            await self._close()
-            if exc.partial:
-                raise self._bad("connection closed in the middle of a frame", exc.partial) from None
-            raise LinkDown("meter closed the connection", meter=self.meter) from None
-        except WrapperError as exc:
-            await self._close()
-            raise self._bad(str(exc), exc.raw) from None
-        except OSError as exc:
-            await self._close()
-            raise LinkDown(f"connection lost: {exc}", meter=self.meter) from None
-        return answer.apdu
+    async def _close(self) -> None:
+        await self.transport.close()
 
     async def _service(self, request_bytes: bytes) -> xdlms.GetResult | xdlms.SetResult | xdlms.ActionResult:
-        reply = await self._exchange(request_bytes)
+        reply = await self.transport.exchange(request_bytes)
         try:
             response = xdlms.parse_response(reply)
         except (xdlms.XdlmsError, axdr.AxdrError) as exc:
@@ -304,6 +284,12 @@ class DlmsSession:
         """remote_disconnect (method 1) or remote_reconnect (method 2); confirm with read_relay()."""
         method = 1 if action == RelayAction.DISCONNECT else 2
         await self.action(70, DISCONNECT_CONTROL, method, Typed(axdr.INTEGER, 0))
+
+
+def _client_sap(authentication: str, client_sap: int | None) -> int:
+    if client_sap is not None:
+        return client_sap
+    return MANAGEMENT_CLIENT if authentication == codec.AUTH_LLS else PUBLIC_CLIENT
 
 
 def _capture_columns(captured: Any) -> list[tuple[int, Obis, int]]:

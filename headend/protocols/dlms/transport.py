@@ -1,0 +1,188 @@
+"""Byte transports under the DLMS client: the TCP wrapper, and HDLC over TCP or a serial port.
+
+Each carries whole APDUs (`exchange(apdu) -> apdu`) and maps what goes wrong onto the
+MeterSession errors: no connection -> LinkDown, silence -> Timeout, bytes that are not a
+frame -> BadFrame (with the raw bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import serial_asyncio_fast
+
+from headend.protocols.base import BadFrame, LinkDown, MeterError, Timeout
+from headend.protocols.dlms import hdlc
+from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
+
+log = logging.getLogger(__name__)
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+T = TypeVar("T")
+
+
+class StreamTransport:
+    """Common plumbing: open a stream, run one request/answer under the timeout, close."""
+
+    def __init__(self, opener: Callable[[], Awaitable[Streams]], where: str, meter: str, timeout: float) -> None:
+        self._opener = opener
+        self.where = where
+        self.meter = meter
+        self.timeout = timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def bad(self, what: str, raw: bytes) -> BadFrame:
+        log.warning("%s: bad frame from %s (%s): %s", self.meter, self.where, what, raw[:256].hex())
+        return BadFrame(what, meter=self.meter, raw=raw)
+
+    async def open(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                self._reader, self._writer = await self._opener()
+        except (OSError, TimeoutError) as exc:
+            raise LinkDown(f"cannot open {self.where}: {exc}", meter=self.meter) from None
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await writer.wait_closed()
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is not None
+
+    async def _guarded(self, work: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[T]]) -> T:
+        if self._writer is None or self._reader is None:
+            raise LinkDown(f"{self.where} is not open", meter=self.meter)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await work(self._reader, self._writer)
+        except TimeoutError:
+            await self.close()
+            raise Timeout(f"no complete answer within {self.timeout}s", meter=self.meter) from None
+        except asyncio.IncompleteReadError as exc:
+            await self.close()
+            if exc.partial:
+                raise self.bad("connection closed in the middle of a frame", exc.partial) from None
+            raise LinkDown(f"{self.where} closed the connection", meter=self.meter) from None
+        except (WrapperError, hdlc.HdlcError) as exc:
+            await self.close()
+            raise self.bad(str(exc), exc.raw) from None
+        except MeterError:
+            await self.close()
+            raise
+        except OSError as exc:
+            await self.close()
+            raise LinkDown(f"{self.where}: {exc}", meter=self.meter) from None
+
+
+class WrapperTransport(StreamTransport):
+    def __init__(self, host: str, port: int, meter: str, *, client_sap: int, server_sap: int = 1,
+                 timeout: float = 10.0) -> None:  # fmt: skip
+        super().__init__(lambda: asyncio.open_connection(host, port), f"{host}:{port}", meter, timeout)
+        self.client_sap = client_sap
+        self.server_sap = server_sap
+
+    async def exchange(self, apdu: bytes) -> bytes:
+        async def work(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+            writer.write(WrapperFrame(self.client_sap, self.server_sap, apdu).to_bytes())
+            await writer.drain()
+            return (await read_frame(reader)).apdu
+
+        return await self._guarded(work)
+
+    async def release_link(self) -> None:
+        return None
+
+
+class HdlcTransport(StreamTransport):
+    """HDLC: SNRM/UA to connect, I-frames with N(S)/N(R), segmentation with RR, DISC to leave."""
+
+    def __init__(self, opener: Callable[[], Awaitable[Streams]], where: str, meter: str, *, client_sap: int,
+                 server_logical: int = 1, server_physical: int | None = None, timeout: float = 10.0,
+                 max_info: int = hdlc.DEFAULT_MAX_INFO) -> None:  # fmt: skip
+        super().__init__(opener, where, meter, timeout)
+        self.client = hdlc.encode_address(client_sap)
+        self.server = hdlc.encode_address(server_logical, server_physical)
+        self.max_info = max_info
+        self._send_seq = 0
+        self._recv_seq = 0
+
+    @classmethod
+    def tcp(cls, host: str, port: int, meter: str, **kwargs: object) -> HdlcTransport:
+        return cls(lambda: asyncio.open_connection(host, port), f"hdlc+tcp {host}:{port}", meter, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def serial(cls, device: str, meter: str, *, baudrate: int = 9600, **kwargs: object) -> HdlcTransport:
+        def opener() -> Awaitable[Streams]:
+            return serial_asyncio_fast.open_serial_connection(url=device, baudrate=baudrate)
+
+        return cls(opener, f"hdlc {device}@{baudrate}", meter, **kwargs)  # type: ignore[arg-type]
+
+    def _frame(self, control: int, info: bytes = b"", segmented: bool = False) -> bytes:
+        return hdlc.Frame(self.server, self.client, control, info, segmented).to_bytes()
+
+    async def open(self) -> None:
+        await super().open()
+
+        async def connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(self._frame(hdlc.SNRM, hdlc.snrm_parameters(self.max_info)))
+            await writer.drain()
+            answer = await hdlc.read_frame(reader)
+            if answer.control == hdlc.DM:
+                raise LinkDown("meter answered SNRM with DM (disconnected mode)", meter=self.meter)
+            if answer.control != hdlc.UA:
+                raise hdlc.HdlcError(f"expected UA to SNRM, got control 0x{answer.control:02x}")
+            params = hdlc.parse_parameters(answer.info)
+            # The meter's receive limit bounds what we may send.
+            self.max_info = min(self.max_info, params.get(0x06, self.max_info))
+
+        self._send_seq = self._recv_seq = 0
+        await self._guarded(connect)
+
+    async def exchange(self, apdu: bytes) -> bytes:
+        async def work(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+            parts = hdlc.segments(hdlc.LLC_REQUEST + apdu, self.max_info)
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                writer.write(self._frame(hdlc.information_control(self._send_seq, self._recv_seq), part, not last))
+                await writer.drain()
+                self._send_seq = (self._send_seq + 1) % 8
+                if not last:
+                    ack = await hdlc.read_frame(reader)
+                    if not ack.is_rr:
+                        raise hdlc.HdlcError(f"expected RR between segments, got 0x{ack.control:02x}")
+            data = bytearray()
+            while True:
+                frame = await hdlc.read_frame(reader)
+                if not frame.is_information:
+                    raise hdlc.HdlcError(f"expected an I-frame, got control 0x{frame.control:02x}")
+                self._recv_seq = (frame.send_sequence + 1) % 8
+                data += frame.info
+                if not frame.segmented:
+                    break
+                writer.write(self._frame(hdlc.rr_control(self._recv_seq)))
+                await writer.drain()
+            if not data.startswith(hdlc.LLC_RESPONSE):
+                raise hdlc.HdlcError("answer lacks the LLC header E6 E7 00", bytes(data[:16]))
+            return bytes(data[3:])
+
+        return await self._guarded(work)
+
+    async def release_link(self) -> None:
+        async def disconnect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(self._frame(hdlc.DISC))
+            await writer.drain()
+            await hdlc.read_frame(reader)
+
+        if self.is_open:
+            with contextlib.suppress(MeterError):
+                await self._guarded(disconnect)

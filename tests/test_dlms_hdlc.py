@@ -1,0 +1,160 @@
+"""DLMS over HDLC (IEC 62056-46): frames, a three-meter bus on a real pty pair, HDLC over TCP,
+and the Gurux client speaking HDLC to the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
+from gurux_dlms.enums import Authentication, InterfaceType
+from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSRegister
+
+from headend.model import RelayAction, RelayState
+from headend.protocols.base import Timeout
+from headend.protocols.dlms import hdlc
+from headend.protocols.dlms.client import DlmsSession
+from simulators.clock import ManualClock
+from simulators.dlms_meter import A_PLUS, PROFILE, SERIAL, HdlcBus, SimulatedDlmsMeter
+from simulators.ptypair import NullModem
+
+NOW = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
+PHYSICAL = (0x11, 0x12, 0x13)
+
+
+def test_snrm_frame_matches_the_published_example() -> None:
+    # The SNRM of the public client (SAP 16) to the management logical device, as printed in
+    # the DLMS UA Green Book's HDLC examples and Gurux's documentation.
+    frame = hdlc.Frame(hdlc.encode_address(1), hdlc.encode_address(16), hdlc.SNRM).to_bytes()
+    assert frame == bytes.fromhex("7EA0070321930F017E")
+    assert hdlc.parse(frame).control == hdlc.SNRM
+
+
+def test_frames_round_trip_and_damage_is_detected() -> None:
+    info = hdlc.LLC_REQUEST + bytes([0x7E]) * 5 + b"payload"
+    raw = hdlc.Frame(hdlc.encode_address(1, 0x11), hdlc.encode_address(1), 0x10, info, True).to_bytes()
+    parsed = hdlc.parse(raw)
+    assert parsed.info == info and parsed.segmented
+    assert hdlc.address_parts(parsed.destination) == (1, 0x11)
+    broken = bytearray(raw)
+    broken[-4] ^= 0xFF
+    with pytest.raises(hdlc.HdlcError, match="FCS mismatch"):
+        hdlc.parse(bytes(broken))
+    with pytest.raises(hdlc.HdlcError, match="length field"):
+        hdlc.parse(raw[:5] + raw[6:])
+
+
+async def test_frames_with_flag_bytes_inside_are_read_by_length() -> None:
+    reader = asyncio.StreamReader()
+    frame = hdlc.Frame(hdlc.encode_address(1), hdlc.encode_address(16), 0x10, b"\x7e\x7e~inside~\x7e").to_bytes()
+    reader.feed_data(b"\x00\x7e\x13 noise" + frame + frame)
+    reader.feed_eof()
+    assert (await hdlc.read_frame(reader)).info == b"\x7e\x7e~inside~\x7e"
+    assert (await hdlc.read_frame(reader)).info == b"\x7e\x7e~inside~\x7e"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(NOW)
+
+
+@pytest.fixture
+def meters(clock: ManualClock) -> dict[int, SimulatedDlmsMeter]:
+    return {p: SimulatedDlmsMeter(str(p), clock, seed=p, serial=f"SN~{p:02x}~") for p in PHYSICAL}
+
+
+@pytest.fixture
+async def serial_bus(meters: dict[int, SimulatedDlmsMeter]) -> AsyncIterator[tuple[HdlcBus, NullModem]]:
+    with NullModem() as modem:
+        bus = HdlcBus(meters)
+        await bus.start_serial(modem.a, 9600)
+        yield bus, modem
+        await bus.stop()
+
+
+async def test_three_meters_on_one_serial_hdlc_bus(
+    serial_bus: tuple[HdlcBus, NullModem], meters: dict[int, SimulatedDlmsMeter], clock: ManualClock
+) -> None:
+    _bus, modem = serial_bus
+    for physical, meter in meters.items():
+        async with DlmsSession.hdlc_serial(
+            modem.b, f"M-{physical}", baudrate=9600, authentication="lls", password=b"12345678",
+            server_physical=physical, timeout=3, now=clock.datetime,
+        ) as s:  # fmt: skip
+            assert await s.read_clock() == NOW
+            (energy,) = await s.read_registers([A_PLUS])
+            assert energy.raw == meter.register_value(A_PLUS, clock.now())
+            assert await s.get(1, SERIAL, 2) == f"SN~{physical:02x}~"  # 0x7E inside the frame
+            day = await s.read_profile(PROFILE, NOW - timedelta(days=1), NOW)  # many HDLC segments
+            assert len(day) == 96 * 4
+            await s.operate_relay(RelayAction.DISCONNECT)
+            assert await s.read_relay() == RelayState.DISCONNECTED
+        assert meter.control_state == 0 and meter.associations == 1
+
+
+async def test_a_meter_that_is_not_on_the_bus_stays_silent(serial_bus: tuple[HdlcBus, NullModem]) -> None:
+    _bus, modem = serial_bus
+    with pytest.raises(Timeout):
+        async with DlmsSession.hdlc_serial(modem.b, "M-ghost", server_physical=0x40, timeout=0.5):
+            pass
+
+
+async def test_hdlc_over_tcp(meters: dict[int, SimulatedDlmsMeter], clock: ManualClock) -> None:
+    bus = HdlcBus({0x11: meters[0x11]})
+    port = await bus.start_tcp()
+    async with DlmsSession.hdlc_tcp("127.0.0.1", port, "M-11", server_physical=0x11, timeout=3) as s:
+        assert await s.read_clock() == NOW
+    await bus.stop()
+
+
+def gurux_over_hdlc(port: int) -> dict[str, object]:
+    client = GXDLMSClient(True, 1, GXDLMSClient.getServerAddress(1, 0x11), Authentication.LOW, "12345678",
+                          InterfaceType.HDLC)  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def run(frames: list[bytes] | bytes) -> GXReplyData:
+        reply = GXReplyData()
+        for frame in frames if isinstance(frames, list) else [frames]:
+            sock.sendall(frame)
+            buf = GXByteBuffer()
+            while not client.getData(buf, reply, None):
+                buf.set(sock.recv(4096))
+        while reply.isMoreData():
+            frame = client.receiverReady(reply)
+            sock.sendall(frame)
+            buf = GXByteBuffer()
+            while not client.getData(buf, reply, None):
+                buf.set(sock.recv(4096))
+        return reply
+
+    client.parseUAResponse(run(client.snrmRequest()).data)
+    client.parseAareResponse(run(client.aarqRequest()).data)
+    out: dict[str, object] = {}
+    clock = GXDLMSClock("0.0.1.0.0.255")
+    client.updateValue(clock, 2, run(client.read(clock, 2)).value)
+    out["clock"] = clock.time.value
+    register = GXDLMSRegister("1.0.1.8.0.255")
+    for attribute in (3, 2):
+        client.updateValue(register, attribute, run(client.read(register, attribute)).value)
+    out["energy"] = register.value
+    serial = GXDLMSData("0.0.96.1.0.255")
+    client.updateValue(serial, 2, run(client.read(serial, 2)).value)
+    out["serial"] = serial.value
+    run(client.releaseRequest())
+    run(client.disconnectRequest())
+    sock.close()
+    return out
+
+
+async def test_gurux_speaks_hdlc_to_the_simulator(meters: dict[int, SimulatedDlmsMeter], clock: ManualClock) -> None:
+    bus = HdlcBus({0x11: meters[0x11]})
+    port = await bus.start_tcp()
+    got = await asyncio.to_thread(gurux_over_hdlc, port)
+    await bus.stop()
+    assert got["clock"].replace(tzinfo=None) == NOW.replace(tzinfo=None)  # type: ignore[attr-defined]
+    assert got["energy"] == meters[0x11].register_value(A_PLUS, clock.now())
+    assert got["serial"] == "SN~11~"
+    assert bus.bad_frames == 0
