@@ -239,6 +239,24 @@ class Ratio(Strict):
         return self.primary / self.secondary
 
 
+class DlmsSettings(Strict):
+    """How to associate with a DLMS meter. The LLS password comes from the environment."""
+
+    authentication: Literal["none", "lls"] = "none"
+    password_env: str | None = None
+    client_sap: int | None = Field(None, ge=1, le=127)
+    logical: int = Field(1, ge=0, le=127)
+    #: HDLC lower (physical) address; None for the TCP wrapper or a one-meter HDLC link.
+    physical: int | None = Field(None, ge=0, le=127)
+    server_sap: int = Field(1, ge=0, le=0xFFFF)
+
+    @model_validator(mode="after")
+    def _password(self) -> DlmsSettings:
+        if self.authentication == "lls" and self.password_env is None:
+            raise ValueError("authentication = 'lls' needs password_env (the variable holding the password)")
+        return self
+
+
 class Meter(Strict):
     id: MeterIdStr
     #: A meter hangs off exactly one of: a link (direct) or a concentrator.
@@ -250,6 +268,7 @@ class Meter(Strict):
     model: str | None = None
     #: Modbus register map: a name from config/meters/ (e.g. "eastron-sdm630") or a path to a map file.
     map: str | None = None
+    dlms: DlmsSettings | None = None
     customer: str | None = None
     groups: list[Identifier] = []
     ct: Ratio | None = None

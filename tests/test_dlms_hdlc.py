@@ -13,8 +13,9 @@ from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, InterfaceType
 from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSRegister
 
+from headend.config import ConfigError, parse_config
 from headend.model import RelayAction, RelayState
-from headend.protocols.base import Timeout
+from headend.protocols.base import Refused, Timeout
 from headend.protocols.dlms import hdlc
 from headend.protocols.dlms.client import DlmsSession
 from simulators.clock import ManualClock
@@ -158,3 +159,42 @@ async def test_gurux_speaks_hdlc_to_the_simulator(meters: dict[int, SimulatedDlm
     assert got["energy"] == meters[0x11].register_value(A_PLUS, clock.now())
     assert got["serial"] == "SN~11~"
     assert bus.bad_frames == 0
+
+
+async def test_sessions_come_from_the_config_with_the_password_from_the_environment(
+    serial_bus: tuple[HdlcBus, NullModem], meters: dict[int, SimulatedDlmsMeter], clock: ManualClock
+) -> None:
+    _bus, modem = serial_bus
+    wrapper_meter = SimulatedDlmsMeter("w", clock, password=b"wrapperpw")
+    await wrapper_meter.start()
+    cfg = parse_config(
+        {
+            "links": [
+                {"id": "rs485", "kind": "serial", "protocol": "dlms-hdlc", "device": modem.b, "timeout": "3s"},
+                {"id": "tcp", "kind": "tcp", "protocol": "dlms-wrapper", "host": "127.0.0.1",
+                 "port": wrapper_meter.port},
+            ],
+            "meters": [
+                {"id": "H-12", "link": "rs485", "dlms": {"authentication": "lls", "password_env": "PW_BUS",
+                                                        "physical": 0x12}, "ct": {"primary": 100, "secondary": 5}},
+                {"id": "W-1", "link": "tcp", "dlms": {"authentication": "lls", "password_env": "PW_W"}},
+            ],
+        }
+    )  # fmt: skip
+    links = {link.id: link for link in cfg.links}
+    env = {"PW_BUS": "12345678", "PW_W": "wrapperpw"}
+    hdlc_meter, tcp_meter = cfg.meters
+    async with DlmsSession.from_config(hdlc_meter, links["rs485"], env, now=clock.datetime) as s:  # type: ignore[arg-type]
+        (energy,) = await s.read_registers([A_PLUS])
+        assert energy.value == pytest.approx(meters[0x12].register_value(A_PLUS, clock.now()) / 1000 * 20)
+    async with DlmsSession.from_config(tcp_meter, links["tcp"], env) as s:  # type: ignore[arg-type]
+        assert await s.read_clock() == NOW
+    with pytest.raises(Refused, match="PW_W is not set"):
+        DlmsSession.from_config(tcp_meter, links["tcp"], {})  # type: ignore[arg-type]
+    await wrapper_meter.stop()
+
+
+def test_lls_without_a_password_variable_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="needs password_env"):
+        parse_config({"links": [{"id": "t", "kind": "tcp", "protocol": "dlms-wrapper", "host": "h", "port": 4059}],
+                      "meters": [{"id": "M", "link": "t", "dlms": {"authentication": "lls"}}]})  # fmt: skip

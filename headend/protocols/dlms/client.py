@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
+from headend.config import DlmsSettings, Meter, SerialLink, TcpLink
 from headend.model import Obis, Quality, Reading, RelayAction, RelayState
 from headend.protocols.base import BadFrame, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.dlms import axdr, codec, xdlms
@@ -89,6 +91,31 @@ class DlmsSession:
             server_logical=server_logical, server_physical=server_physical, timeout=timeout,
         )  # fmt: skip
         return cls(transport, authentication=authentication, **kwargs)
+
+    @classmethod
+    def from_config(cls, meter: Meter, link: TcpLink | SerialLink, env: Mapping[str, str] | None = None,
+                    **kwargs: Any) -> DlmsSession:  # fmt: skip
+        """A session for a registry meter on a `dlms-wrapper` or `dlms-hdlc` link."""
+        env = os.environ if env is None else env
+        settings = meter.dlms or DlmsSettings()
+        password = None
+        if settings.password_env is not None:
+            if settings.password_env not in env:
+                raise Refused(f"LLS password variable {settings.password_env} is not set", meter=meter.id)
+            password = env[settings.password_env].encode()
+        common: dict[str, Any] = {
+            "authentication": settings.authentication, "password": password, "client_sap": settings.client_sap,
+            "timeout": link.timeout.total_seconds(), "ct": meter.ct.factor if meter.ct else 1.0,
+            "pt": meter.pt.factor if meter.pt else 1.0, **kwargs,
+        }  # fmt: skip
+        if link.protocol == "dlms-wrapper" and isinstance(link, TcpLink):
+            return cls.tcp_wrapper(link.host, link.port, meter.id, server_sap=settings.server_sap, **common)
+        hdlc_addr = {"server_logical": settings.logical, "server_physical": settings.physical}
+        if link.protocol == "dlms-hdlc" and isinstance(link, TcpLink):
+            return cls.hdlc_tcp(link.host, link.port, meter.id, **hdlc_addr, **common)
+        if link.protocol == "dlms-hdlc" and isinstance(link, SerialLink):
+            return cls.hdlc_serial(link.device, meter.id, baudrate=link.baudrate, **hdlc_addr, **common)
+        raise Unsupported(f"link {link.id} ({link.protocol}) does not carry DLMS", meter=meter.id)
 
     def __repr__(self) -> str:  # the password stays out of logs and tracebacks
         return f"DlmsSession({self.meter!r}, {self.transport.where}, auth={self.authentication})"
