@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +33,7 @@ import serial_asyncio_fast
 from headend.model import Obis
 from headend.protocols.dlms import axdr, codec, hdlc, xdlms
 from headend.protocols.dlms.axdr import DateTime, Structure, Typed
+from headend.protocols.dlms.security import Protection, ProtectionError, hls_check, hls_reply
 from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
 from simulators.clock import Clock
 from simulators.physics import LoadModel
@@ -39,6 +41,11 @@ from simulators.physics import LoadModel
 log = logging.getLogger(__name__)
 
 CLOCK = Obis(0, 0, 1, 0, 0)
+CURRENT_ASSOCIATION = Obis(0, 0, 40, 0, 0)
+# The simulator's global keys (AES-128, security suite 0): test keys, public on purpose.
+DEFAULT_KEYS = codec.Keys(
+    bytes.fromhex("000102030405060708090A0B0C0D0E0F"), bytes.fromhex("D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF")
+)
 PROFILE = Obis(1, 0, 99, 1, 0)
 STATUS = Obis(0, 0, 96, 10, 1)
 DISCONNECT = Obis(0, 0, 96, 3, 10)
@@ -102,8 +109,12 @@ class SimulatedDlmsMeter:
         control_mode: int = 4,
         block_size: int = 1024,
         seed: int = 1,
+        keys: codec.Keys | None = None,
     ) -> None:
         self.name = name
+        self.keys = keys or DEFAULT_KEYS
+        self.system_title = f"SIM{seed:05d}".encode()[:8]
+        self.invocation_counter = 0  # many real meters start at 0
         self.clock = clock
         self.password = password
         self.require_lls = require_lls
@@ -120,6 +131,7 @@ class SimulatedDlmsMeter:
         self.requests = 0
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._stopping = False
         self.port = 0
 
     # -- values ------------------------------------------------------------------------
@@ -140,6 +152,11 @@ class SimulatedDlmsMeter:
         else:
             value = self.load.value(obis, t)
         return round(value / 10.0**spec.scaler)
+
+    def next_counter(self) -> int:
+        value = self.invocation_counter
+        self.invocation_counter += 1
+        return value
 
     def profile_rows(self, start: datetime, end: datetime) -> list[Structure]:
         """Rows with start <= t <= end, as recorded up to now."""
@@ -263,6 +280,7 @@ class SimulatedDlmsMeter:
         return self.port
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._server is not None:
             self._server.close()
             for writer in list(self._connections):
@@ -279,6 +297,10 @@ class SimulatedDlmsMeter:
                     frame = await read_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                except asyncio.CancelledError:
+                    if self._stopping:  # closing the connection cancels the pending read
+                        return
+                    raise
                 except WrapperError as exc:
                     log.warning("%s: bad wrapper frame %s", self.name, exc.raw.hex())
                     return
@@ -335,35 +357,99 @@ class SimulatedDlmsMeter:
 
 
 class Association:
-    """One client's association with a meter: ACSE, then xDLMS services, GET blocks pending."""
+    """One client's association with a meter: ACSE (with HLS-GMAC passes 3 and 4), then xDLMS
+    services, ciphered when the association is, GET blocks pending."""
 
     def __init__(self, meter: SimulatedDlmsMeter) -> None:
         self.meter = meter
         self.associated = False
         self.lls = False
         self.blocks: list[bytes] = []
+        self.protection: Protection | None = None
+        self.hls_pending = False
+        self.client_challenge = b""
+        self.server_challenge = b""
 
     def handle(self, apdu: bytes) -> bytes:
         meter = self.meter
         meter.requests += 1
         if apdu[:1] == bytes([codec.AARQ_TAG]):
-            try:
-                request = codec.parse_aarq(apdu)
-            except codec.AcseError:
-                return codec.aare(False, failure="no_reason_given")
-            self.lls = request.authentication == codec.AUTH_LLS
-            ok = (self.lls and request.password == meter.password) or (not self.lls and not meter.require_lls)
-            self.associated = ok
-            meter.associations += int(ok)
-            reason = "authentication_failed" if self.lls else "authentication_required"
-            return codec.aare(ok, authentication=request.authentication, failure=reason)
+            return self._associate(apdu)
         if apdu[:1] == bytes([codec.RLRQ_TAG]):
-            self.associated = False
+            self.associated = self.hls_pending = False
+            self.protection = None
             return codec.rlre()
+        if self.protection is not None:
+            try:
+                plain = self.protection.unwrap(apdu)
+            except ProtectionError as exc:
+                log.warning("%s: ciphered APDU refused: %s", meter.name, exc)
+                return xdlms.ExceptionResult(2, 6).to_bytes()  # service-unknown: could not decipher
+            return self.protection.wrap(self._hls_pass_3(plain) if self.hls_pending else self._serve(plain))
         if not self.associated:
             return xdlms.ExceptionResult(1, 2).to_bytes()  # service not allowed: no association
-        reply, self.blocks = meter.service(apdu, self.blocks, self.lls)
+        return self._serve(apdu)
+
+    def _serve(self, apdu: bytes) -> bytes:
+        reply, self.blocks = self.meter.service(apdu, self.blocks, self.lls or self.protection is not None)
         return reply
+
+    def _associate(self, apdu: bytes) -> bytes:
+        meter = self.meter
+        self.protection = None
+        self.hls_pending = self.associated = False
+        try:
+            request = codec.parse_aarq(apdu)
+        except codec.AcseError:
+            return codec.aare(False, failure="no_reason_given")
+        if request.authentication == codec.AUTH_HLS_GMAC:
+            initiate = request.ciphered_initiate
+            if not (request.system_title and request.password and initiate):
+                return codec.aare(False, authentication=request.authentication, failure="authentication_failed")
+            try:
+                codec.decrypt(codec.SC_AUTH_ENC, request.system_title, initiate.invocation_counter, meter.keys,
+                              initiate.text)  # fmt: skip
+            except codec.AcseError:
+                return codec.aare(False, authentication=request.authentication, failure="authentication_failed")
+            self.protection = Protection(meter.keys, meter.system_title, request.system_title, meter.next_counter,
+                                         peer_counter=initiate.invocation_counter)  # fmt: skip
+            self.client_challenge = request.password
+            self.server_challenge = secrets.token_bytes(16)
+            self.hls_pending = True
+            return codec.aare(
+                True, authentication=request.authentication, system_title=meter.system_title,
+                challenge=self.server_challenge, keys=meter.keys, counter=meter.next_counter(),
+            )  # fmt: skip
+        self.lls = request.authentication == codec.AUTH_LLS
+        ok = (self.lls and request.password == meter.password) or (not self.lls and not meter.require_lls)
+        self.associated = ok
+        meter.associations += int(ok)
+        reason = "authentication_failed" if self.lls else "authentication_required"
+        return codec.aare(ok, authentication=request.authentication, failure=reason)
+
+    def _hls_pass_3(self, plain: bytes) -> bytes:
+        """Only reply_to_HLS_authentication is allowed until the client has proven its keys."""
+        meter = self.meter
+        try:
+            request = xdlms.parse_request(plain)
+        except xdlms.XdlmsError:
+            return xdlms.ExceptionResult(1, 2).to_bytes()
+        if not (isinstance(request, xdlms.ActionRequest) and request.method.class_id == 15
+                and request.method.obis == CURRENT_ASSOCIATION and request.method.index == 1):  # fmt: skip
+            return xdlms.ExceptionResult(1, 2).to_bytes()
+        assert self.protection is not None
+        try:
+            value = axdr.decode(request.parameters or b"")
+        except axdr.AxdrError:
+            value = None
+        if not isinstance(value, bytes) or not hls_check(value, self.protection.peer_title, meter.keys,
+                                                          self.server_challenge):  # fmt: skip
+            return xdlms.ActionResult(request.invoke_id, 250).to_bytes()  # other-reason: authentication failed
+        self.hls_pending = False
+        self.associated = True
+        meter.associations += 1
+        proof = hls_reply(meter.system_title, meter.next_counter(), meter.keys, self.client_challenge)
+        return xdlms.ActionResult(request.invoke_id, 0, axdr.encode(proof)).to_bytes()
 
 
 def _range(parameters: bytes) -> tuple[datetime, datetime]:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from headend.model import Obis, Quality, RelayAction, RelayState
 from headend.protocols.base import BadFrame, MeterSession, Refused, Timeout, Unsupported
+from headend.protocols.dlms import codec, xdlms
 from headend.protocols.dlms.client import DlmsSession
+from headend.protocols.dlms.security import InvocationCounters, Protection, ProtectionError
 from simulators.clock import ManualClock
-from simulators.dlms_meter import ENERGIES, PROFILE, SimulatedDlmsMeter
+from simulators.dlms_meter import DEFAULT_KEYS, ENERGIES, PROFILE, SimulatedDlmsMeter
 
 NOW = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
 A_PLUS = Obis(1, 0, 1, 8, 0)
@@ -162,3 +165,71 @@ async def test_broken_answers_end_the_session_with_bad_frame(
         with pytest.raises(BadFrame) as info:
             await s.read_clock()
         assert info.value.raw
+
+
+async def test_hls_gmac_association_reads_and_switches_ciphered(
+    meter: SimulatedDlmsMeter, clock: ManualClock, tmp_path: Path
+) -> None:
+    counters = InvocationCounters(tmp_path / "ic.sqlite")
+    async with hls_session(meter, clock, counters, DEFAULT_KEYS) as s:
+        assert s.protection is not None and s.protection.peer_counter >= 0
+        assert await s.read_clock() == NOW
+        (energy,) = await s.read_registers([A_PLUS])
+        assert energy.raw == meter.register_value(A_PLUS, clock.now())
+        assert len(await s.read_profile(PROFILE, NOW - timedelta(hours=6), NOW)) == 24 * 4
+        await s.operate_relay(RelayAction.DISCONNECT)
+        assert await s.read_relay() == RelayState.DISCONNECTED
+    assert meter.associations == 1
+    counters.close()
+
+
+async def test_hls_gmac_with_a_wrong_key_is_refused_cleanly(
+    meter: SimulatedDlmsMeter, clock: ManualClock, tmp_path: Path
+) -> None:
+    counters = InvocationCounters(tmp_path / "ic.sqlite")
+    wrong = codec.Keys(bytes(16), DEFAULT_KEYS.authentication)
+    with pytest.raises(Refused, match="association rejected: authentication_failed"):
+        async with hls_session(meter, clock, counters, wrong):
+            pass
+    assert meter.associations == 0
+    assert "hidden" in repr(wrong) and wrong.encryption.hex() not in repr(wrong)
+    counters.close()
+
+
+async def test_invocation_counters_persist_and_never_repeat(
+    meter: SimulatedDlmsMeter, clock: ManualClock, tmp_path: Path
+) -> None:
+    counters = InvocationCounters(tmp_path / "ic.sqlite")
+    async with hls_session(meter, clock, counters, DEFAULT_KEYS) as s:
+        await s.read_clock()
+    used = counters.reserve("M-1")
+    counters.close()
+    reopened = InvocationCounters(tmp_path / "ic.sqlite")  # a restart of the head-end
+    assert reopened.reserve("M-1") == used + 1
+    async with hls_session(meter, clock, reopened, DEFAULT_KEYS) as s:
+        assert await s.read_clock() == NOW
+    reopened.close()
+
+
+def test_a_replayed_or_tampered_ciphered_apdu_is_refused() -> None:
+    counter = iter(range(100))
+    sender = Protection(DEFAULT_KEYS, b"CLIENT01", b"METER001", lambda: next(counter))
+    receiver = Protection(DEFAULT_KEYS, b"METER001", b"CLIENT01", lambda: 0)
+    apdu = xdlms.GetRequest(0xC1, xdlms.Attribute(8, Obis(0, 0, 1, 0, 0), 2)).to_bytes()
+    first = sender.wrap(apdu)
+    assert first[0] == 0xC8 and receiver.unwrap(first) == apdu  # glo-get-request; a counter of 0 is fine
+    with pytest.raises(ProtectionError, match="not above 0: a replay"):
+        receiver.unwrap(first)
+    tampered = bytearray(sender.wrap(apdu))
+    tampered[-1] ^= 1
+    with pytest.raises(ProtectionError, match="wrong keys or a tampered frame"):
+        receiver.unwrap(bytes(tampered))
+
+
+def hls_session(
+    meter: SimulatedDlmsMeter, clock: ManualClock, counters: InvocationCounters, keys: codec.Keys
+) -> DlmsSession:
+    return DlmsSession.tcp_wrapper(
+        "127.0.0.1", meter.port, "M-1", authentication="hls-gmac", keys=keys, counters=counters, timeout=2.0,
+        now=clock.datetime,
+    )  # fmt: skip

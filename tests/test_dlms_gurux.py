@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
-from gurux_dlms.enums import Authentication, InterfaceType
+from gurux_dlms.enums import Authentication, InterfaceType, Security
 from gurux_dlms.objects import GXDLMSClock, GXDLMSDisconnectControl, GXDLMSProfileGeneric, GXDLMSRegister
+from gurux_dlms.secure import GXDLMSSecureClient
 
+from headend.protocols.dlms import codec
 from simulators.clock import ManualClock
-from simulators.dlms_meter import A_PLUS, SimulatedDlmsMeter
+from simulators.dlms_meter import A_PLUS, DEFAULT_KEYS, SimulatedDlmsMeter
 
 NOW = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
 
@@ -23,9 +25,10 @@ NOW = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
 class GuruxSession:
     """Gurux builds and parses the frames; this moves them over a socket."""
 
-    def __init__(self, port: int, password: str | None) -> None:
+    def __init__(self, port: int, password: str | None, *, secure: bool = False) -> None:
         auth = Authentication.LOW if password else Authentication.NONE
-        self.client = GXDLMSClient(True, 1 if password else 16, 1, auth, password, InterfaceType.WRAPPER)
+        kind = GXDLMSSecureClient if secure else GXDLMSClient
+        self.client = kind(True, 1 if password else 16, 1, auth, password, InterfaceType.WRAPPER)
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
 
     def _exchange(self, frame: bytes, reply: GXReplyData) -> None:
@@ -111,4 +114,39 @@ async def test_gurux_is_refused_with_a_wrong_password(meter: SimulatedDlmsMeter)
 
     with pytest.raises(Exception, match=r"(?i)authentication|reject"):
         await asyncio.to_thread(attempt)
+    assert meter.associations == 0
+
+
+def gurux_hls_gmac(port: int, keys: codec.Keys) -> dict[str, Any]:
+    g = GuruxSession(port, None, secure=True)
+    g.client.authentication = Authentication.HIGH_GMAC
+    g.client.clientAddress = 1
+    cipher = g.client.settings.cipher
+    cipher.security = Security.AUTHENTICATION_ENCRYPTION
+    cipher.systemTitle = bytearray(b"GURUXCLI")
+    cipher.blockCipherKey = bytearray(keys.encryption)
+    cipher.authenticationKey = bytearray(keys.authentication)
+    try:
+        g.client.parseAareResponse(g.run(g.client.aarqRequest()).data)
+        if g.client.getIsAuthenticationRequired():
+            g.client.parseApplicationAssociationResponse(g.run(g.client.getApplicationAssociationRequest()).data)
+        clock = g.read(GXDLMSClock("0.0.1.0.0.255"), 2)
+        register = g.read(g.read(GXDLMSRegister("1.0.1.8.0.255"), 3), 2)
+        g.close()
+        return {"clock": clock.time.value, "energy": register.value}
+    finally:
+        g.sock.close()
+
+
+async def test_gurux_associates_with_hls_gmac_and_reads_ciphered(meter: SimulatedDlmsMeter) -> None:
+    got = await asyncio.to_thread(gurux_hls_gmac, meter.port, DEFAULT_KEYS)
+    assert got["clock"].replace(tzinfo=None) == NOW.replace(tzinfo=None)
+    assert got["energy"] == meter.register_value(A_PLUS, NOW.timestamp())
+    assert meter.associations == 1
+
+
+async def test_gurux_with_a_wrong_key_is_refused(meter: SimulatedDlmsMeter) -> None:
+    wrong = codec.Keys(bytes(16), DEFAULT_KEYS.authentication)
+    with pytest.raises(Exception):  # noqa: B017 - Gurux raises its own exception types
+        await asyncio.to_thread(gurux_hls_gmac, meter.port, wrong)
     assert meter.associations == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -20,11 +21,13 @@ from headend.model import Obis, Quality, Reading, RelayAction, RelayState
 from headend.protocols.base import BadFrame, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.dlms import axdr, codec, xdlms
 from headend.protocols.dlms.axdr import DateTime, Structure, Typed
+from headend.protocols.dlms.security import InvocationCounters, Protection, ProtectionError, hls_check, hls_reply
 from headend.protocols.dlms.transport import HdlcTransport, WrapperTransport
 
 log = logging.getLogger(__name__)
 
 CLOCK = Obis(0, 0, 1, 0, 0)
+CURRENT_ASSOCIATION = Obis(0, 0, 40, 0, 0)
 DISCONNECT_CONTROL = Obis(0, 0, 96, 3, 10)
 PUBLIC_CLIENT = 16
 MANAGEMENT_CLIENT = 1
@@ -47,10 +50,21 @@ class DlmsSession:
         *,
         authentication: str = codec.AUTH_NONE,
         password: bytes | None = None,
+        keys: codec.Keys | None = None,
+        system_title: bytes = b"HEADEND0",
+        counters: InvocationCounters | None = None,
         ct: float = 1.0,
         pt: float = 1.0,
         now: Callable[[], datetime] | None = None,
     ) -> None:
+        if authentication == codec.AUTH_HLS_GMAC and (keys is None or counters is None):
+            raise ValueError("HLS-GMAC needs the global keys and a durable invocation counter store")
+        if len(system_title) != 8:
+            raise ValueError(f"a system title is 8 bytes, got {len(system_title)}")
+        self.keys = keys
+        self.system_title = system_title
+        self.counters = counters
+        self.protection: Protection | None = None
         self.transport = transport
         self.meter = transport.meter
         self.authentication = authentication
@@ -125,17 +139,53 @@ class DlmsSession:
     async def __aenter__(self) -> Self:
         await self.transport.open()
         try:
-            reply = await self.transport.exchange(codec.aarq(self.authentication, self._password))
-            try:
-                result = codec.parse_aare(reply)
-            except codec.AcseError as exc:
-                raise self.transport.bad(str(exc), reply) from None
-            if not result.accepted:
-                raise Refused(f"association rejected: {result.diagnostic}", meter=self.meter)
+            if self.authentication == codec.AUTH_HLS_GMAC:
+                await self._associate_hls_gmac()
+            else:
+                reply = await self.transport.exchange(codec.aarq(self.authentication, self._password))
+                result = self._parse_aare(reply)
+                if not result.accepted:
+                    raise Refused(f"association rejected: {result.diagnostic}", meter=self.meter)
         except BaseException:
             await self.transport.close()
             raise
         return self
+
+    def _parse_aare(self, reply: bytes) -> codec.AssociationResult:
+        try:
+            return codec.parse_aare(reply)
+        except codec.AcseError as exc:
+            raise self.transport.bad(str(exc), reply) from None
+
+    def _next_counter(self) -> int:
+        assert self.counters is not None
+        return self.counters.reserve(self.meter)
+
+    async def _associate_hls_gmac(self) -> None:
+        """AARQ/AARE with ciphered initiate, then the HLS passes 3 and 4 (GMAC over the challenges)."""
+        assert self.keys is not None
+        client_challenge = secrets.token_bytes(16)
+        aarq = codec.aarq(codec.AUTH_HLS_GMAC, client_challenge, system_title=self.system_title, keys=self.keys,
+                          counter=self._next_counter())  # fmt: skip
+        result = self._parse_aare(await self.transport.exchange(aarq))
+        if not result.accepted:
+            raise Refused(f"association rejected: {result.diagnostic}", meter=self.meter)
+        if not (result.system_title and result.challenge and result.ciphered_initiate):
+            raise self.transport.bad("HLS-GMAC AARE without system title, challenge or ciphered initiate", b"")
+        try:
+            codec.decrypt(codec.SC_AUTH_ENC, result.system_title, result.ciphered_initiate.invocation_counter,
+                          self.keys, result.ciphered_initiate.text)  # fmt: skip
+        except codec.AcseError:
+            raise Refused("the meter's AARE does not decrypt with our keys (wrong keys?)", meter=self.meter) from None
+        self.protection = Protection(self.keys, self.system_title, result.system_title, self._next_counter,
+                                     peer_counter=result.ciphered_initiate.invocation_counter)  # fmt: skip
+        reply = hls_reply(self.system_title, self._next_counter(), self.keys, result.challenge)
+        try:
+            answer = await self.action(15, CURRENT_ASSOCIATION, 1, reply)
+        except MeterError as exc:
+            raise Refused(f"meter refused our HLS reply: {exc}", meter=self.meter) from None
+        if not isinstance(answer, bytes) or not hls_check(answer, result.system_title, self.keys, client_challenge):
+            raise Refused("meter failed HLS-GMAC authentication (its reply does not verify)", meter=self.meter)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -153,9 +203,16 @@ class DlmsSession:
         await self.transport.close()
 
     async def _service(self, request_bytes: bytes) -> xdlms.GetResult | xdlms.SetResult | xdlms.ActionResult:
+        if self.protection is not None:
+            request_bytes = self.protection.wrap(request_bytes)
         reply = await self.transport.exchange(request_bytes)
         try:
+            if self.protection is not None and reply[:1] != bytes([xdlms.EXCEPTION_RESPONSE]):
+                reply = self.protection.unwrap(reply)
             response = xdlms.parse_response(reply)
+        except ProtectionError as exc:
+            await self._close()
+            raise self._bad(str(exc), exc.raw) from None
         except (xdlms.XdlmsError, axdr.AxdrError) as exc:
             await self._close()
             raise self._bad(str(exc), reply) from None
