@@ -1,0 +1,71 @@
+"""Random and truncated frames fed to the DLMS client over real sockets: every session ends
+with a MeterSession error within its timeout; none hangs, none raises anything else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from headend.protocols.base import MeterError
+from headend.protocols.dlms import codec, hdlc
+from headend.protocols.dlms.client import DlmsSession
+from headend.protocols.dlms.wrapper import WrapperFrame
+
+GOOD_AARE = codec.aare(True)
+
+
+def answer(mode: str, payload: bytes) -> bytes:
+    if mode == "wrapped":  # a valid wrapper around garbage
+        return WrapperFrame(1, 16, payload or b"\x00").to_bytes()
+    if mode == "truncated":  # a real AARE cut short, with an honest or a lying length
+        cut = GOOD_AARE[: len(payload) % len(GOOD_AARE)]
+        return WrapperFrame(1, 16, cut or b"\x61").to_bytes()
+    if mode == "after_aare":  # association works, then the GET answer is garbage
+        return WrapperFrame(1, 16, GOOD_AARE).to_bytes() + WrapperFrame(1, 16, b"\xc4\x01\xc1\x00" + payload).to_bytes()
+    return payload  # raw bytes, no framing at all
+
+
+async def scenario(mode: str, payload: bytes) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.read(4096)
+            writer.write(answer(mode, payload))
+            await writer.drain()
+            await reader.read(4096)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(5):  # the session's own timeout is 0.3 s: this only catches a hang
+            try:
+                async with DlmsSession.tcp_wrapper("127.0.0.1", port, "FUZZ", timeout=0.3) as s:
+                    await s.read_clock()
+            except MeterError:
+                pass
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["wrapped", "truncated", "after_aare", "raw"]), st.binary(max_size=300))
+def test_no_answer_can_hang_or_crash_a_session(mode: str, payload: bytes) -> None:
+    asyncio.run(scenario(mode, payload))
+
+
+@settings(max_examples=300, deadline=200)
+@given(st.binary(max_size=300))
+def test_random_hdlc_bytes_never_hang_the_frame_reader(raw: bytes) -> None:
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"\x7e" + raw)
+        reader.feed_eof()
+        with contextlib.suppress(hdlc.HdlcError, asyncio.IncompleteReadError):
+            while True:
+                await hdlc.read_frame(reader)
+
+    asyncio.run(run())
