@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from headend.model import Obis
 from headend.protocols.base import MeterError
 from headend.protocols.dlms import codec, hdlc
 from headend.protocols.dlms.client import DlmsSession
@@ -28,7 +30,16 @@ def answer(mode: str, payload: bytes) -> bytes:
     return payload  # raw bytes, no framing at all
 
 
-async def scenario(mode: str, payload: bytes) -> None:
+CALLS: dict[str, tuple[object, ...]] = {
+    "read_clock": (),
+    "read_relay": (),
+    "read_control_mode": (),
+    "read_registers": ([Obis(1, 0, 1, 8, 0)],),
+    "read_profile": (Obis(1, 0, 99, 1, 0), datetime(2026, 1, 1, tzinfo=UTC)),
+}
+
+
+async def scenario(mode: str, payload: bytes, call: str) -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             await reader.read(4096)
@@ -43,7 +54,7 @@ async def scenario(mode: str, payload: bytes) -> None:
         async with asyncio.timeout(5):  # the session's own timeout is 0.3 s: this only catches a hang
             try:
                 async with DlmsSession.tcp_wrapper("127.0.0.1", port, "FUZZ", timeout=0.3) as s:
-                    await s.read_clock()
+                    await getattr(s, call)(*CALLS[call])
             except MeterError:
                 pass
     finally:
@@ -51,13 +62,17 @@ async def scenario(mode: str, payload: bytes) -> None:
         await server.wait_closed()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(["wrapped", "truncated", "after_aare", "raw"]), st.binary(max_size=300))
-def test_no_answer_can_hang_or_crash_a_session(mode: str, payload: bytes) -> None:
-    asyncio.run(scenario(mode, payload))
+@settings(derandomize=True, max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["wrapped", "truncated", "after_aare", "raw"]),
+    st.binary(max_size=300),
+    st.sampled_from(list(CALLS)),
+)
+def test_no_answer_can_hang_or_crash_a_session(mode: str, payload: bytes, call: str) -> None:
+    asyncio.run(scenario(mode, payload, call))
 
 
-@settings(max_examples=300, deadline=200)
+@settings(derandomize=True, max_examples=300, deadline=200)
 @given(st.binary(max_size=300))
 def test_random_hdlc_bytes_never_hang_the_frame_reader(raw: bytes) -> None:
     async def run() -> None:

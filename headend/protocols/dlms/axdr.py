@@ -106,7 +106,10 @@ class DateTime:
         )  # fmt: skip
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> DateTime:
+    def from_bytes(cls, raw: object) -> DateTime:
+        if not isinstance(raw, bytes | bytearray):
+            raise AxdrError(f"a date-time is a 12-byte octet-string, got {type(raw).__name__}: {raw!r:.60}")
+        raw = bytes(raw)
         if len(raw) != 12:
             raise AxdrError(f"a date-time is 12 bytes, got {len(raw)}: {raw.hex()}")
         year, month, day, _dow, hour, minute, second, hundredths, deviation, status = struct.unpack(">HBBBBBBBHB", raw)

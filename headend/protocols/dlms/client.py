@@ -305,7 +305,7 @@ class DlmsSession:
         value = await self.get(8, CLOCK, 2)
         try:
             return DateTime.from_bytes(value).to_utc()
-        except (axdr.AxdrError, TypeError) as exc:
+        except axdr.AxdrError as exc:
             raise self._bad(f"clock is not a date-time: {exc}", value if isinstance(value, bytes) else b"") from None
 
     async def set_clock(self, t: datetime) -> None:
@@ -315,7 +315,10 @@ class DlmsSession:
         """Intervals with since < t <= until, read by range descriptor (selective access 1)."""
         until = until or self.now()
         captured = await self.get(7, profile, 3)
-        columns = _capture_columns(captured)
+        try:
+            columns = _capture_columns(captured)
+        except (ValueError, TypeError) as exc:
+            raise self._bad(f"capture_objects of {profile}: {exc}", b"") from None
         clock_col = next((i for i, (c, o, _a) in enumerate(columns) if c == 8 and o == CLOCK), None)
         if clock_col is None:
             raise Unsupported(f"profile {profile} does not capture the clock", meter=self.meter)
@@ -339,11 +342,13 @@ class DlmsSession:
                 raise self._bad(f"profile row does not match its {len(columns)} capture objects: {row!r}", b"")
             try:
                 t = DateTime.from_bytes(row[clock_col]).to_utc()
-            except (axdr.AxdrError, TypeError) as exc:
+            except axdr.AxdrError as exc:
                 raise self._bad(f"profile row time: {exc}", b"") from None
             if not since < t <= until:
                 continue
             status = row[status_col] if status_col is not None else 0
+            if isinstance(status, bool) or not isinstance(status, int):
+                raise self._bad(f"profile status at {t} is not an unsigned: {status!r:.60}", b"")
             qualities = (f"1.0.{status}",) if status else ()
             for i, obis in value_cols:
                 value = row[i]
@@ -352,17 +357,22 @@ class DlmsSession:
                                             qualities=(Quality.MISSING, *qualities), source=self.source))  # fmt: skip
                     continue
                 scaler, unit = scalers[obis]
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise self._bad(f"profile value of {obis} at {t} is not a number: {value!r:.60}", b"")
                 readings.append(self._reading(obis, value, scaler, unit, t, kind="interval", qualities=qualities))
         return readings
 
     async def read_relay(self) -> RelayState:
         value = await self.get(70, DISCONNECT_CONTROL, 3)
-        if value not in _CONTROL_STATES:
+        if isinstance(value, bool) or not isinstance(value, int) or value not in _CONTROL_STATES:
             raise self._bad(f"control_state {value!r} is not 0, 1 or 2", b"")
         return _CONTROL_STATES[value]
 
     async def read_control_mode(self) -> int:
-        return int(await self.get(70, DISCONNECT_CONTROL, 4))
+        value = await self.get(70, DISCONNECT_CONTROL, 4)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(f"control_mode {value!r} is not an enum", b"")
+        return value
 
     async def operate_relay(self, action: RelayAction) -> None:
         """remote_disconnect (method 1) or remote_reconnect (method 2); confirm with read_relay()."""
@@ -378,12 +388,13 @@ def _client_sap(authentication: str, client_sap: int | None) -> int:
 
 def _capture_columns(captured: Any) -> list[tuple[int, Obis, int]]:
     if not isinstance(captured, list):
-        raise BadFrame(f"capture_objects is not an array: {captured!r}")
+        raise ValueError(f"not an array: {captured!r:.60}")
     columns = []
     for item in captured:
-        if not isinstance(item, Structure) or len(item) != 4 or not isinstance(item[1], bytes):
-            raise BadFrame(f"capture object is not structure(class, obis, attribute, index): {item!r}")
-        columns.append((int(item[0]), Obis.from_bytes(item[1]), int(item[2])))
+        if (not isinstance(item, Structure) or len(item) != 4 or not isinstance(item[1], bytes)
+                or not all(isinstance(item[i], int) and not isinstance(item[i], bool) for i in (0, 2))):  # fmt: skip
+            raise ValueError(f"capture object is not structure(class, obis, attribute, index): {item!r:.60}")
+        columns.append((item[0], Obis.from_bytes(item[1]), item[2]))
     return columns
 
 
