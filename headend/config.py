@@ -242,8 +242,11 @@ class Ratio(Strict):
 class DlmsSettings(Strict):
     """How to associate with a DLMS meter. The LLS password comes from the environment."""
 
-    authentication: Literal["none", "lls"] = "none"
+    authentication: Literal["none", "lls", "hls-gmac"] = "none"
     password_env: str | None = None
+    #: HLS-GMAC global keys (AES-128, hex) are read from these environment variables.
+    encryption_key_env: str | None = None
+    authentication_key_env: str | None = None
     client_sap: int | None = Field(None, ge=1, le=127)
     logical: int = Field(1, ge=0, le=127)
     #: HDLC lower (physical) address; None for the TCP wrapper or a one-meter HDLC link.
@@ -254,6 +257,10 @@ class DlmsSettings(Strict):
     def _password(self) -> DlmsSettings:
         if self.authentication == "lls" and self.password_env is None:
             raise ValueError("authentication = 'lls' needs password_env (the variable holding the password)")
+        if self.authentication == "hls-gmac" and (
+            self.encryption_key_env is None or self.authentication_key_env is None
+        ):
+            raise ValueError("authentication = 'hls-gmac' needs encryption_key_env and authentication_key_env")
         return self
 
 

@@ -15,6 +15,7 @@ Faults: response `delay`, `drop_after_bytes` (connection cut mid-answer), `corru
 never recorded), `stuck_relay`.
 
     python -m simulators.dlms_meter --meters 3 --port 4059    # meters on ports 4059, 4060, 4061
+    python -m simulators.dlms_meter --meters 3 --hdlc-serial /dev/pts/7    # an RS-485 style HDLC bus
 """
 
 from __future__ import annotations
@@ -462,12 +463,21 @@ def _range(parameters: bytes) -> tuple[datetime, datetime]:
 async def _main(args: argparse.Namespace) -> None:
     clock = Clock()
     meters = [SimulatedDlmsMeter(f"{i:03d}", clock, seed=i + 1) for i in range(args.meters)]
-    for i, m in enumerate(meters):
-        await m.start(args.host, args.port + i)
-        print(
-            f"DLMS meter {m.serial} on {args.host}:{m.port} (TCP wrapper, LLS password {m.password.decode()})",
-            flush=True,
-        )
+    if args.hdlc_serial or args.hdlc_tcp is not None:
+        # One HDLC bus: the meters answer at physical addresses 0x11, 0x12, ...
+        bus = HdlcBus({0x11 + i: m for i, m in enumerate(meters)})
+        if args.hdlc_serial:
+            await bus.start_serial(args.hdlc_serial, args.baudrate)
+            where = f"{args.hdlc_serial} at {args.baudrate} baud"
+        else:
+            await bus.start_tcp(args.host, args.hdlc_tcp)
+            where = f"hdlc+tcp {args.host}:{bus.port}"
+        for i, m in enumerate(meters):
+            print(f"DLMS meter {m.serial} at HDLC physical address 0x{0x11 + i:02x} on {where}", flush=True)
+    else:
+        for i, m in enumerate(meters):
+            await m.start(args.host, args.port + i)
+            print(f"DLMS meter {m.serial} on {args.host}:{m.port} (TCP wrapper)", flush=True)
     await asyncio.Event().wait()
 
 
@@ -475,12 +485,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--meters", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4059)
+    p.add_argument("--port", type=int, default=4059, help="first TCP wrapper port (one meter per port)")
+    p.add_argument("--hdlc-serial", help="serve all meters as one HDLC bus on this serial port")
+    p.add_argument("--hdlc-tcp", type=int, help="serve all meters as one HDLC bus on this TCP port")
+    p.add_argument("--baudrate", type=int, default=9600)
     asyncio.run(_main(p.parse_args()))
-
-
-if __name__ == "__main__":
-    main()
 
 
 @dataclass
@@ -610,3 +619,7 @@ class HdlcBus:
                 if not ack.is_rr:
                     return True
         return True
+
+
+if __name__ == "__main__":
+    main()

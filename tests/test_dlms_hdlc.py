@@ -5,25 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, InterfaceType
 from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSRegister
 
-from headend.config import ConfigError, parse_config
+from headend.config import ConfigError, SerialLink, parse_config
 from headend.model import RelayAction, RelayState
 from headend.protocols.base import Refused, Timeout
 from headend.protocols.dlms import hdlc
 from headend.protocols.dlms.client import DlmsSession
+from headend.protocols.dlms.security import InvocationCounters
 from simulators.clock import ManualClock
-from simulators.dlms_meter import A_PLUS, PROFILE, SERIAL, HdlcBus, SimulatedDlmsMeter
+from simulators.dlms_meter import A_PLUS, DEFAULT_KEYS, PROFILE, SERIAL, HdlcBus, SimulatedDlmsMeter
 from simulators.ptypair import NullModem
 
 NOW = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
 PHYSICAL = (0x11, 0x12, 0x13)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_snrm_frame_matches_the_published_example() -> None:
@@ -198,3 +202,44 @@ def test_lls_without_a_password_variable_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="needs password_env"):
         parse_config({"links": [{"id": "t", "kind": "tcp", "protocol": "dlms-wrapper", "host": "h", "port": 4059}],
                       "meters": [{"id": "M", "link": "t", "dlms": {"authentication": "lls"}}]})  # fmt: skip
+
+
+async def test_an_hls_gmac_meter_from_the_config_with_keys_from_the_environment(
+    serial_bus: tuple[HdlcBus, NullModem], clock: ManualClock, tmp_path: Path
+) -> None:
+    _bus, modem = serial_bus
+    cfg = parse_config(
+        {
+            "links": [{"id": "rs485", "kind": "serial", "protocol": "dlms-hdlc", "device": modem.b, "timeout": "3s"}],
+            "meters": [{"id": "H-13", "link": "rs485", "dlms": {
+                "authentication": "hls-gmac", "encryption_key_env": "EK", "authentication_key_env": "AK",
+                "physical": 0x13}}],
+        }
+    )  # fmt: skip
+    link = cfg.links[0]
+    assert isinstance(link, SerialLink)
+    env = {"EK": DEFAULT_KEYS.encryption.hex(), "AK": DEFAULT_KEYS.authentication.hex()}
+    counters = InvocationCounters(tmp_path / "ic.sqlite")
+    async with DlmsSession.from_config(cfg.meters[0], link, env, counters=counters, now=clock.datetime) as s:
+        assert s.protection is not None
+        assert await s.read_clock() == NOW
+    with pytest.raises(Refused, match="32 hex digits"):
+        DlmsSession.from_config(cfg.meters[0], link, {"EK": "00", "AK": "11"}, counters=counters)
+    counters.close()
+
+
+async def test_the_simulator_runs_as_its_own_process_on_an_hdlc_pty() -> None:
+    with NullModem() as modem:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "simulators.dlms_meter", "--meters", "2", "--hdlc-serial", modem.a,
+            "--baudrate", "19200", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for _ in range(2):
+                assert b"HDLC physical address" in await proc.stdout.readline()
+            async with DlmsSession.hdlc_serial(modem.b, "M-12", baudrate=19200, server_physical=0x12, timeout=3) as s:
+                assert await s.get(1, SERIAL, 2) == "SIM00000002"
+        finally:
+            proc.terminate()
+            await proc.wait()

@@ -112,13 +112,27 @@ class DlmsSession:
         """A session for a registry meter on a `dlms-wrapper` or `dlms-hdlc` link."""
         env = os.environ if env is None else env
         settings = meter.dlms or DlmsSettings()
-        password = None
-        if settings.password_env is not None:
-            if settings.password_env not in env:
-                raise Refused(f"LLS password variable {settings.password_env} is not set", meter=meter.id)
-            password = env[settings.password_env].encode()
+
+        def secret(name: str | None, what: str) -> str | None:
+            if name is None:
+                return None
+            if name not in env:
+                raise Refused(f"{what} variable {name} is not set", meter=meter.id)
+            return env[name]
+
+        password = secret(settings.password_env, "LLS password")
+        if settings.authentication == codec.AUTH_HLS_GMAC:
+            try:
+                kwargs["keys"] = codec.Keys(
+                    bytes.fromhex(secret(settings.encryption_key_env, "encryption key") or ""),
+                    bytes.fromhex(secret(settings.authentication_key_env, "authentication key") or ""),
+                )
+            except ValueError:
+                raise Refused("HLS-GMAC keys must be 32 hex digits (AES-128)", meter=meter.id) from None
         common: dict[str, Any] = {
-            "authentication": settings.authentication, "password": password, "client_sap": settings.client_sap,
+            "authentication": settings.authentication,
+            "password": password.encode() if password is not None else None,
+            "client_sap": settings.client_sap,
             "timeout": link.timeout.total_seconds(), "ct": meter.ct.factor if meter.ct else 1.0,
             "pt": meter.pt.factor if meter.pt else 1.0, **kwargs,
         }  # fmt: skip

@@ -57,6 +57,10 @@ class Keys:
     encryption: bytes
     authentication: bytes
 
+    def __post_init__(self) -> None:
+        if len(self.encryption) != 16 or len(self.authentication) != 16:
+            raise ValueError("security suite 0 keys are 16 bytes (AES-128)")
+
     def __repr__(self) -> str:
         return "Keys(<hidden>)"
 
