@@ -237,6 +237,24 @@ class Reading:
         return (self.kind, self.meter, str(self.channel), self.timestamp)
 
 
+# OBIS value groups C that instrument-transformer ratios scale: currents the CT ratio only,
+# voltages the PT ratio only, frequency and power factor neither; power and energy both.
+_CT_ONLY = frozenset({11, 31, 51, 71, 91})
+_PT_ONLY = frozenset({12, 32, 52, 72})
+_NO_RATIO = frozenset({13, 14, 33, 53, 73})
+
+
+def transformer_ratio(channel: Obis, ct: float, pt: float) -> float:
+    """The multiplier a CT/PT-connected meter's secondary-side value of `channel` needs."""
+    if channel.c in _NO_RATIO:
+        return 1.0
+    if channel.c in _CT_ONLY:
+        return ct
+    if channel.c in _PT_ONLY:
+        return pt
+    return ct * pt
+
+
 class RelayState(StrEnum):
     """Relay state as read back from the meter (DLMS class 70 control_state)."""
 

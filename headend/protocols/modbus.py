@@ -30,7 +30,7 @@ from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 
 from headend.config import SerialLink, TcpLink
-from headend.model import Obis, Quality, Reading, RelayAction, RelayState
+from headend.model import Obis, Quality, Reading, RelayAction, RelayState, transformer_ratio
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.modbus_maps import Channel, Function, MeterMap, plan_blocks
 
@@ -46,10 +46,6 @@ _EXCEPTION_NAMES = {
     10: "gateway path unavailable",
     11: "gateway target failed to respond",
 }
-# Measurands the CT ratio scales (currents), the PT ratio scales (voltages), or both (power, energy).
-_CT_ONLY = {31, 51, 71, 91}
-_PT_ONLY = {32, 52, 72, 12}
-_NO_RATIO = {14}
 _KILO = {"kW": "W", "kvar": "var", "kVA": "VA"}
 
 
@@ -327,15 +323,6 @@ class ModbusMeterSession:
     ) -> None:
         return None
 
-    def _ratio(self, obis: Obis) -> float:
-        if obis.c in _NO_RATIO:
-            return 1.0
-        if obis.c in _CT_ONLY:
-            return self.ct
-        if obis.c in _PT_ONLY:
-            return self.pt
-        return self.ct * self.pt
-
     def _reading(self, channel: Channel, raw: float, t: datetime) -> Reading:
         unit, scaler = channel.unit, channel.scaler
         if unit in _KILO:
@@ -346,9 +333,10 @@ class ModbusMeterSession:
                 meter=self.meter, channel=channel.obis, timestamp=t, value=None, unit=unit, kind="register",
                 qualities=(Quality.MISSING,), source=self.source, scaler=scaler,
             )  # fmt: skip
+        ratio = transformer_ratio(channel.obis, self.ct, self.pt)
         return Reading.from_raw(
-            self.meter, channel.obis, t, raw, scaler=scaler, multiplier=self._ratio(channel.obis),
-            unit=unit, kind="register", source=self.source,
+            self.meter, channel.obis, t, raw, scaler=scaler, multiplier=ratio, unit=unit, kind="register",
+            source=self.source,
         )  # fmt: skip
 
     async def read_registers(self, channels: Sequence[Obis]) -> list[Reading]:

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from headend.config import DlmsSettings, Meter, SerialLink, TcpLink
-from headend.model import Obis, Quality, Reading, RelayAction, RelayState
+from headend.model import Obis, Quality, Reading, RelayAction, RelayState, transformer_ratio
 from headend.protocols.base import BadFrame, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.dlms import axdr, codec, xdlms
 from headend.protocols.dlms.axdr import DateTime, Structure, Typed
@@ -37,9 +37,6 @@ _UNITS: dict[int, tuple[str, int]] = {
     27: ("W", 0), 28: ("VA", 0), 29: ("var", 0), 30: ("kWh", -3), 31: ("kVAh", -3), 32: ("kvarh", -3),
     33: ("A", 0), 35: ("V", 0), 44: ("Hz", 0), 255: ("", 0),
 }  # fmt: skip
-_CT_ONLY = {31, 51, 71, 91}
-_PT_ONLY = {32, 52, 72, 12}
-_NO_RATIO = {14}
 _CONTROL_STATES = {0: RelayState.DISCONNECTED, 1: RelayState.CONNECTED, 2: RelayState.READY_FOR_RECONNECTION}
 
 
@@ -281,15 +278,6 @@ class DlmsSession:
 
     # -- MeterSession ------------------------------------------------------------------------
 
-    def _ratio(self, obis: Obis) -> float:
-        if obis.c in _NO_RATIO:
-            return 1.0
-        if obis.c in _CT_ONLY:
-            return self.ct
-        if obis.c in _PT_ONLY:
-            return self.pt
-        return self.ct * self.pt
-
     async def _scaler_unit(self, obis: Obis, class_id: int = 3) -> tuple[int, int]:
         if obis not in self._scalers:
             value = await self.get(class_id, obis, 3)
@@ -300,10 +288,10 @@ class DlmsSession:
 
     def _reading(self, obis: Obis, raw: int | float, scaler: int, unit_code: int, t: datetime, **kw: Any) -> Reading:
         unit, extra = _UNITS.get(unit_code, (f"unit{unit_code}", 0))
+        ratio = transformer_ratio(obis, self.ct, self.pt)
         return Reading.from_raw(
-            self.meter, obis, t, raw, scaler=scaler + extra, multiplier=self._ratio(obis), unit=unit,
-            source=self.source, **kw,
-        )  # fmt: skip
+            self.meter, obis, t, raw, scaler=scaler + extra, multiplier=ratio, unit=unit, source=self.source, **kw
+        )
 
     async def read_registers(self, channels: Sequence[Obis]) -> list[Reading]:
         readings = []
