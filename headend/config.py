@@ -12,11 +12,12 @@ import re
 import tomllib
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import date, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -337,6 +338,55 @@ class Plan(Strict):
         return self
 
 
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+class SwitchWindow(Strict):
+    """Days (e.g. "mon-fri" or "mon,wed") and local hours in which disconnects may run."""
+
+    days: str = "mon-fri"
+    start: Annotated[str, Field(pattern=_HHMM)] = "08:00"
+    end: Annotated[str, Field(pattern=_HHMM)] = "15:00"
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: str) -> str:
+        for part in value.lower().split(","):
+            for day in part.split("-"):
+                if day.strip() not in _WEEKDAYS:
+                    raise ValueError(f"{day.strip()!r} is not a weekday; use mon..sun, ranges like mon-fri")
+        return value.lower()
+
+    def weekdays(self) -> set[int]:
+        out: set[int] = set()
+        for part in self.days.split(","):
+            first, _, last = part.strip().partition("-")
+            a, b = _WEEKDAYS.index(first.strip()), _WEEKDAYS.index((last or first).strip())
+            out.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+        return out
+
+
+class SwitchingConfig(Strict):
+    timezone: str = "UTC"
+    #: Disconnects only inside these windows (so a customer can still pay and be back the same day).
+    disconnect_windows: list[SwitchWindow] = [SwitchWindow()]
+    holidays: list[date] = []
+    confirm_timeout: Duration = timedelta(seconds=60)
+    poll_interval: Duration = timedelta(seconds=2)
+    attempts: int = Field(3, ge=1, le=10)
+    dry_run: bool = False
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a known time zone (IANA name such as 'Europe/Berlin')") from None
+        return value
+
+
 class ApiConfig(Strict):
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -350,6 +400,7 @@ class Config(Strict):
     concentrators: list[Concentrator] = []
     meters: list[Meter] = []
     plans: list[Plan] = []
+    switching: SwitchingConfig = SwitchingConfig()
 
 
 # --------------------------------------------------------------------------- loading

@@ -130,6 +130,7 @@ class SimulatedDlmsMeter:
         self.faults = DlmsFaults()
         self.associations = 0
         self.requests = 0
+        self.actions = 0
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._stopping = False
@@ -250,6 +251,7 @@ class SimulatedDlmsMeter:
         m = request.method
         if m.class_id != 70 or m.obis != DISCONNECT or m.index not in (1, 2):
             return OBJECT_UNDEFINED
+        self.actions += 1
         if self.control_mode == 0:
             return TEMPORARY_FAILURE  # mode 0: the disconnector is always connected
         if self.faults.stuck_relay:

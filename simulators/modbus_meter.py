@@ -54,6 +54,7 @@ class SimulatedMeter:
     energy_start_kwh: float = 12_345.0
     faults: Faults = field(default_factory=Faults)
     requests: Counter[int] = field(default_factory=Counter)
+    relay_writes: int = 0
     load: LoadModel = field(init=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +132,7 @@ class SimulatedMeter:
         if set_values:
             if register and address != relay.address:
                 return None
+            self.relay_writes += 1
             wanted = bool(set_values[0]) if coil else int(set_values[0]) == relay.connected
             if not self.faults.stuck_relay:
                 self.set_relay(wanted)

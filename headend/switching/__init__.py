@@ -1,0 +1,1 @@
+"""Remote disconnect and reconnect with confirmation: journal, policy, closed loop."""

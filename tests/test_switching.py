@@ -1,0 +1,207 @@
+"""Remote disconnect/reconnect with confirmation, against the simulator of every protocol
+that has a relay: DLMS (class 70), Modbus (relay coil), MQTT concentrator."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from headend.config import Config, parse_config
+from headend.localservers import MosquittoServer, free_port
+from headend.model import RelayAction, RelayState
+from headend.protocols.base import MeterSession
+from headend.protocols.dlms.client import DlmsSession
+from headend.protocols.modbus import ModbusLink
+from headend.protocols.modbus_maps import shipped_maps
+from headend.protocols.mqtt import ConcentratorLink
+from headend.registry import Registry
+from headend.storage.outbox import Outbox
+from headend.switching.engine import SwitchingEngine
+from headend.switching.journal import CommandJournal, CommandState
+from headend.switching.policy import SwitchingPolicy
+from simulators.clock import ManualClock
+from simulators.dlms_meter import SimulatedDlmsMeter
+from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
+from simulators.mqtt_concentrator import SimulatedConcentrator
+
+MONDAY_10 = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)  # inside mon-fri 08:00-15:00
+SATURDAY_10 = datetime(2026, 3, 14, 10, 0, tzinfo=UTC)
+METERS = ("C-1", "H-1")  # an ordinary customer and a hospital
+
+
+@dataclass
+class Rig:
+    """One protocol's simulated meters, and how to talk to and poke them."""
+
+    sessions: Callable[[str], MeterSession]
+    relay: Callable[[str], RelayState]
+    operations: Callable[[str], int]
+    stick: Callable[[str], None]
+
+
+def config() -> Config:
+    return parse_config(
+        {
+            "links": [{"id": "direct", "kind": "tcp", "protocol": "dlms-wrapper", "host": "127.0.0.1", "port": 1}],
+            "meters": [
+                {"id": "C-1", "link": "direct"},
+                {"id": "H-1", "link": "direct", "protected": True, "protection": "hospital"},
+            ],
+            "switching": {"timezone": "UTC", "holidays": ["2026-03-10"]},
+        }
+    )
+
+
+@pytest.fixture(params=["dlms", "modbus", "mqtt"])
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    clock = ManualClock(MONDAY_10)
+    if request.param == "dlms":
+        dlms = {m: SimulatedDlmsMeter(m, clock, seed=i + 1) for i, m in enumerate(METERS)}
+        for meter in dlms.values():
+            await meter.start()
+
+        def state(m: str) -> RelayState:
+            return [RelayState.DISCONNECTED, RelayState.CONNECTED, RelayState.READY_FOR_RECONNECTION][
+                dlms[m].control_state
+            ]
+
+        yield Rig(
+            lambda m: DlmsSession.tcp_wrapper("127.0.0.1", dlms[m].port, m, authentication="lls",
+                                              password=b"12345678", timeout=2),
+            state, lambda m: dlms[m].actions, lambda m: setattr(dlms[m].faults, "stuck_relay", True),
+        )  # fmt: skip
+        for meter in dlms.values():
+            await meter.stop()
+    elif request.param == "modbus":
+        meter_map = shipped_maps()["sim-relay-meter"]
+        sim = ModbusSimulator([SimulatedMeter(u, meter_map, clock) for u in (1, 2)])
+        unit = {"C-1": 1, "H-1": 2}
+        port = free_port()
+        await sim.start_tcp("127.0.0.1", port)
+        link = ModbusLink.tcp("127.0.0.1", port, timeout=1)
+        yield Rig(
+            lambda m: link.session(m, unit[m], meter_map),
+            lambda m: RelayState.CONNECTED if sim.meters[unit[m]].relay_connected else RelayState.DISCONNECTED,
+            lambda m: sim.meters[unit[m]].relay_writes,
+            lambda m: setattr(sim.meters[unit[m]].faults, "stuck_relay", True),
+        )
+        link.close()
+        await sim.stop()
+    else:
+        broker: MosquittoServer = request.getfixturevalue("mosquitto_server")
+        tmp: Path = request.getfixturevalue("tmp_path")
+        cid = f"dc-{uuid.uuid4().hex[:8]}"
+        dc = SimulatedConcentrator(cid, "127.0.0.1", broker.port, list(METERS), clock)
+        outbox = Outbox(tmp / "outbox.sqlite")
+        async with ConcentratorLink(
+            "127.0.0.1", broker.port, outbox, headend_id=f"he-{cid}", command_timeout=3
+        ) as link:
+            await link.connected.wait()
+            await dc.start()
+            await link.until(lambda: cid in link.concentrators and link.concentrators[cid].online)
+            yield Rig(
+                lambda m: link.session(m, cid),
+                lambda m: RelayState.CONNECTED if dc.loads[m].relay_connected else RelayState.DISCONNECTED,
+                lambda m: sum(1 for name, c in dc.commands if name == "relay" and c.meter == m),
+                lambda m: dc.faults.stuck_relays.add(m),
+            )
+            await dc.stop()
+        outbox.close()
+
+
+def engine(rig: Rig, tmp_path: Path, now: datetime = MONDAY_10) -> SwitchingEngine:
+    cfg = config()
+    return SwitchingEngine(
+        CommandJournal(tmp_path / "journal.sqlite"), SwitchingPolicy(cfg.switching), Registry(cfg), rig.sessions,
+        confirm_timeout=0.5, poll_interval=0.05, attempts=2, now=lambda: now,
+    )  # fmt: skip
+
+
+async def test_disconnect_then_reconnect_confirmed_with_evidence(rig: Rig, tmp_path: Path) -> None:
+    e = engine(rig, tmp_path)
+    off = await e.execute("C-1", RelayAction.DISCONNECT, who="op-anna", why="arrears #4711")
+    assert off.state == CommandState.CONFIRMED and rig.relay("C-1") == RelayState.DISCONNECTED
+    assert off.evidence["relay_before"] == "connected" and off.evidence["relay_after"] == "disconnected"
+    assert isinstance(off.evidence["register_at_switching"], float)
+    on = await e.execute("C-1", RelayAction.RECONNECT, who="billing", why="payment received")
+    assert on.state == CommandState.CONFIRMED and rig.relay("C-1") == RelayState.CONNECTED
+    assert [ev.state for ev in e.journal.events(off.id)] == ["requested", "queued", "sent", "confirmed"]
+    assert e.journal.events(off.id)[0].detail["who"] == "op-anna"
+    assert rig.operations("C-1") == 2
+
+
+async def test_a_stuck_relay_ends_failed_with_evidence(rig: Rig, tmp_path: Path) -> None:
+    rig.stick("C-1")
+    e = engine(rig, tmp_path)
+    command = await e.execute("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
+    assert command.state == CommandState.FAILED
+    assert command.evidence["relay_before"] == "connected"
+    assert "relay still connected" in command.evidence["error"]
+    assert command.attempts == 2 and rig.relay("C-1") == RelayState.CONNECTED
+
+
+async def test_a_protected_customer_needs_the_override_role(rig: Rig, tmp_path: Path) -> None:
+    e = engine(rig, tmp_path)
+    refused = await e.execute("H-1", RelayAction.DISCONNECT, who="op", why="arrears")
+    assert refused.state == CommandState.REJECTED and rig.operations("H-1") == 0
+    assert "protected customer (hospital)" in e.journal.events(refused.id)[-1].detail["reason"]
+    allowed = await e.execute("H-1", RelayAction.DISCONNECT, who="chief", why="court order 12/26",
+                              roles=frozenset({"operator", "override"}))  # fmt: skip
+    assert allowed.state == CommandState.CONFIRMED and allowed.override
+    assert "under override" in e.journal.events(allowed.id)[1].detail["reason"]
+
+
+async def test_disconnects_only_inside_the_window_reconnects_any_time(rig: Rig, tmp_path: Path) -> None:
+    e = engine(rig, tmp_path, now=SATURDAY_10)
+    refused = await e.execute("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
+    assert refused.state == CommandState.REJECTED
+    assert "not allowed at Sat 2026-03-14 10:00" in e.journal.events(refused.id)[-1].detail["reason"]
+    holiday = engine(rig, tmp_path, now=datetime(2026, 3, 10, 10, 0, tzinfo=UTC))
+    assert holiday.request("C-1", RelayAction.DISCONNECT, who="op", why="x").state == CommandState.REJECTED
+    assert (await e.execute("C-1", RelayAction.RECONNECT, who="billing", why="paid")).state == CommandState.CONFIRMED
+
+
+async def test_idempotency_and_one_open_command_per_meter(rig: Rig, tmp_path: Path) -> None:
+    e = engine(rig, tmp_path)
+    first = e.request("C-1", RelayAction.DISCONNECT, who="op", why="a", idempotency_key="req-1")
+    again = e.request("C-1", RelayAction.DISCONNECT, who="op", why="a", idempotency_key="req-1")
+    assert again.id == first.id and first.state == CommandState.QUEUED
+    other = e.request("C-1", RelayAction.RECONNECT, who="billing", why="paid")
+    assert other.state == CommandState.REJECTED
+    assert f"open command {first.id}" in e.journal.events(other.id)[-1].detail["reason"]
+    assert (await e.run(first.id)).state == CommandState.CONFIRMED
+
+
+async def test_after_a_restart_a_sent_command_is_confirmed_by_read_back_not_resent(rig: Rig, tmp_path: Path) -> None:
+    e = engine(rig, tmp_path)
+    command = e.request("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
+    # The head-end journaled `sent`, operated the relay, and died before reading it back.
+    e.journal.transition(command.id, CommandState.SENT, {"attempt": 1}, {"relay_before": "connected"}, attempt=True)
+    async with rig.sessions("C-1") as session:
+        await session.operate_relay(RelayAction.DISCONNECT)
+    e.journal.close()
+    restarted = engine(rig, tmp_path)
+    (recovered,) = await restarted.recover()
+    assert recovered.state == CommandState.CONFIRMED and recovered.evidence["relay_after"] == "disconnected"
+    assert rig.operations("C-1") == 1, "the relay was operated once"
+
+
+async def test_a_reconnect_to_ready_for_reconnection_is_its_own_confirmed_state(tmp_path: Path) -> None:
+    meter = SimulatedDlmsMeter("C-1", ManualClock(MONDAY_10), control_mode=1)
+    await meter.start()
+    cfg = config()
+    e = SwitchingEngine(
+        CommandJournal(tmp_path / "journal.sqlite"), SwitchingPolicy(cfg.switching), Registry(cfg),
+        lambda m: DlmsSession.tcp_wrapper("127.0.0.1", meter.port, m, authentication="lls", password=b"12345678"),
+        confirm_timeout=0.5, poll_interval=0.05, now=lambda: MONDAY_10,
+    )  # fmt: skip
+    assert (await e.execute("C-1", RelayAction.DISCONNECT, who="op", why="arrears")).state == CommandState.CONFIRMED
+    back = await e.execute("C-1", RelayAction.RECONNECT, who="billing", why="paid")
+    assert back.state == CommandState.CONFIRMED_READY
+    assert back.evidence["relay_after"] == "ready_for_reconnection"
+    await meter.stop()
