@@ -191,4 +191,3 @@ class CommandJournal:
                 (meter, *(s.value for s in OPEN_STATES)),
             ).fetchall()
         return next((c for c in map(_command, rows) if c.id != excluding), None)
-

@@ -1,0 +1,1 @@
+"""HTTP API (FastAPI): switching commands, billing events, health."""

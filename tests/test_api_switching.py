@@ -1,0 +1,165 @@
+"""The switching and billing API over HTTP (ASGI), against the Modbus relay simulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from headend.api.app import create_app
+from headend.api.auth import TokenStore
+from headend.config import parse_config
+from headend.localservers import free_port
+from headend.protocols.modbus import ModbusLink
+from headend.protocols.modbus_maps import shipped_maps
+from headend.registry import Registry
+from headend.switching.engine import SwitchingEngine
+from headend.switching.journal import CommandJournal
+from headend.switching.policy import SwitchingPolicy
+from headend.switching.runner import CommandRunner
+from simulators.clock import ManualClock
+from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
+from tests.test_switching import MONDAY_10
+
+UNITS = {"C-1": 1, "C-2": 2, "H-1": 3}
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    runner: CommandRunner
+    sim: ModbusSimulator
+    tokens: dict[str, str]
+
+    def auth(self, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[who]}"}
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    meter_map = shipped_maps()["sim-relay-meter"]
+    sim = ModbusSimulator([SimulatedMeter(u, meter_map, ManualClock(MONDAY_10)) for u in UNITS.values()])
+    port = free_port()
+    await sim.start_tcp("127.0.0.1", port)
+    link = ModbusLink.tcp("127.0.0.1", port, timeout=1)
+    cfg = parse_config(
+        {
+            "links": [{"id": "bus", "kind": "tcp", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": port}],
+            "meters": [
+                {"id": "C-1", "link": "bus", "address": 1, "map": "sim-relay-meter"},
+                {"id": "C-2", "link": "bus", "address": 2, "map": "sim-relay-meter"},
+                {"id": "H-1", "link": "bus", "address": 3, "map": "sim-relay-meter", "protected": True,
+                 "protection": "water"},
+            ],
+        }
+    )  # fmt: skip
+    engine = SwitchingEngine(
+        CommandJournal(tmp_path / "journal.sqlite"), SwitchingPolicy(cfg.switching), Registry(cfg),
+        lambda m: link.session(m, UNITS[m], meter_map), confirm_timeout=0.5, poll_interval=0.05,
+        now=lambda: MONDAY_10,
+    )  # fmt: skip
+    runner = CommandRunner(engine)
+    await runner.start()
+    token_file = tmp_path / "tokens.toml"
+    tokens = {
+        name: TokenStore.issue(token_file, name, frozenset(roles))
+        for name, roles in {"anna": {"operator"}, "chief": {"operator", "override"}, "billing": {"billing"},
+                            "auditor": {"read-only"}}.items()
+    }  # fmt: skip
+    app = create_app(engine, runner, TokenStore.load(token_file))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://headend") as client:
+        yield Api(client, runner, sim, tokens)
+    await runner.stop()
+    link.close()
+    await sim.stop()
+
+
+async def test_an_operator_disconnects_and_the_command_is_confirmed(api: Api) -> None:
+    r = await api.client.post("/meters/C-1/commands", json={"action": "disconnect", "reason": "arrears #4711"},
+                              headers=api.auth("anna"))  # fmt: skip
+    assert r.status_code == 202 and r.headers["Location"] == f"/commands/{r.json()['id']}"
+    await api.runner.join()
+    got = (await api.client.get(r.headers["Location"], headers=api.auth("auditor"))).json()
+    assert got["state"] == "confirmed" and got["who"] == "anna" and got["why"] == "arrears #4711"
+    assert got["evidence"]["relay_after"] == "disconnected"
+    assert [e["state"] for e in got["events"]] == ["requested", "queued", "sent", "confirmed"]
+    assert not api.sim.meters[1].relay_connected
+    listed = (await api.client.get("/commands", params={"meter": "C-1", "state": "confirmed"},
+                                   headers=api.auth("auditor"))).json()  # fmt: skip
+    assert [c["id"] for c in listed["commands"]] == [got["id"]]
+
+
+async def test_arrears_then_payment_reconnects_at_once(api: Api) -> None:
+    arrears = {"type": "disconnect_for_arrears", "meter": "C-2", "reference": "INV-1"}
+    off = await api.client.post("/billing/events", json=arrears, headers=api.auth("billing"))
+    assert off.status_code == 202
+    await api.runner.join()
+    assert not api.sim.meters[2].relay_connected
+    payment = {"type": "payment_received", "meter": "C-2", "reference": "PAY-9"}
+    paid = await api.client.post("/billing/events", json=payment, headers=api.auth("billing"))
+    assert paid.status_code == 202
+    await api.runner.join()
+    final = (await api.client.get(paid.headers["Location"], headers=api.auth("billing"))).json()
+    assert final["state"] == "confirmed" and api.sim.meters[2].relay_connected
+    again = await api.client.post("/billing/events", json=payment, headers=api.auth("billing"))
+    assert again.json()["id"] == final["id"], "the same event twice is the same command"
+
+
+async def test_a_protected_customer_needs_override_and_both_are_audited(api: Api) -> None:
+    refused = await api.client.post("/meters/H-1/commands", json={"action": "disconnect", "reason": "arrears"},
+                                    headers=api.auth("anna"))  # fmt: skip
+    assert refused.json()["state"] == "rejected"
+    allowed = await api.client.post("/meters/H-1/commands", json={"action": "disconnect", "reason": "court order"},
+                                    headers=api.auth("chief"))  # fmt: skip
+    await api.runner.join()
+    audit = (await api.client.get(allowed.headers["Location"], headers=api.auth("auditor"))).json()
+    assert audit["state"] == "confirmed" and audit["override"] and audit["who"] == "chief"
+    rejected = (await api.client.get(f"/commands/{refused.json()['id']}", headers=api.auth("auditor"))).json()
+    assert "protected customer (water)" in rejected["events"][-1]["reason"]
+
+
+async def test_bulk_gives_a_result_per_meter(api: Api) -> None:
+    body = {"commands": [{"meter": "C-1", "action": "disconnect", "reason": "arrears"},
+                         {"meter": "NOPE", "action": "disconnect", "reason": "arrears"}]}  # fmt: skip
+    r = await api.client.post("/commands/bulk", json=body, headers=api.auth("anna"))
+    assert [x["status"] for x in r.json()["results"]] == [202, 404]
+    assert "no meter 'NOPE'" in r.json()["results"][1]["error"]
+    await api.runner.join()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "who", "status", "reason"),
+    [
+        ("post", "/meters/C-1/commands", {"action": "disconnect", "reason": "x y z"}, None, 401, "missing bearer"),
+        ("post", "/meters/C-1/commands", {"action": "disconnect", "reason": "x y z"}, "forged", 401, "unknown token"),
+        ("post", "/meters/C-1/commands", {"action": "disconnect", "reason": "x y z"}, "auditor", 403, "operator"),
+        ("post", "/meters/C-1/commands", {"action": "disconnect", "reason": "x y z"}, "billing", 403, "operator"),
+        ("post", "/billing/events", {"type": "payment_received", "meter": "C-1", "reference": "r"}, "anna", 403,
+         "billing"),
+        ("post", "/meters/C-1/commands", {"action": "explode", "reason": "x y z"}, "anna", 422, "disconnect"),
+        ("post", "/meters/C-1/commands", {"action": "disconnect", "reason": ""}, "anna", 422, "at least 3"),
+        ("post", "/meters/C-1/commands", {"action": "disconnect", "reason": "ok!", "x": 1}, "anna", 422, "Extra"),
+        ("post", "/meters/NOPE/commands", {"action": "disconnect", "reason": "x y z"}, "anna", 404, "no meter"),
+        ("get", "/commands/doesnotexist", None, "auditor", 404, "no command"),
+        ("get", "/commands?state=bogus", None, "auditor", 422, "requested"),
+        ("get", "/commands?limit=5000", None, "auditor", 422, "less than or equal"),
+    ],
+)  # fmt: skip
+async def test_bad_calls_get_a_4xx_with_a_reason(
+    api: Api, method: str, path: str, body: dict[str, object] | None, who: str | None, status: int, reason: str
+) -> None:
+    headers = {} if who is None else ({"Authorization": "Bearer forged"} if who == "forged" else api.auth(who))
+    r = await api.client.request(method, path, json=body, headers=headers)
+    assert r.status_code == status
+    assert reason in r.text
+
+
+def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
+    token = TokenStore.issue(tmp_path / "t.toml", "anna", frozenset({"operator"}))
+    text = (tmp_path / "t.toml").read_text()
+    assert token not in text and "sha256" in text
+    principal = TokenStore.load(tmp_path / "t.toml").authenticate(token)
+    assert principal is not None and principal.roles == {"operator"}
