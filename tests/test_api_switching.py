@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
 from headend.api.app import create_app
 from headend.api.auth import TokenStore
+from headend.cli import main
 from headend.config import parse_config
 from headend.localservers import free_port
 from headend.protocols.modbus import ModbusLink
@@ -29,6 +33,7 @@ UNITS = {"C-1": 1, "C-2": 2, "H-1": 3}
 
 @dataclass
 class Api:
+    app: FastAPI
     client: httpx.AsyncClient
     runner: CommandRunner
     sim: ModbusSimulator
@@ -71,7 +76,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     }  # fmt: skip
     app = create_app(engine, runner, TokenStore.load(token_file))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://headend") as client:
-        yield Api(client, runner, sim, tokens)
+        yield Api(app, client, runner, sim, tokens)
     await runner.stop()
     link.close()
     await sim.stop()
@@ -163,3 +168,26 @@ def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
     assert token not in text and "sha256" in text
     principal = TokenStore.load(tmp_path / "t.toml").authenticate(token)
     assert principal is not None and principal.roles == {"operator"}
+
+
+async def test_the_switch_command_line_talks_to_the_api(
+    api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)  # noqa: ASYNC110 - uvicorn offers no event to await its start
+    monkeypatch.setenv("HEADEND_TOKEN", api.tokens["anna"])
+    url = f"http://127.0.0.1:{port}"
+    code = await asyncio.to_thread(main, ["switch", "disconnect", "C-1", "--reason", "arrears #4711", "--api", url])
+    assert code == 0
+    assert "disconnect C-1: confirmed" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["switch", "status", "C-1", "--api", url]) == 0
+    assert "confirmed" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["switch", "disconnect", "C-2", "--api", url]) == 2  # no reason given
+    monkeypatch.setenv("HEADEND_TOKEN", "wrong")
+    assert await asyncio.to_thread(main, ["switch", "reconnect", "C-1", "--reason", "paid", "--api", url]) == 1
+    assert "401" in capsys.readouterr().err
+    server.should_exit = True
+    await serving
