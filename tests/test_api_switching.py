@@ -176,8 +176,8 @@ async def test_the_switch_command_line_talks_to_the_api(
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)  # noqa: ASYNC110 - uvicorn offers no event to await its start
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to await its start
+        await asyncio.sleep(0.01)
     monkeypatch.setenv("HEADEND_TOKEN", api.tokens["anna"])
     url = f"http://127.0.0.1:{port}"
     code = await asyncio.to_thread(main, ["switch", "disconnect", "C-1", "--reason", "arrears #4711", "--api", url])
