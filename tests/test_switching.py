@@ -3,6 +3,10 @@ that has a relay: DLMS (class 70), Modbus (relay coil), MQTT concentrator."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -31,7 +35,8 @@ from simulators.mqtt_concentrator import SimulatedConcentrator
 
 MONDAY_10 = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)  # inside mon-fri 08:00-15:00
 SATURDAY_10 = datetime(2026, 3, 14, 10, 0, tzinfo=UTC)
-METERS = ("C-1", "H-1")  # an ordinary customer and a hospital
+METERS = ("C-1", "H-1")
+ROOT = Path(__file__).resolve().parent.parent  # an ordinary customer and a hospital
 
 
 @dataclass
@@ -205,3 +210,36 @@ async def test_a_reconnect_to_ready_for_reconnection_is_its_own_confirmed_state(
     assert back.state == CommandState.CONFIRMED_READY
     assert back.evidence["relay_after"] == "ready_for_reconnection"
     await meter.stop()
+
+
+async def test_killed_after_send_and_before_confirm_the_restart_confirms_by_read_back(tmp_path: Path) -> None:
+    meter_map = shipped_maps()["sim-relay-meter"]
+    sim = ModbusSimulator([SimulatedMeter(1, meter_map, ManualClock(MONDAY_10))])
+    port = free_port()
+    await sim.start_tcp("127.0.0.1", port)
+    root = ROOT
+    common = ["--port", str(port), "--journal", str(tmp_path / "journal.sqlite")]
+
+    async def worker(*args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.switching_worker", *args, *common, cwd=root,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)},
+        )  # fmt: skip
+
+    first = await worker("run", "--freeze")
+    assert first.stdout is not None
+    async with asyncio.timeout(30):
+        assert (await first.stdout.readline()).strip() == b"OPERATED"
+    first.kill()
+    await first.wait()
+    journal = CommandJournal(tmp_path / "journal.sqlite")
+    (command,) = journal.find()
+    assert command.state == CommandState.SENT and not sim.meters[1].relay_connected
+    journal.close()
+
+    second = await worker("recover")
+    out, _ = await asyncio.wait_for(second.communicate(), 30)
+    (recovered,) = json.loads(out)
+    assert recovered["state"] == "confirmed" and recovered["evidence"]["relay_after"] == "disconnected"
+    assert sim.meters[1].relay_writes == 1, "the relay was operated once, not again after the restart"
+    await sim.stop()
