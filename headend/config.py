@@ -376,6 +376,8 @@ class SwitchingConfig(Strict):
     poll_interval: Duration = timedelta(seconds=2)
     attempts: int = Field(3, ge=1, le=10)
     dry_run: bool = False
+    #: Disconnects started per link and minute, at most (bulk runs are paced, reconnects never).
+    disconnects_per_link_per_minute: int = Field(60, ge=1, le=100_000)
 
     @field_validator("timezone")
     @classmethod

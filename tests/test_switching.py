@@ -28,6 +28,7 @@ from headend.storage.outbox import Outbox
 from headend.switching.engine import SwitchingEngine
 from headend.switching.journal import CommandJournal, CommandState
 from headend.switching.policy import SwitchingPolicy
+from headend.switching.ratelimit import LinkLimiter
 from simulators.clock import ManualClock
 from simulators.dlms_meter import SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
@@ -243,3 +244,16 @@ async def test_killed_after_send_and_before_confirm_the_restart_confirms_by_read
     assert recovered["state"] == "confirmed" and recovered["evidence"]["relay_after"] == "disconnected"
     assert sim.meters[1].relay_writes == 1, "the relay was operated once, not again after the restart"
     await sim.stop()
+
+
+async def test_disconnects_are_paced_per_link() -> None:
+    now = [0.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds  # simulated time: the limiter's waiting is what is under test
+
+    limiter = LinkLimiter(2, monotonic=lambda: now[0], sleep=fake_sleep)
+    waits = [await limiter.acquire("rs485-a") for _ in range(4)]
+    assert waits[:2] == [0.0, 0.0]  # a burst of the rate goes at once
+    assert waits[2] == pytest.approx(30.0) and waits[3] == pytest.approx(30.0)
+    assert await limiter.acquire("rs485-b") == 0.0  # another line has its own budget

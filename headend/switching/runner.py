@@ -10,14 +10,16 @@ import logging
 from headend.model import RelayAction
 from headend.switching.engine import SwitchingEngine
 from headend.switching.journal import Command, CommandState
+from headend.switching.ratelimit import LinkLimiter
 
 log = logging.getLogger(__name__)
 
 
 class CommandRunner:
-    def __init__(self, engine: SwitchingEngine, *, workers: int = 8) -> None:
+    def __init__(self, engine: SwitchingEngine, *, workers: int = 8, limiter: LinkLimiter | None = None) -> None:
         self.engine = engine
         self.workers = workers
+        self.limiter = limiter
         self._queue: asyncio.PriorityQueue[tuple[int, int, str]] = asyncio.PriorityQueue()
         self._order = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -29,8 +31,11 @@ class CommandRunner:
 
     async def _work(self) -> None:
         while True:
-            _priority, _n, command_id = await self._queue.get()
+            priority, _n, command_id = await self._queue.get()
             try:
+                if priority > 0 and self.limiter is not None:
+                    command = self.engine.journal.get(command_id)
+                    await self.limiter.acquire(self.engine.registry.link_of(command.meter).id)
                 await self.engine.run(command_id)
             except Exception:  # one command's bug must not stop the others
                 log.exception("switching command %s crashed", command_id)
