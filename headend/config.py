@@ -373,6 +373,8 @@ class SwitchingConfig(Strict):
     disconnect_windows: list[SwitchWindow] = [SwitchWindow()]
     holidays: list[date] = []
     confirm_timeout: Duration = timedelta(seconds=60)
+    #: A command still queued this long after the request expires instead of running late.
+    deadline: Duration = timedelta(hours=1)
     poll_interval: Duration = timedelta(seconds=2)
     attempts: int = Field(3, ge=1, le=10)
     dry_run: bool = False

@@ -257,3 +257,12 @@ async def test_disconnects_are_paced_per_link() -> None:
     assert waits[:2] == [0.0, 0.0]  # a burst of the rate goes at once
     assert waits[2] == pytest.approx(30.0) and waits[3] == pytest.approx(30.0)
     assert await limiter.acquire("rs485-b") == 0.0  # another line has its own budget
+
+
+async def test_a_command_past_its_deadline_expires_instead_of_running_late(rig: Rig, tmp_path: Path) -> None:
+    e = engine(rig, tmp_path)
+    e.deadline = 0.0
+    command = e.request("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
+    expired = await e.run(command.id)
+    assert expired.state == CommandState.EXPIRED and rig.operations("C-1") == 0
+    assert "past the 0s deadline" in e.journal.events(command.id)[-1].detail["reason"]

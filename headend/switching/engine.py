@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,7 @@ class SwitchingEngine:
         poll_interval: float = 2.0,
         attempts: int = 3,
         dry_run: bool = False,
+        deadline: float = 3600.0,
         now: Callable[[], datetime] | None = None,
     ) -> None:
         self.journal = journal
@@ -54,6 +56,7 @@ class SwitchingEngine:
         self.poll_interval = poll_interval
         self.attempts = attempts
         self.dry_run = dry_run
+        self.deadline = deadline
         self.now = now or (lambda: datetime.now(UTC))
 
     # -- requests ----------------------------------------------------------------------
@@ -91,6 +94,11 @@ class SwitchingEngine:
         command = self.journal.get(command_id)
         if command.state != CommandState.QUEUED:
             return command
+        waited = (time.time_ns() - command.created_ns) / 1e9
+        if waited > self.deadline:
+            # A disconnect hours late may hit a customer who has paid since: let it lapse.
+            reason = f"waited {waited:.0f}s in the queue, past the {self.deadline:g}s deadline; not sent"
+            return self.journal.transition(command.id, CommandState.EXPIRED, {"reason": reason})
         targets = _TARGETS[command.action]
         last_error = ""
         for attempt in range(1, self.attempts + 1):
