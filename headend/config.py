@@ -324,6 +324,14 @@ class Plan(Strict):
     cron: str | None = None
     window: Duration = timedelta(minutes=10)
     deadline: Duration | None = None
+    #: The profile's capture period: what completeness is counted in.
+    interval: Duration = timedelta(minutes=15)
+    #: How far back a first read (or a gap re-read) goes: the meter's buffer depth.
+    history: Duration = timedelta(days=7)
+    #: Clock drift above this is synced (if sync_clock) and the intervals read are flagged.
+    clock_tolerance: Duration = timedelta(seconds=30)
+    sync_clock: bool = True
+    attempts: int = Field(3, ge=1, le=10)
 
     @model_validator(mode="after")
     def _when(self) -> Plan:

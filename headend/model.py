@@ -116,6 +116,8 @@ class Quality(StrEnum):
     EDITED = "2.7.0"
     ESTIMATED = "2.8.0"
     CLOCK_ERROR = "1.2.0"
+    #: Head-end flag: read from a meter whose clock was off by more than the plan's tolerance.
+    CLOCK_DRIFT = "2.6.16"
 
 
 _QUALITY_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")

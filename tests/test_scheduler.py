@@ -1,0 +1,150 @@
+"""The polling engine over simulated DLMS meters: plans, links, completeness, clocks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from headend.config import Config, Plan, parse_config
+from headend.localservers import free_port
+from headend.model import Quality
+from headend.protocols.dlms.client import DlmsSession
+from headend.registry import Registry
+from headend.scheduler.engine import PollingEngine
+from headend.scheduler.gate import Lane, LinkGate
+from headend.storage.outbox import Outbox
+from simulators.clock import ManualClock
+from simulators.dlms_meter import SimulatedDlmsMeter
+
+NOW = datetime(2026, 3, 9, 10, 0, 40, tzinfo=UTC)
+STEP = timedelta(minutes=15)
+LAST = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)
+
+
+@dataclass
+class Fleet:
+    config: Config
+    meters: dict[str, SimulatedDlmsMeter]
+    ports: dict[str, int]
+    outbox: Outbox
+    clock: ManualClock
+
+    def engine(self, **kwargs: object) -> PollingEngine:
+        def session(m: str) -> DlmsSession:
+            return DlmsSession.tcp_wrapper("127.0.0.1", self.ports[m], m, authentication="lls",
+                                           password=b"12345678", timeout=1, now=self.clock.datetime)  # fmt: skip
+
+        async def no_wait(_seconds: float) -> None:
+            return None  # retries without real waiting: backoff timing is not what these tests check
+
+        return PollingEngine(Registry(self.config), self.outbox, session, sleep=no_wait, **kwargs)  # type: ignore[arg-type]
+
+    def plan(self, **overrides: object) -> Plan:
+        base = {"id": "lp", "read": ["clock", "profile", "registers"], "channels": ["1-0:1.8.0.255"],
+                "every": "15m", "history": "6h", "select": {"group": "fleet"}}  # fmt: skip
+        return parse_config({**fleet_config(self.ports), "plans": [{**base, **overrides}]}).plans[0]
+
+
+def fleet_config(ports: dict[str, int]) -> dict[str, object]:
+    """One direct TCP-wrapper link per meter, all in group `fleet`."""
+    return {
+        "links": [{"id": f"tcp-{m}", "kind": "tcp", "protocol": "dlms-wrapper", "host": "127.0.0.1", "port": p}
+                  for m, p in ports.items()],
+        "meters": [{"id": m, "link": f"tcp-{m}", "groups": ["fleet"]} for m in ports],
+    }  # fmt: skip
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    clock = ManualClock(NOW)
+    meters = {f"M{i}": SimulatedDlmsMeter(f"M{i}", clock, seed=i + 1) for i in range(5)}
+    ports = {m: await sim.start() for m, sim in meters.items()}
+    ports["DEAD"] = free_port()  # nothing listens there: a meter whose link is down
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    yield Fleet(parse_config(fleet_config(ports)), meters, ports, outbox, clock)
+    outbox.close()
+    for sim in meters.values():
+        await sim.stop()
+
+
+async def test_a_plan_reads_the_fleet_and_a_dead_link_does_not_stall_it(fleet: Fleet) -> None:
+    engine = fleet.engine(breaker_threshold=2)
+    report = await engine.run_plan(fleet.plan(), NOW)
+    by_meter = {r.meter: r for r in report.results}
+    for m in fleet.meters:
+        r = by_meter[m]
+        assert r.ok and r.expected_intervals == 24 and r.completeness == 1.0
+        assert r.readings == 24 * 4 + 1  # six hours of four channels, and the register
+    dead = by_meter["DEAD"]
+    assert not dead.ok and "circuit open" in dead.error and dead.attempts == 2  # the third was not tried
+    assert engine.breakers["tcp-DEAD"].state() == "open"
+    assert report.succeeded == 5
+    assert fleet.outbox.depth() == 5 * (24 * 4 + 1)
+
+
+async def test_the_next_run_reads_from_where_the_last_complete_interval_is(fleet: Fleet) -> None:
+    engine = fleet.engine()
+    plan = fleet.plan(read=["profile"], select={"meters": ["M0"]})
+    gap = LAST - 2 * STEP
+    fleet.meters["M0"].faults.missing_intervals = {gap}
+    first = (await engine.run_plan(plan, NOW)).results[0]
+    assert first.missing == [gap] and first.completeness == pytest.approx(23 / 24)
+    fleet.meters["M0"].faults.missing_intervals = set()  # the meter answers the row this time
+    fleet.clock.advance(15 * 60)
+    second = (await engine.run_plan(plan, NOW + STEP)).results[0]
+    assert second.missing == [] and second.expected_intervals == 4  # re-read from just before the gap
+    stamps = {p.reading.timestamp for p in fleet.outbox.take_sync(10_000) if p.reading}
+    assert gap in stamps
+
+
+async def test_a_gap_older_than_the_buffer_depth_is_reported_and_dropped(fleet: Fleet) -> None:
+    engine = fleet.engine()
+    plan = fleet.plan(read=["profile"], select={"meters": ["M1"]}, history="1h")
+    fleet.meters["M1"].faults.missing_intervals = {LAST - 3 * STEP}
+    first = (await engine.run_plan(plan, NOW)).results[0]
+    assert first.missing == [LAST - 3 * STEP]
+    later = NOW + 2 * timedelta(hours=1)
+    fleet.clock.set(later)
+    second = (await engine.run_plan(plan, later)).results[0]
+    assert second.expected_intervals == 4 and second.missing == []  # the old gap is past `history`
+
+
+async def test_clock_drift_is_synced_and_the_intervals_read_meanwhile_flagged(fleet: Fleet) -> None:
+    fleet.meters["M2"].faults.clock_offset_s = 120
+    engine = fleet.engine()
+    result = (await engine.run_plan(fleet.plan(select={"meters": ["M2"]}), NOW)).results[0]
+    assert result.ok and result.drift_s == pytest.approx(120) and result.clock_synced
+    assert fleet.meters["M2"].faults.clock_offset_s == 0
+    readings = [p.reading for p in fleet.outbox.take_sync(10_000) if p.reading]
+    intervals = [r for r in readings if r.kind == "interval"]
+    assert intervals and all(Quality.CLOCK_DRIFT in r.qualities for r in intervals)
+    assert all(Quality.CLOCK_DRIFT not in r.qualities for r in readings if r.kind == "register")
+
+
+async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:
+    gate = LinkGate(1)
+    order: list[str] = []
+    hold = asyncio.Event()
+
+    async def job(name: str, lane: Lane, started: asyncio.Event | None = None) -> None:
+        async with gate.slot(lane):
+            order.append(name)
+            if started is not None:
+                started.set()
+                await hold.wait()
+
+    running = asyncio.Event()
+    first = asyncio.create_task(job("bulk-1", Lane.BULK, running))
+    await running.wait()
+    queued = [asyncio.create_task(job(n, lane)) for n, lane in
+              [("bulk-2", Lane.BULK), ("backfill", Lane.BACKFILL), ("switch", Lane.SWITCHING)]]  # fmt: skip
+    await asyncio.sleep(0)  # let the three line up behind the running job
+    assert gate.queued == 3
+    hold.set()
+    await asyncio.gather(first, *queued)
+    assert order == ["bulk-1", "switch", "backfill", "bulk-2"]
