@@ -341,8 +341,10 @@ class Plan(Strict):
             raise ValueError("'every' must be at least 1s")
         if "registers" in self.read and not self.channels:
             raise ValueError("read includes 'registers' but 'channels' is empty")
-        if self.cron is not None and len(self.cron.split()) != 5:
-            raise ValueError(f"cron {self.cron!r} must have 5 fields (minute hour day month weekday)")
+        if self.cron is not None:
+            from headend.scheduler.timing import parse_cron  # the scheduler owns the cron rules
+
+            parse_cron(self.cron)
         return self
 
 
