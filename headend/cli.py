@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--meters", type=int, default=5)
     demo.add_argument("--days", type=int, default=1)
 
+    serve = sub.add_parser("serve", help="run plans, links, the storage writer and the HTTP API")
+    serve.add_argument("--config", required=True)
+
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config")
 
@@ -185,7 +188,7 @@ DEMO_DEFAULTS = parse_config(
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.INFO if args.command == "serve" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -199,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             cfg = _load(args.config, DEMO_DEFAULTS)
             return asyncio.run(run_demo(cfg.storage, args.meters, args.days))
+        if args.command == "serve":
+            from headend.server import serve  # the server pulls in FastAPI and uvicorn
+
+            return asyncio.run(serve(load_config(args.config)))
         if args.command == "drain":
             return asyncio.run(run_drain(load_config(args.config).storage))
         if args.command == "switch":

@@ -415,6 +415,8 @@ class Config(Strict):
     meters: list[Meter] = []
     plans: list[Plan] = []
     switching: SwitchingConfig = SwitchingConfig()
+    #: Where the command journal and the DLMS invocation counters live.
+    state_dir: Path = Path("var/state")
 
 
 # --------------------------------------------------------------------------- loading

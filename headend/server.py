@@ -1,0 +1,141 @@
+"""`headend serve`: plans, protocol links, the storage writer and the HTTP API in one process.
+
+SIGTERM or SIGINT: stop taking new work, let running reads commit (what was accepted is
+durable; a run cut short resumes from its watermark), leave switching commands journaled
+(a `sent` one is confirmed by read-back at the next start), drain the outbox for a few
+seconds, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from datetime import UTC, datetime
+
+import uvicorn
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from headend.api.app import create_app
+from headend.api.auth import TokenStore
+from headend.config import Config, Plan
+from headend.registry import Registry
+from headend.scheduler.engine import MeterResult, PollingEngine
+from headend.scheduler.timing import next_due
+from headend.sessions import SessionFactory
+from headend.storage.pipeline import Pipeline
+from headend.switching.engine import SwitchingEngine
+from headend.switching.journal import CommandJournal
+from headend.switching.policy import SwitchingPolicy
+from headend.switching.ratelimit import LinkLimiter
+from headend.switching.runner import CommandRunner
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reads = Counter("headend_meter_reads", "Meter read sessions by plan and result",
+                             ["plan", "result"], registry=self.registry)  # fmt: skip
+        self.read_seconds = Histogram("headend_meter_read_seconds", "Duration of one meter's read",
+                                      ["plan"], registry=self.registry)  # fmt: skip
+        self.completeness = Gauge("headend_plan_completeness_ratio", "Received / expected intervals, last run",
+                                  ["plan"], registry=self.registry)  # fmt: skip
+        self.outbox_depth = Gauge("headend_outbox_depth", "Readings accepted, not yet in the store",
+                                  registry=self.registry)  # fmt: skip
+        self.link_up = Gauge("headend_link_up", "1 if the link is connected", ["link"], registry=self.registry)
+        self.breaker_open = Gauge("headend_link_breaker_open", "1 while the link's circuit breaker is open",
+                                  ["link"], registry=self.registry)  # fmt: skip
+        self.progress_age = Gauge("headend_engine_progress_age_seconds", "Seconds since a meter was last read",
+                                  registry=self.registry)  # fmt: skip
+
+    def record(self, plan: str, result: MeterResult, seconds: float) -> None:
+        self.reads.labels(plan, "ok" if result.ok else "failed").inc()
+        self.read_seconds.labels(plan).observe(seconds)
+
+
+async def run_plan_forever(plan: Plan, engine: PollingEngine, metrics: Metrics, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        now = datetime.now(UTC)
+        due = next_due(plan, now)
+        # Jitter inside the first tenth of the window spreads a fleet's sessions.
+        wait = (due - now).total_seconds() + random.uniform(0, plan.window.total_seconds() / 10)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+        if stop.is_set():
+            return
+        started = time.monotonic()
+        report = await engine.run_plan(plan, datetime.now(UTC))
+        elapsed = time.monotonic() - started
+        for result in report.results:
+            metrics.record(plan.id, result, elapsed / max(1, len(report.results)))
+        expected = sum(r.expected_intervals for r in report.results)
+        received = sum(r.received_intervals for r in report.results)
+        metrics.completeness.labels(plan.id).set(received / expected if expected else 1.0)
+
+
+async def serve(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics()
+    async with Pipeline(cfg.storage, flush_timeout=5) as pipeline:
+        sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir)
+        await sessions.start()
+        registry = Registry(cfg)
+        polling = PollingEngine(registry, pipeline.outbox, sessions)
+        journal = CommandJournal(cfg.state_dir / "journal.sqlite")
+        switching = SwitchingEngine(
+            journal, SwitchingPolicy(cfg.switching), registry, sessions,
+            confirm_timeout=cfg.switching.confirm_timeout.total_seconds(),
+            poll_interval=cfg.switching.poll_interval.total_seconds(), attempts=cfg.switching.attempts,
+            dry_run=cfg.switching.dry_run, deadline=cfg.switching.deadline.total_seconds(),
+        )  # fmt: skip
+        runner = CommandRunner(switching, limiter=LinkLimiter(cfg.switching.disconnects_per_link_per_minute))
+        await runner.start()
+        tokens = TokenStore.load(cfg.api.tokens_file) if cfg.api.tokens_file else TokenStore({})
+        app = create_app(switching, runner, tokens)
+
+        @app.get("/metrics", response_class=PlainTextResponse)
+        async def metrics_endpoint() -> str:
+            metrics.outbox_depth.set(pipeline.outbox.depth())
+            for link_id, state in sessions.link_states().items():
+                metrics.link_up.labels(link_id).set(1 if state == "up" else 0)
+            for link_id, breaker in polling.breakers.items():
+                metrics.breaker_open.labels(link_id).set(1 if breaker.is_open else 0)
+            metrics.progress_age.set(time.monotonic() - polling.stats.last_progress)
+            return generate_latest(metrics.registry).decode()
+
+        @app.get("/status")
+        async def status() -> dict[str, object]:
+            return {
+                "outbox_depth": pipeline.outbox.depth(),
+                "writer": {"healthy": pipeline.writer.stats.healthy, "written": pipeline.writer.stats.written},
+                "links": sessions.link_states(),
+                "breakers": {k: b.state() for k, b in polling.breakers.items()},
+            }
+
+        server = uvicorn.Server(uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_level="warning"))
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
+        tasks = [asyncio.create_task(run_plan_forever(p, polling, metrics, stop), name=f"plan-{p.id}")
+                 for p in cfg.plans]  # fmt: skip
+        http = asyncio.create_task(server.serve(), name="http")
+        log.info("headend serving %d meters, %d plans, API on %s:%d", len(cfg.meters), len(cfg.plans),
+                 cfg.api.host, cfg.api.port)  # fmt: skip
+        await stop.wait()
+        log.info("stopping: finishing in-flight reads")
+        server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await http
+        await runner.stop()
+        await sessions.close()
+        journal.close()
+    return 0
