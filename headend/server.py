@@ -6,8 +6,6 @@ durable; a run cut short resumes from its watermark), leave switching commands j
 seconds, exit 0.
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import logging
@@ -15,16 +13,20 @@ import random
 import signal
 import time
 from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 import uvicorn
+from fastapi import Depends, HTTPException
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from headend.api.app import create_app
-from headend.api.auth import TokenStore
+from headend.api.app import create_app, require_roles
+from headend.api.auth import Principal, TokenStore
 from headend.config import Config, Plan
-from headend.registry import Registry
+from headend.registry import Registry, UnknownMeter
 from headend.scheduler.engine import MeterResult, PollingEngine
+from headend.scheduler.gate import Lane
 from headend.scheduler.timing import next_due
 from headend.sessions import SessionFactory
 from headend.storage.pipeline import Pipeline
@@ -103,6 +105,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
         await runner.start()
         tokens = TokenStore.load(cfg.api.tokens_file) if cfg.api.tokens_file else TokenStore({})
         app = create_app(switching, runner, tokens)
+        reader = require_roles(tokens, "operator", "engineer", "billing", "override")
 
         @app.get("/metrics", response_class=PlainTextResponse)
         async def metrics_endpoint() -> str:
@@ -113,6 +116,33 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
                 metrics.breaker_open.labels(link_id).set(1 if breaker.is_open else 0)
             metrics.progress_age.set(time.monotonic() - polling.stats.last_progress)
             return generate_latest(metrics.registry).decode()
+
+        class ReadIn(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            read: list[Literal["profile", "registers", "clock"]] = Field(min_length=1)
+            channels: list[str] = []
+            hours: float = Field(24.0, gt=0, le=24 * 31)
+
+        @app.post("/meters/{meter_id}/read")
+        async def read_now(meter_id: str, body: ReadIn, who: Annotated[Principal, Depends(reader)]) -> dict[str, Any]:
+            """An on-demand read, ahead of bulk and backfill work on the meter's link."""
+            try:
+                meter = registry.meter(meter_id)
+                plan = Plan.model_validate({
+                    "id": "on-demand", "read": body.read, "channels": body.channels, "every": "1d",
+                    "history": f"{body.hours}h", "select": {"meters": [meter.id]}, "attempts": 1,
+                })  # fmt: skip
+            except UnknownMeter as exc:
+                raise HTTPException(404, str(exc)) from None
+            except ValidationError as exc:
+                raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+            result = await polling.read_meter(meter.id, plan, datetime.now(UTC), Lane.ON_DEMAND, fresh=True)
+            if not result.ok:
+                raise HTTPException(502, f"{meter_id}: {result.error}")
+            return {"meter": meter_id, "requested_by": who.name, "readings": result.readings,
+                    "drift_s": result.drift_s, "expected_intervals": result.expected_intervals,
+                    "received_intervals": result.received_intervals,
+                    "missing": [t.isoformat() for t in result.missing]}  # fmt: skip
 
         @app.get("/status")
         async def status() -> dict[str, object]:

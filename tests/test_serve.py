@@ -133,6 +133,11 @@ async def test_serve_reads_switches_and_stops_cleanly(site: tuple[Path, str, int
                 break
             await asyncio.sleep(0.1)
         assert final["state"] == "confirmed"
+        on_demand = await client.post("/meters/D1/read", json={"read": ["clock", "profile"], "hours": 1},
+                                      headers=auth)  # fmt: skip
+        assert on_demand.status_code == 200 and on_demand.json()["expected_intervals"] == 4
+        assert (await client.post("/meters/NOPE/read", json={"read": ["clock"]}, headers=auth)).status_code == 404
+        assert (await client.post("/meters/D1/read", json={"read": ["clock"]})).status_code == 401
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     db = sqlite3.connect(path / "readings.sqlite")

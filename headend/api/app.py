@@ -65,11 +65,11 @@ def command_json(command: Command, events: list[Any] | None = None) -> dict[str,
     return out
 
 
-def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStore) -> FastAPI:
-    app = FastAPI(title="headend", version="0.1.0")
-    bearer = HTTPBearer(auto_error=False)
+_bearer = HTTPBearer(auto_error=False)
 
-    def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+
+def authenticated(tokens: TokenStore) -> Callable[..., Principal]:
+    def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
         if creds is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
@@ -78,17 +78,26 @@ def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStor
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown token", headers={"WWW-Authenticate": "Bearer"})
         return found
 
-    def role(*allowed: str) -> Callable[[Principal], Principal]:
-        def check(who: Annotated[Principal, Depends(principal)]) -> Principal:
-            if not who.roles & set(allowed):
-                raise HTTPException(status.HTTP_403_FORBIDDEN, f"needs one of the roles {', '.join(allowed)}")
-            return who
+    return principal
 
-        return check
 
-    Operator = Annotated[Principal, Depends(role("operator", "override"))]
-    Billing = Annotated[Principal, Depends(role("billing"))]
-    Reader = Annotated[Principal, Depends(principal)]
+def require_roles(tokens: TokenStore, *allowed: str) -> Callable[..., Principal]:
+    """A FastAPI dependency: the caller, if authenticated with one of `allowed`; else 401/403."""
+    principal = authenticated(tokens)
+
+    def check(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        if not who.roles & set(allowed):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"needs one of the roles {', '.join(allowed)}")
+        return who
+
+    return check
+
+
+def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStore) -> FastAPI:
+    app = FastAPI(title="headend", version="0.1.0")
+    Operator = Annotated[Principal, Depends(require_roles(tokens, "operator", "override"))]
+    Billing = Annotated[Principal, Depends(require_roles(tokens, "billing"))]
+    Reader = Annotated[Principal, Depends(authenticated(tokens))]
 
     def submit(meter: str, action: str, who: Principal, why: str, key: str | None) -> Command:
         try:

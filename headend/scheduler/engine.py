@@ -124,7 +124,10 @@ class PollingEngine:
         log.info("plan %s: %d/%d meters read", plan.id, report.succeeded, len(results))
         return report
 
-    async def read_meter(self, meter_id: str, plan: Plan, now: datetime, lane: Lane = Lane.BULK) -> MeterResult:
+    async def read_meter(self, meter_id: str, plan: Plan, now: datetime, lane: Lane = Lane.BULK,
+                         *, fresh: bool = False) -> MeterResult:  # fmt: skip
+        """Read one meter for a plan. `fresh` reads the plan's whole history, ignoring (and
+        leaving alone) the completeness watermark: an operator's on-demand look."""
         key, gate = self.gate(meter_id)
         breaker = self.breaker(key)
         result = MeterResult(meter_id, ok=False)
@@ -136,7 +139,7 @@ class PollingEngine:
             result.attempts = attempt
             try:
                 async with gate.slot(lane):
-                    await self._session(meter_id, plan, now, result)
+                    await self._session(meter_id, plan, now, result, fresh)
                 breaker.record(True)
                 result.ok, result.error = True, ""
                 self.stats.last_progress = self.monotonic()
@@ -155,7 +158,7 @@ class PollingEngine:
         log.warning("%s: plan %s failed after %d attempts: %s", meter_id, plan.id, result.attempts, result.error)
         return result
 
-    async def _session(self, meter_id: str, plan: Plan, now: datetime, result: MeterResult) -> None:
+    async def _session(self, meter_id: str, plan: Plan, now: datetime, result: MeterResult, fresh: bool) -> None:
         self.stats.sessions += 1
         readings: list[Reading] = []
         cursors: dict[str, int] = {}
@@ -169,9 +172,10 @@ class PollingEngine:
                     await session.set_clock(now)
                     result.clock_synced = True
             if "profile" in plan.read:
-                profile, watermark = await self._profile(session, meter_id, plan, now, result)
+                profile, watermark = await self._profile(session, meter_id, plan, now, result, fresh)
                 readings += profile
-                cursors[_cursor_key(meter_id, plan)] = to_ns(watermark)
+                if not fresh:
+                    cursors[_cursor_key(meter_id, plan)] = to_ns(watermark)
             if "registers" in plan.read:
                 readings += await session.read_registers(plan.channels)
         if drifting:
@@ -181,7 +185,7 @@ class PollingEngine:
         result.readings = len(readings)
 
     async def _profile(
-        self, session: MeterSession, meter_id: str, plan: Plan, now: datetime, result: MeterResult
+        self, session: MeterSession, meter_id: str, plan: Plan, now: datetime, result: MeterResult, fresh: bool
     ) -> tuple[list[Reading], datetime]:
         """Read from the completeness watermark (all intervals up to it are stored), so gaps are
         read again on every run until they fill or fall past `history` (the buffer depth)."""
@@ -189,7 +193,7 @@ class PollingEngine:
         epoch = datetime(1970, 1, 1, tzinfo=UTC)
         last_boundary = epoch + ((now - epoch) // step) * step
         oldest = last_boundary - plan.history
-        cursor = self.outbox.cursors(_cursor_key(meter_id, plan)).get(_cursor_key(meter_id, plan))
+        cursor = None if fresh else self.outbox.cursors(_cursor_key(meter_id, plan)).get(_cursor_key(meter_id, plan))
         since = max(from_ns(cursor), oldest) if cursor is not None else oldest
         readings = await session.read_profile(plan.profile, since, now)
         got = {r.timestamp for r in readings if r.value is not None}
