@@ -45,7 +45,7 @@ class LocalServer:
     startup_timeout = 60.0
 
     def __init__(self, workdir: str | Path) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

@@ -71,6 +71,7 @@ class SimulatedConcentrator:
         faults: ConcentratorFaults | None = None,
         protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
         meters_per_message: int = 1000,
+        backlog: timedelta = timedelta(0),
     ) -> None:
         self.id = concentrator_id
         self.meters_per_message = meters_per_message
@@ -88,7 +89,8 @@ class SimulatedConcentrator:
         self.sent: dict[int, Data] = {}
         self.commands: list[tuple[str, Command]] = []
         start = datetime.fromtimestamp(t0, UTC)
-        self.published_until = _EPOCH + ((start - _EPOCH) // interval) * interval
+        # With a backlog the first publish_until() sends that much recorded history at once.
+        self.published_until = _EPOCH + ((start - _EPOCH) // interval) * interval - backlog
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._held: Data | None = None

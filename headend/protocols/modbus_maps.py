@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -24,7 +25,13 @@ from pydantic import Field, model_validator
 from headend.config import ConfigError, ObisCode, Strict, read_toml, validate_model
 from headend.model import Obis
 
-MAPS_DIR = Path(__file__).resolve().parent.parent.parent / "config" / "meters"
+# The maps live in config/meters/ of the source tree; an installed package finds the copies
+# that pyproject's data-files put under <prefix>/share/headend/meters.
+_MAP_DIRS = (
+    Path(__file__).resolve().parent.parent.parent / "config" / "meters",
+    Path(sys.prefix) / "share" / "headend" / "meters",
+)
+MAPS_DIR = next((d for d in _MAP_DIRS if d.is_dir()), _MAP_DIRS[0])
 MODBUS_MAX_REGISTERS = 125
 
 DataType = Literal["u16", "i16", "u32", "i32", "u64", "i64", "float32", "float64"]
