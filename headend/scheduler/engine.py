@@ -11,6 +11,7 @@ plan's window; link-level failures feed the link's circuit breaker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -210,8 +211,4 @@ def _cursor_key(meter_id: str, plan: Plan) -> str:
 
 
 def _flag(reading: Reading, code: str) -> Reading:
-    return Reading(
-        meter=reading.meter, channel=reading.channel, timestamp=reading.timestamp, value=reading.value,
-        unit=reading.unit, kind=reading.kind, raw=reading.raw, scaler=reading.scaler, multiplier=reading.multiplier,
-        qualities=(*reading.qualities, code), source=reading.source, collected_at=reading.collected_at,
-    )  # fmt: skip
+    return dataclasses.replace(reading, qualities=(*reading.qualities, code))
