@@ -107,7 +107,12 @@ async def run_demo(workdir: Path, duration: float, console: Console) -> int:
     token = TokenStore.issue(workdir / "tokens.toml", "demo", frozenset({"operator", "engineer"}))
     os.environ["HEADEND_DEMO_DLMS_PASSWORD"] = dlms[0].password.decode()
     stop = asyncio.Event()
-    server = asyncio.create_task(serve(cfg, stop=stop))
+    ready = asyncio.Event()
+    server = asyncio.create_task(serve(cfg, stop=stop, ready=ready))
+    # The concentrators publish their backlog once the head-end is subscribed to them.
+    waiting = asyncio.ensure_future(ready.wait())
+    await asyncio.wait([server, waiting], return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
     if broker is not None:
         for cid, meters in concentrators.items():
             dc = SimulatedConcentrator(cid, "127.0.0.1", broker.port, meters, clock, backlog=timedelta(hours=6))

@@ -81,7 +81,7 @@ async def run_plan_forever(plan: Plan, engine: PollingEngine, metrics: Metrics, 
         metrics.completeness.labels(plan.id).set(received / expected if expected else 1.0)
 
 
-async def serve(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
+async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> int:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -158,6 +158,8 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
         tasks = [asyncio.create_task(run_plan_forever(p, polling, metrics, stop), name=f"plan-{p.id}")
                  for p in cfg.plans]  # fmt: skip
         http = asyncio.create_task(server.serve(), name="http")
+        if ready is not None:
+            ready.set()
         log.info("headend serving %d meters, %d plans, API on %s:%d", len(cfg.meters), len(cfg.plans),
                  cfg.api.host, cfg.api.port)  # fmt: skip
         await stop.wait()

@@ -7,6 +7,7 @@ HLS keys) come from the environment the config names.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Mapping
@@ -43,6 +44,9 @@ class SessionFactory:
                                                     headend_id=self.headend_id)  # fmt: skip
                 await mqtt.__aenter__()
                 self.mqtt[link.id] = mqtt
+                # Subscribed before anything else starts; a broker that is down is retried in the background.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(mqtt.connected.wait(), link.timeout.total_seconds())
 
     async def close(self) -> None:
         for mqtt in self.mqtt.values():
