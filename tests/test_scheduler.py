@@ -12,14 +12,17 @@ import pytest
 
 from headend.config import Config, Plan, parse_config
 from headend.localservers import free_port
-from headend.model import Quality
+from headend.model import Obis, Quality
 from headend.protocols.dlms.client import DlmsSession
+from headend.protocols.modbus import ModbusLink
+from headend.protocols.modbus_maps import shipped_maps
 from headend.registry import Registry
 from headend.scheduler.engine import PollingEngine
 from headend.scheduler.gate import Lane, LinkGate
 from headend.storage.outbox import Outbox
 from simulators.clock import ManualClock
 from simulators.dlms_meter import SimulatedDlmsMeter
+from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
 
 NOW = datetime(2026, 3, 9, 10, 0, 40, tzinfo=UTC)
 STEP = timedelta(minutes=15)
@@ -148,3 +151,38 @@ async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:
     hold.set()
     await asyncio.gather(first, *queued)
     assert order == ["bulk-1", "switch", "backfill", "bulk-2"]
+
+
+async def test_a_meter_without_load_profile_gets_intervals_from_boundary_reads(tmp_path: Path) -> None:
+    start = datetime(2026, 3, 9, 10, 0, 12, tzinfo=UTC)
+    clock = ManualClock(start)
+    meter_map = shipped_maps()["sim-relay-meter"]
+    sim = ModbusSimulator([SimulatedMeter(1, meter_map, clock)])
+    port = free_port()
+    await sim.start_tcp("127.0.0.1", port)
+    link = ModbusLink.tcp("127.0.0.1", port, timeout=1)
+    cfg = parse_config({
+        "links": [{"id": "gw", "kind": "tcp", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": port}],
+        "meters": [{"id": "MB", "link": "gw", "address": 1, "map": "sim-relay-meter"}],
+        "plans": [{"id": "lp", "read": ["profile"], "every": "15m"}],
+    })  # fmt: skip
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    engine = PollingEngine(Registry(cfg), outbox, lambda m: link.session(m, 1, meter_map, now=clock.datetime))
+    plan = cfg.plans[0]
+    results = []
+    for minutes in (0, 15, 45, 60):  # the read at 10:30 is missed
+        clock.set(start + timedelta(minutes=minutes))
+        results.append(await engine.read_meter("MB", plan, clock.datetime()))
+    assert [r.expected_intervals for r in results] == [0, 1, 2, 1]
+    assert [r.received_intervals for r in results] == [0, 1, 0, 1]
+    assert results[2].missing == [LAST + 2 * STEP, LAST + 3 * STEP]  # both sides of the missed boundary
+    intervals = [p.reading for p in outbox.take_sync(100) if p.reading and p.reading.kind == "interval"]
+    first = next(r for r in intervals if r.value is not None)
+    expected_kwh = sim.meters[1].expected(Obis(1, 0, 1, 8, 0), (start + STEP).timestamp()) - sim.meters[1].expected(
+        Obis(1, 0, 1, 8, 0), start.timestamp()
+    )
+    assert first.timestamp == LAST + STEP and first.value == pytest.approx(expected_kwh)
+    assert sum(1 for r in intervals if r.value is None and Quality.MISSING in r.qualities) == 2
+    link.close()
+    await sim.stop()
+    outbox.close()

@@ -17,11 +17,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from headend.config import Plan, TcpLink
-from headend.model import Quality, Reading
-from headend.protocols.base import LinkDown, MeterError, MeterSession, Timeout
+from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Quality, Reading
+from headend.protocols.base import LinkDown, MeterError, MeterSession, Timeout, Unsupported
+from headend.protocols.modbus_intervals import boundary_of, build_intervals
 from headend.registry import Registry
 from headend.scheduler.breaker import LinkBreaker
 from headend.scheduler.gate import Lane, LinkGate
@@ -93,6 +94,7 @@ class PollingEngine:
         self._tcp_gate = LinkGate(tcp_sessions)  # direct TCP meters share one global cap
         self._gates: dict[str, LinkGate] = {}
         self.breakers: dict[str, LinkBreaker] = {}
+        self._boundary_cursors: dict[str, dict[str, int]] = {}
         self._breaker_args = (breaker_threshold, breaker_cooldown)
 
     def gate(self, meter_id: str) -> tuple[str, LinkGate]:
@@ -181,6 +183,7 @@ class PollingEngine:
                 readings += await session.read_registers(plan.channels)
         if drifting:
             readings = [_flag(r, Quality.CLOCK_DRIFT) if r.kind == "interval" else r for r in readings]
+        cursors |= self._boundary_cursors.pop(meter_id, {})
         # The profile cursor commits with the readings: it never runs ahead of what is stored.
         await self.outbox.accept(readings, cursors=cursors)
         result.readings = len(readings)
@@ -196,7 +199,12 @@ class PollingEngine:
         oldest = last_boundary - plan.history
         cursor = None if fresh else self.outbox.cursors(_cursor_key(meter_id, plan)).get(_cursor_key(meter_id, plan))
         since = max(from_ns(cursor), oldest) if cursor is not None else oldest
-        readings = await session.read_profile(plan.profile, since, now)
+        try:
+            readings = await session.read_profile(plan.profile, since, now)
+        except Unsupported:
+            # No load profile in the meter (Modbus): intervals come from the energy register
+            # read at each boundary, a missed boundary leaves its intervals marked missing.
+            return await self._boundary_profile(session, meter_id, plan, now, result)
         got = {r.timestamp for r in readings if r.value is not None}
         expected = [since + k * step for k in range(1, (last_boundary - since) // step + 1)]
         result.expected_intervals = len(expected)
@@ -204,6 +212,31 @@ class PollingEngine:
         result.missing = [t for t in expected if t not in got]
         watermark = result.missing[0] - step if result.missing else last_boundary
         return readings, watermark
+
+    async def _boundary_profile(
+        self, session: MeterSession, meter_id: str, plan: Plan, now: datetime, result: MeterResult
+    ) -> tuple[list[Reading], datetime]:
+        step = plan.interval
+        (register,) = await session.read_registers([IMPORT_ENERGY])
+        tolerance = min(timedelta(seconds=60), step / 10)
+        boundary = boundary_of(register.timestamp, step, tolerance)
+        readings: list[Reading] = [register]
+        key_t, key_v = f"boundary:{meter_id}:t", f"boundary:{meter_id}:v"
+        saved = self.outbox.cursors(f"boundary:{meter_id}:")
+        if boundary is None or register.value is None:
+            result.error = "register read too far from an interval boundary to count for one"
+            return readings, from_ns(saved.get(key_t, to_ns(now)))
+        if key_t in saved:
+            previous = dataclasses.replace(register, timestamp=from_ns(saved[key_t]), value=saved[key_v] / 1e6)
+            start = max(previous.timestamp, boundary - plan.history)
+            intervals = build_intervals(meter_id, IMPORT_INTERVAL, [previous, register], start, boundary, step,
+                                        tolerance, source=register.source)  # fmt: skip
+            readings += intervals
+            result.expected_intervals = len(intervals)
+            result.received_intervals = sum(1 for r in intervals if r.value is not None)
+            result.missing = [r.timestamp for r in intervals if r.value is None]
+        self._boundary_cursors[meter_id] = {key_t: to_ns(boundary), key_v: round(register.value * 1e6)}
+        return readings, boundary
 
 
 def _cursor_key(meter_id: str, plan: Plan) -> str:
