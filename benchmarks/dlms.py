@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
-from headend.localservers import free_port
 from headend.protocols.dlms.client import DlmsSession
+from simulators import launch
 from simulators.dlms_meter import PROFILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,16 +52,8 @@ async def main() -> None:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--concurrency", type=int, default=4)
     args = p.parse_args()
-    base = free_port()
-    sim = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "simulators.dlms_meter", "--meters", str(args.meters), "--port", str(base),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    sim, ports = await launch.dlms_meters(args.meters)
     try:
-        assert sim.stdout is not None
-        for _ in range(args.meters):
-            await sim.stdout.readline()  # one line per meter once it listens
-        ports = [base + i for i in range(args.meters)]
         print(f"{platform.python_implementation()} {platform.python_version()}; {args.meters} simulated meters "
               f"in their own process, {args.concurrency} concurrent sessions, {args.seconds:g} s each")  # fmt: skip
         rate = await measure(ports, args.seconds, args.concurrency, profile=False)

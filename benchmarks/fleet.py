@@ -15,18 +15,17 @@ import asyncio
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from headend.config import parse_config
-from headend.localservers import free_port
 from headend.protocols.dlms.client import DlmsSession
 from headend.registry import Registry
 from headend.scheduler.engine import PollingEngine
 from headend.storage.outbox import Outbox
+from simulators import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,15 +36,8 @@ async def main() -> None:
     p.add_argument("--seconds", type=float, default=300)
     p.add_argument("--concurrency", type=int, default=8)
     args = p.parse_args()
-    base = free_port()
-    sim = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "simulators.dlms_meter", "--meters", str(args.meters), "--port", str(base),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert sim.stdout is not None
-    for _ in range(args.meters):
-        await sim.stdout.readline()
-    ports = {f"D{i}": base + i for i in range(args.meters)}
+    sim, port_list = await launch.dlms_meters(args.meters)
+    ports = {f"D{i}": port for i, port in enumerate(port_list)}
     cfg = parse_config({
         "links": [{"id": f"l{m}", "kind": "tcp", "protocol": "dlms-wrapper", "host": "127.0.0.1", "port": port}
                   for m, port in ports.items()],

@@ -478,7 +478,7 @@ async def _main(args: argparse.Namespace) -> None:
             print(f"DLMS meter {m.serial} at HDLC physical address 0x{0x11 + i:02x} on {where}", flush=True)
     else:
         for i, m in enumerate(meters):
-            await m.start(args.host, args.port + i)
+            await m.start(args.host, args.port + i if args.port else 0)
             print(f"DLMS meter {m.serial} on {args.host}:{m.port} (TCP wrapper)", flush=True)
     await asyncio.Event().wait()
 
@@ -487,7 +487,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--meters", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4059, help="first TCP wrapper port (one meter per port)")
+    p.add_argument("--port", type=int, default=4059, help="first TCP wrapper port (one per meter; 0: any free ones)")
     p.add_argument("--hdlc-serial", help="serve all meters as one HDLC bus on this serial port")
     p.add_argument("--hdlc-tcp", type=int, help="serve all meters as one HDLC bus on this TCP port")
     p.add_argument("--baudrate", type=int, default=9600)
