@@ -209,19 +209,23 @@ async def test_a_bad_message_is_quarantined_and_the_link_goes_on(
     sim = dc(mosquitto_server, clock, meters=1)
     await sim.start()
     await link.until(lambda: sim.id in link.concentrators)
+    meter = next(iter(sim.loads))
+
+    def message(seq: object, meter: str, t: str = "2026-01-01T00:15:00Z", v: object = 1) -> str:
+        block = {"meter": meter, "kind": "interval", "channel": "1-0:1.29.0.255", "readings": [{"t": t, "v": v}]}
+        return json.dumps({"seq": seq, "blocks": [block]})
+
     async with aiomqtt.Client("127.0.0.1", mosquitto_server.port) as rogue:
-        await rogue.publish(data_topic(sim.id), b'{"seq": "x", "garbage', qos=1)
-        bad = {
-            "seq": 0,
-            "meter": "m",
-            "kind": "interval",
-            "channel": "1-0:1.29.0.255",
-            "readings": [{"t": "2026-01-01T00:15:00", "v": 1}],
-        }
-        await rogue.publish(data_topic(sim.id), json.dumps(bad), qos=1)  # naive timestamp: refused
-    await link.until(lambda: link.stats.bad_messages == 2)
+        await rogue.publish(data_topic(sim.id), b'{"seq": 1, "garbage', qos=1)  # not JSON
+        await rogue.publish(data_topic(sim.id), message("x", meter), qos=1)  # seq of the wrong type
+        await rogue.publish(data_topic(sim.id), message(1, meter, v="lots"), qos=1)  # value of the wrong type
+        await rogue.publish(data_topic(sim.id), message(1, meter, t="2026-01-01T00:15:00"), qos=1)  # no timezone
+        await rogue.publish(data_topic(sim.id), message(1, "someone-else"), qos=1)  # not in the inventory
+    await link.until(lambda: link.stats.bad_messages == 5)
     quarantined = outbox.quarantined()
-    assert len(quarantined) == 2 and b"garbage".hex() in quarantined[0][0]
+    assert len(quarantined) == 5 and b"garbage".hex() in quarantined[0][0]
+    assert "unknown meter 'someone-else'" in quarantined[4][1]
+    assert outbox.depth() == 0
     clock.advance(900)
     await sim.publish_until(clock.datetime())
     await link.until(lambda: link.stats.accepted_readings == 1)

@@ -356,11 +356,11 @@ class ConcentratorLink:
             self._changed.notify_all()
 
     async def _bad(self, topic: str, payload: bytes, reason: str) -> None:
-        self.stats.bad_messages += 1
         reason = reason.replace("\n", "; ")[:500]
         log.error("bad MQTT message on %s (%s); raw %s", topic, reason, payload[:200].hex())
         # Kept, not dropped: the raw message goes to the outbox's quarantine before the ack.
         await self.outbox.quarantine_raw(f"mqtt {topic}", payload, reason)
+        self.stats.bad_messages += 1  # counted once it is durably kept
 
     def _on_state(self, concentrator: str, state: State) -> None:
         c = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
