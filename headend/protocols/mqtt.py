@@ -326,7 +326,16 @@ class ConcentratorLink:
     # -- incoming ----------------------------------------------------------------------
 
     async def _handle(self, batch: Sequence[aiomqtt.Message]) -> None:
-        """Handle messages already received; their readings commit in one outbox transaction."""
+        """Handle messages already received; their readings commit in one outbox transaction.
+
+        Runs under the state condition, so `until()` never sees a sequence or counter that
+        is ahead of what the outbox holds.
+        """
+        async with self._changed:
+            await self._handle_batch(batch)
+            self._changed.notify_all()
+
+    async def _handle_batch(self, batch: Sequence[aiomqtt.Message]) -> None:
         readings: list[Reading] = []
         touched: set[str] = set()
         for message in batch:
@@ -352,8 +361,6 @@ class ConcentratorLink:
                 cursors |= {watermark_key: c.watermark, highest_key: c.highest}
             await self.outbox.accept(readings, cursors=cursors)
             self.stats.accepted_readings += len(readings)
-        async with self._changed:
-            self._changed.notify_all()
 
     async def _bad(self, topic: str, payload: bytes, reason: str) -> None:
         reason = reason.replace("\n", "; ")[:500]
