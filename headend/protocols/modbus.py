@@ -29,6 +29,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 
+from headend.breaker import CircuitBreaker
 from headend.config import SerialLink, TcpLink
 from headend.model import Obis, Quality, Reading, RelayAction, RelayState, transformer_ratio
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
@@ -74,30 +75,6 @@ def map_exception(code: int, meter: str) -> MeterError:
 
 
 @dataclass
-class UnitBreaker:
-    """Opens after `threshold` consecutive timeouts; one trial request after `cooldown`."""
-
-    threshold: int
-    cooldown: float
-    failures: int = 0
-    open_until: float = 0.0
-
-    def check(self, now: float, meter: str) -> None:
-        if self.failures >= self.threshold and now < self.open_until:
-            raise Timeout(
-                f"circuit open after {self.failures} timeouts; next try in {self.open_until - now:.0f}s", meter=meter
-            )
-
-    def record(self, ok: bool, now: float) -> None:
-        if ok:
-            self.failures = 0
-            return
-        self.failures += 1
-        if self.failures >= self.threshold:
-            self.open_until = now + self.cooldown
-
-
-@dataclass
 class LinkStats:
     requests: Counter[int] = field(default_factory=Counter)
     timeouts: Counter[int] = field(default_factory=Counter)
@@ -128,7 +105,7 @@ class ModbusLink:
         self.stats = LinkStats()
         self._lock = asyncio.Lock()
         self._quiet_from = 0.0
-        self._breakers: dict[int, UnitBreaker] = {}
+        self._breakers: dict[int, CircuitBreaker] = {}
         self._rx = bytearray()
         self._rtu = isinstance(client, AsyncModbusSerialClient)
 
@@ -206,19 +183,18 @@ class ModbusLink:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
-    def breaker(self, unit: int) -> UnitBreaker:
+    def breaker(self, unit: int) -> CircuitBreaker:
         if unit not in self._breakers:
-            self._breakers[unit] = UnitBreaker(self.breaker_threshold, self.breaker_cooldown)
+            self._breakers[unit] = CircuitBreaker(self.breaker_threshold, self.breaker_cooldown, self.monotonic)
         return self._breakers[unit]
 
     async def call(self, unit: int, meter: str, request: Callable[[], Any]) -> ModbusPDU:
         """Run one request on the line, alone, with the gap, timeout and breaker."""
         breaker = self.breaker(unit)
-        try:
-            breaker.check(self.monotonic(), meter)
-        except Timeout:
+        if breaker.is_open:
             self.stats.fast_fails[unit] += 1
-            raise
+            wait = breaker.open_until - self.monotonic()
+            raise Timeout(f"circuit open after {breaker.failures} timeouts; next try in {wait:.0f}s", meter=meter)
         async with self._lock:
             await self.connect()
             wait = self._quiet_from - asyncio.get_running_loop().time()
@@ -232,11 +208,11 @@ class ModbusLink:
             except ConnectionException as exc:
                 raise LinkDown(f"{self.name}: {exc}", meter=meter) from exc
             except (ModbusIOException, TimeoutError) as exc:
-                breaker.record(False, self.monotonic())
+                breaker.record(False)
                 raise self._no_answer(unit, meter) from exc
             finally:
                 self._quiet_from = asyncio.get_running_loop().time() + self.frame_gap
-        breaker.record(True, self.monotonic())
+        breaker.record(True)
         if isinstance(response, ExceptionResponse) or response.isError():
             code = getattr(response, "exception_code", 0)
             self.stats.exceptions[unit] += 1

@@ -19,12 +19,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from headend.breaker import CircuitBreaker
 from headend.config import Plan, TcpLink
 from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Quality, Reading
 from headend.protocols.base import LinkDown, MeterError, MeterSession, Timeout, Unsupported
 from headend.protocols.modbus_intervals import boundary_of, build_intervals
 from headend.registry import Registry
-from headend.scheduler.breaker import LinkBreaker
 from headend.scheduler.gate import Lane, LinkGate
 from headend.storage.codec import from_ns, to_ns
 from headend.storage.outbox import Outbox
@@ -93,7 +93,7 @@ class PollingEngine:
         self.stats = EngineStats()
         self._tcp_gate = LinkGate(tcp_sessions)  # direct TCP meters share one global cap
         self._gates: dict[str, LinkGate] = {}
-        self.breakers: dict[str, LinkBreaker] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
         self._boundary_cursors: dict[str, dict[str, int]] = {}
         self._breaker_args = (breaker_threshold, breaker_cooldown)
 
@@ -114,10 +114,10 @@ class PollingEngine:
             self._gates[key] = LinkGate(capacity)
         return self._gates[key]
 
-    def breaker(self, key: str) -> LinkBreaker:
+    def breaker(self, key: str) -> CircuitBreaker:
         if key not in self.breakers:
             threshold, cooldown = self._breaker_args
-            self.breakers[key] = LinkBreaker(threshold, cooldown, self.monotonic)
+            self.breakers[key] = CircuitBreaker(threshold, cooldown, self.monotonic)
         return self.breakers[key]
 
     async def run_plan(self, plan: Plan, now: datetime, lane: Lane = Lane.BULK) -> PlanReport:

@@ -1,5 +1,6 @@
-"""A circuit breaker per link: a dead concentrator or line costs a few attempts, then none
-until the cooldown has passed, so it never holds up the rest of the fleet."""
+"""A circuit breaker (per link in the scheduler, per unit on a Modbus line): a dead
+concentrator, line or meter costs a few attempts, then none until the cooldown has passed,
+so it never holds up the rest of the fleet."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class LinkBreaker:
+class CircuitBreaker:
     threshold: int = 3
     cooldown: float = 300.0
     monotonic: Callable[[], float] = time.monotonic
