@@ -11,7 +11,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
@@ -101,6 +101,7 @@ EXPORT_ENERGY = Obis(1, 0, 2, 8, 0)  # -A register, kWh
 IMPORT_INTERVAL = Obis(1, 0, 1, 29, 0)  # +A energy of one recording interval, kWh
 LOAD_PROFILE = Obis(1, 0, 99, 1, 0)
 DISCONNECT_CONTROL = Obis(0, 0, 96, 3, 10)
+EVENT_LOG = Obis(0, 0, 99, 98, 0)  # the meter's standard event log; event readings carry its code as value
 
 
 class Quality(StrEnum):
@@ -268,3 +269,21 @@ class RelayState(StrEnum):
 class RelayAction(StrEnum):
     DISCONNECT = "disconnect"
     RECONNECT = "reconnect"
+
+
+def event_readings(meter: str, events: list[tuple[datetime, int]], source: str) -> list[Reading]:
+    """Event log entries as readings on the EVENT_LOG channel, value = event code.
+
+    Storage identity is (kind, meter, channel, timestamp), so entries logged in the same
+    second are kept apart by shifting each later one by a microsecond, in log order.
+    """
+    readings: list[Reading] = []
+    last: datetime | None = None
+    for t, code in sorted(events, key=lambda e: e[0]):
+        stamp = to_utc(t, "event time")
+        if last is not None and stamp <= last:
+            stamp = last + timedelta(microseconds=1)
+        readings.append(Reading(meter=meter, channel=EVENT_LOG, timestamp=stamp, value=float(code), kind="event",
+                                raw=float(code), source=source))  # fmt: skip
+        last = stamp
+    return readings

@@ -119,7 +119,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
 
         class ReadIn(BaseModel):
             model_config = ConfigDict(extra="forbid")
-            read: list[Literal["profile", "registers", "clock"]] = Field(min_length=1)
+            read: list[Literal["profile", "registers", "events", "clock"]] = Field(min_length=1)
             channels: list[str] = []
             hours: float = Field(24.0, gt=0, le=24 * 31)
 
@@ -140,7 +140,8 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             if not result.ok:
                 raise HTTPException(502, f"{meter_id}: {result.error}")
             return {"meter": meter_id, "requested_by": who.name, "readings": result.readings,
-                    "drift_s": result.drift_s, "expected_intervals": result.expected_intervals,
+                    "drift_s": result.drift_s, "events": result.events, "unsupported": result.unsupported,
+                    "expected_intervals": result.expected_intervals,
                     "received_intervals": result.received_intervals,
                     "missing": [t.isoformat() for t in result.missing]}  # fmt: skip
 

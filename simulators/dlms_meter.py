@@ -53,6 +53,10 @@ DISCONNECT = Obis(0, 0, 96, 3, 10)
 SERIAL = Obis(0, 0, 96, 1, 0)
 FIRMWARE = Obis(1, 0, 0, 2, 0)
 LDN = Obis(0, 0, 42, 0, 0)
+EVENT_LOG = Obis(0, 0, 99, 98, 0)  # standard event log (IDIS)
+EVENT_CODE = Obis(0, 0, 96, 11, 0)
+# Standard event log codes (IDIS): power down/up, clock adjusted (old time, new time).
+POWER_DOWN, POWER_UP, CLOCK_ADJUSTED_OLD, CLOCK_ADJUSTED_NEW = 1, 2, 4, 5
 A_PLUS, A_MINUS, R_PLUS, R_MINUS = Obis(1, 0, 1, 8, 0), Obis(1, 0, 2, 8, 0), Obis(1, 0, 3, 8, 0), Obis(1, 0, 4, 8, 0)
 UNIT_WH, UNIT_VARH, UNIT_W, UNIT_V, UNIT_A, UNIT_HZ = 30, 32, 27, 35, 33, 44
 SUCCESS, HARDWARE_FAULT, TEMPORARY_FAILURE, OBJECT_UNDEFINED, OBJECT_UNAVAILABLE, TYPE_UNMATCHED = 0, 1, 2, 4, 11, 12
@@ -95,6 +99,7 @@ REGISTERS: dict[Obis, RegisterSpec] = {
 }
 ENERGIES = (A_PLUS, A_MINUS, R_PLUS, R_MINUS)
 CAPTURE = [(8, CLOCK, 2), (1, STATUS, 2), (3, A_PLUS, 2), (3, A_MINUS, 2), (3, R_PLUS, 2), (3, R_MINUS, 2)]
+EVENT_CAPTURE = [(8, CLOCK, 2), (1, EVENT_CODE, 2)]
 
 
 class SimulatedDlmsMeter:
@@ -131,6 +136,7 @@ class SimulatedDlmsMeter:
         self.associations = 0
         self.requests = 0
         self.actions = 0
+        self.events: list[tuple[datetime, int]] = []  # (meter time, event code), oldest first
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._stopping = False
@@ -180,6 +186,22 @@ class SimulatedDlmsMeter:
             t += STEP
         return rows
 
+    def power_outage(self, start: datetime, end: datetime) -> None:
+        """The meter was without supply: no profile rows in between, power down/up logged."""
+        t = start
+        while t <= end:
+            self.faults.missing_intervals.add(t)
+            t += STEP
+        self.events += [(start, POWER_DOWN), (end, POWER_UP)]
+        self.events.sort()
+
+    def event_rows(self, start: datetime, end: datetime) -> list[Structure]:
+        return [
+            Structure([Typed(axdr.OCTET_STRING, DateTime.from_datetime(t)), Typed(axdr.UNSIGNED, code)])
+            for t, code in self.events
+            if start <= t <= end
+        ]
+
     # -- COSEM services ------------------------------------------------------------------
 
     def get(self, request: xdlms.GetRequest) -> Any:
@@ -221,6 +243,18 @@ class SimulatedDlmsMeter:
                     return OBJECT_UNAVAILABLE
                 start, end = _range(request.parameters)
                 return self.profile_rows(start, end)
+        if a.class_id == 7 and a.obis == EVENT_LOG:
+            if a.index == 3:
+                u16, i8 = axdr.LONG_UNSIGNED, axdr.INTEGER
+                return [
+                    Structure([Typed(u16, c), o.to_bytes(), Typed(i8, i), Typed(u16, 0)]) for c, o, i in EVENT_CAPTURE
+                ]
+            if a.index == 2:
+                if request.selector is None:
+                    return self.event_rows(self.installed, self.now())
+                if request.selector != 1:
+                    return OBJECT_UNAVAILABLE
+                return self.event_rows(*_range(request.parameters))
         if a.class_id == 70 and a.obis == DISCONNECT:
             if a.index == 2:
                 return self.control_state == CONNECTED
@@ -237,6 +271,8 @@ class SimulatedDlmsMeter:
             if not isinstance(value, bytes) or len(value) != 12:
                 return TYPE_UNMATCHED
             wanted = DateTime.from_bytes(value).to_utc()
+            self.events += [(self.now().replace(microsecond=0), CLOCK_ADJUSTED_OLD),
+                            (wanted.replace(microsecond=0), CLOCK_ADJUSTED_NEW)]  # fmt: skip
             self.faults.clock_offset_s = (wanted - self.clock.datetime()).total_seconds()
             return SUCCESS
         if a.class_id == 70 and a.obis == DISCONNECT and a.index == 4:

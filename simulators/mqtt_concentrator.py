@@ -3,7 +3,7 @@
 Each concentrator connects with a Last Will (retained `offline` state), publishes a retained
 birth with its inventory, publishes 15-minute interval blocks of its meters as time passes
 (`publish_until()` with simulated time, or on the wall clock when run as a program), and
-answers commands: read, profile, backfill, clock, clock_sync, relay, relay_state.
+answers commands: read, profile, backfill, events, clock, clock_sync, relay, relay_state.
 
 Faults: duplicate publishes, out-of-order pairs, dropped messages (sequence gaps, kept for
 backfill), going offline without a clean disconnect, clock drift, stuck relays, ignored
@@ -88,6 +88,8 @@ class SimulatedConcentrator:
         self.bdseq = -1
         self.sent: dict[int, Data] = {}
         self.commands: list[tuple[str, Command]] = []
+        #: Per meter event log: (time, IDIS standard event code), oldest first.
+        self.events: dict[str, list[tuple[datetime, int]]] = {m: [] for m in meters}
         start = datetime.fromtimestamp(t0, UTC)
         # With a backlog the first publish_until() sends that much recorded history at once.
         self.published_until = _EPOCH + ((start - _EPOCH) // interval) * interval - backlog
@@ -292,8 +294,14 @@ class SimulatedConcentrator:
             return ok(channel=str(IMPORT_INTERVAL), unit="kWh", points=points)
         if name == "clock":
             return ok(time=self._now().isoformat())
+        if name == "events":
+            start, end = datetime.fromisoformat(c.args["start"]), datetime.fromisoformat(c.args["end"])
+            events = [{"t": t.isoformat(), "code": code} for t, code in self.events[c.meter] if start < t <= end]
+            return ok(events=events)
         if name == "clock_sync":
             drift = self.faults.clock_drift_s
+            before = self._now().replace(microsecond=0)
+            self.events[c.meter] += [(before, 4), (self.clock.datetime().replace(microsecond=0), 5)]
             self.faults.clock_drift_s = 0.0
             return ok(drift_s=drift)
         if name in ("relay", "relay_state"):

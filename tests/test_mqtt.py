@@ -13,7 +13,7 @@ import pytest
 
 from headend.config import MqttLink, parse_config
 from headend.localservers import MosquittoServer
-from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, RelayAction, RelayState
+from headend.model import EVENT_LOG, IMPORT_ENERGY, IMPORT_INTERVAL, RelayAction, RelayState
 from headend.protocols.base import LinkDown, MeterSession, Refused, Timeout
 from headend.protocols.mqtt import ConcentratorLink
 from headend.protocols.mqtt_schema import data_topic
@@ -164,6 +164,11 @@ async def test_commands_answer_with_read_back(
         assert (meter_time - clock.datetime()).total_seconds() == pytest.approx(42.0)
         await session.set_clock(clock.datetime())
         assert await session.read_clock() == clock.datetime()
+        events = await session.read_events(clock.datetime() - timedelta(hours=1), clock.datetime() + timedelta(hours=1))
+        by_code = {r.value: r for r in events}
+        assert sorted(by_code) == [4.0, 5.0] and all(r.kind == "event" and r.channel == EVENT_LOG for r in events)
+        # Clock adjusted: the old time (4) is logged in the meter's time, 42 s ahead of the new (5).
+        assert (by_code[4.0].timestamp - by_code[5.0].timestamp).total_seconds() == pytest.approx(42, abs=1)
         assert await session.read_relay() == RelayState.CONNECTED
         await session.operate_relay(RelayAction.DISCONNECT)
         assert await session.read_relay() == RelayState.DISCONNECTED

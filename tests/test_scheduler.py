@@ -12,7 +12,7 @@ import pytest
 
 from headend.config import Config, Plan, parse_config
 from headend.localservers import free_port
-from headend.model import Obis, Quality
+from headend.model import EVENT_LOG, Obis, Quality
 from headend.protocols.dlms.client import DlmsSession
 from headend.protocols.modbus import ModbusLink
 from headend.protocols.modbus_maps import shipped_maps
@@ -127,6 +127,50 @@ async def test_clock_drift_is_synced_and_the_intervals_read_meanwhile_flagged(fl
     intervals = [r for r in readings if r.kind == "interval"]
     assert intervals and all(Quality.CLOCK_DRIFT in r.qualities for r in intervals)
     assert all(Quality.CLOCK_DRIFT not in r.qualities for r in readings if r.kind == "register")
+
+
+async def test_the_event_log_is_read_from_the_last_stored_event(fleet: Fleet) -> None:
+    sim = fleet.meters["M3"]
+    outage = (LAST - 4 * STEP, LAST - 2 * STEP)
+    sim.power_outage(*outage)
+    sim.faults.clock_offset_s = 300  # synced this run: the meter logs clock adjusted (old, new)
+    engine = fleet.engine()
+    plan = fleet.plan(read=["clock", "events"], select={"meters": ["M3"]})
+    first = (await engine.run_plan(plan, NOW)).results[0]
+    assert first.ok and first.events == 4 and first.clock_synced
+    events = [p.reading for p in fleet.outbox.take_sync(100) if p.reading and p.reading.kind == "event"]
+    # Power down and up, then clock adjusted: the new time (5) and the old one (4) the meter
+    # logged in its own time, five minutes ahead.
+    assert [(r.timestamp, r.value) for r in events] == [
+        (outage[0], 1.0), (outage[1], 2.0), (NOW.replace(microsecond=0), 5.0), (NOW + timedelta(seconds=300), 4.0),
+    ]  # fmt: skip
+    assert all(r.channel == EVENT_LOG for r in events)
+    sim.power_outage(LAST + 2 * STEP, LAST + 3 * STEP)  # a later outage: only it is new next run
+    fleet.clock.set(LAST + 4 * STEP)
+    second = (await engine.run_plan(plan, LAST + 4 * STEP)).results[0]
+    assert second.events == 2
+
+
+async def test_a_plan_asking_for_events_tells_which_meters_have_no_event_log(tmp_path: Path) -> None:
+    clock = ManualClock(NOW)
+    meter_map = shipped_maps()["sim-relay-meter"]
+    sim = ModbusSimulator([SimulatedMeter(1, meter_map, clock)])
+    port = free_port()
+    await sim.start_tcp("127.0.0.1", port)
+    link = ModbusLink.tcp("127.0.0.1", port, timeout=1)
+    cfg = parse_config({
+        "links": [{"id": "gw", "kind": "tcp", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": port}],
+        "meters": [{"id": "MB", "link": "gw", "address": 1, "map": "sim-relay-meter"}],
+        "plans": [{"id": "ev", "read": ["registers", "events"], "channels": ["1-0:1.8.0"], "every": "15m"}],
+    })  # fmt: skip
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    engine = PollingEngine(Registry(cfg), outbox, lambda m: link.session(m, 1, meter_map, now=clock.datetime))
+    result = await engine.read_meter("MB", cfg.plans[0], NOW)
+    assert result.ok and result.readings == 1  # the register still counts
+    assert len(result.unsupported) == 1 and "no event log" in result.unsupported[0]
+    link.close()
+    await sim.stop()
+    outbox.close()
 
 
 async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:

@@ -349,6 +349,9 @@ class ModbusMeterSession:
             meter=self.meter,
         )
 
+    async def read_events(self, since: datetime, until: datetime | None = None) -> list[Reading]:
+        raise Unsupported(f"{self.map.model} has no event log over Modbus", meter=self.meter)
+
     async def read_clock(self) -> datetime:
         raise Unsupported(f"{self.map.model} has no clock over Modbus", meter=self.meter)
 

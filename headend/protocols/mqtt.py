@@ -38,7 +38,7 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from headend.config import Config, MqttLink
-from headend.model import InvalidReading, Obis, Reading, ReadingKind, RelayAction, RelayState
+from headend.model import InvalidReading, Obis, Reading, ReadingKind, RelayAction, RelayState, event_readings
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.mqtt_schema import (
     DATA_FILTER,
@@ -555,6 +555,18 @@ class ConcentratorMeterSession:
             return [
                 point_reading(self.meter, channel, "interval", unit, p, self.multiplier, self.source) for p in points
             ]
+
+        return self._parse(build)
+
+    async def read_events(self, since: datetime, until: datetime | None = None) -> list[Reading]:
+        until = until or datetime.now(UTC)
+        result = await self._call("events", start=since.isoformat(), end=until.isoformat())
+
+        def build() -> list[Reading]:
+            events = [(datetime.fromisoformat(e["t"]), int(e["code"])) for e in result["events"]]
+            if any(t.tzinfo is None for t, _c in events):
+                raise ValueError("event time without a timezone")
+            return [r for r in event_readings(self.meter, events, self.source) if since < r.timestamp <= until]
 
         return self._parse(build)
 

@@ -3,9 +3,10 @@
 For each selected meter: wait for a slot on its link (priority lane), open a session, check
 the clock (drift measured; above the plan's tolerance the meter is synced if the plan says so
 and the intervals read are flagged `2.6.16`), read the profile from the last stored interval
-(or `history` back), read registers, and commit everything to the outbox before the next
-meter's turn on that link. Retryable errors are retried with backoff and jitter inside the
-plan's window; link-level failures feed the link's circuit breaker.
+(or `history` back), read registers and the event log since the last stored event, and
+commit everything to the outbox before the next meter's turn on that link. Retryable errors
+are retried with backoff and jitter inside the plan's window; link-level failures feed the
+link's circuit breaker.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class MeterResult:
     drift_s: float | None = None
     clock_synced: bool = False
     attempts: int = 0
+    events: int = 0
+    #: What the plan asked for that this meter cannot give (e.g. events over Modbus), with why.
+    unsupported: list[str] = field(default_factory=list)
     error: str = ""
 
     @property
@@ -181,6 +185,21 @@ class PollingEngine:
                     cursors[_cursor_key(meter_id, plan)] = to_ns(watermark)
             if "registers" in plan.read:
                 readings += await session.read_registers(plan.channels)
+            if "events" in plan.read:
+                events_key = f"events:{meter_id}"
+                saved = None if fresh else self.outbox.cursors(events_key).get(events_key)
+                since = from_ns(saved) if saved is not None else now - plan.history
+                # A meter clock running ahead logs events "in the future": read up to its time too.
+                until = now + timedelta(seconds=max(0.0, result.drift_s or 0.0) + 60)
+                try:
+                    events = await session.read_events(since, until)
+                except Unsupported as exc:
+                    result.unsupported.append(f"events: {exc}")
+                else:
+                    readings += events
+                    result.events = len(events)
+                    if events and not fresh:
+                        cursors[events_key] = to_ns(max(e.timestamp for e in events))
         if drifting:
             readings = [_flag(r, Quality.CLOCK_DRIFT) if r.kind == "interval" else r for r in readings]
         cursors |= self._boundary_cursors.pop(meter_id, {})

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from headend.config import DlmsSettings, Meter, SerialLink, TcpLink
-from headend.model import Obis, Quality, Reading, RelayAction, RelayState, transformer_ratio
+from headend.model import EVENT_LOG, Obis, Quality, Reading, RelayAction, RelayState, event_readings, transformer_ratio
 from headend.protocols.base import BadFrame, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.dlms import axdr, codec, xdlms
 from headend.protocols.dlms.axdr import DateTime, Structure, Typed
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 CLOCK = Obis(0, 0, 1, 0, 0)
 CURRENT_ASSOCIATION = Obis(0, 0, 40, 0, 0)
 DISCONNECT_CONTROL = Obis(0, 0, 96, 3, 10)
+EVENT_CODE = Obis(0, 0, 96, 11, 0)
 PUBLIC_CLIENT = 16
 MANAGEMENT_CLIENT = 1
 # DLMS unit codes (Blue Book) -> (unit, extra decimal exponent): energy is reported in kWh
@@ -37,6 +38,8 @@ _UNITS: dict[int, tuple[str, int]] = {
     27: ("W", 0), 28: ("VA", 0), 29: ("var", 0), 30: ("kWh", -3), 31: ("kVAh", -3), 32: ("kvarh", -3),
     33: ("A", 0), 35: ("V", 0), 44: ("Hz", 0), 255: ("", 0),
 }  # fmt: skip
+Column = tuple[int, Obis, int]  # a capture object: class id, logical name, attribute
+Row = tuple[datetime, list[Any]]
 _CONTROL_STATES = {0: RelayState.DISCONNECTED, 1: RelayState.CONNECTED, 2: RelayState.READY_FOR_RECONNECTION}
 
 
@@ -313,9 +316,9 @@ class DlmsSession:
     async def set_clock(self, t: datetime) -> None:
         await self.set(8, CLOCK, 2, Typed(axdr.OCTET_STRING, axdr.utc_datetime(t)))
 
-    async def read_profile(self, profile: Obis, since: datetime, until: datetime | None = None) -> list[Reading]:
-        """Intervals with since < t <= until, read by range descriptor (selective access 1)."""
-        until = until or self.now()
+    async def _buffer(self, profile: Obis, since: datetime, until: datetime) -> tuple[list[Column], list[Row]]:
+        """A profile generic's capture objects and its rows with since < t <= until, read by range
+        descriptor (selective access 1). Shared by load profiles and event logs."""
         captured = await self.get(7, profile, 3)
         try:
             columns = _capture_columns(captured)
@@ -324,9 +327,6 @@ class DlmsSession:
         clock_col = next((i for i, (c, o, _a) in enumerate(columns) if c == 8 and o == CLOCK), None)
         if clock_col is None:
             raise Unsupported(f"profile {profile} does not capture the clock", meter=self.meter)
-        status_col = next((i for i, (c, o, _a) in enumerate(columns) if c == 1 and o.c == 96 and o.d == 10), None)
-        value_cols = [(i, o) for i, (c, o, a) in enumerate(columns) if c in (3, 4) and a == 2]
-        scalers = {o: await self._scaler_unit(o) for _i, o in value_cols}
         restricting = Structure([Typed(axdr.LONG_UNSIGNED, 8), CLOCK.to_bytes(), Typed(axdr.INTEGER, 2),
                                  Typed(axdr.LONG_UNSIGNED, 0)])  # fmt: skip
         descriptor = Structure([
@@ -338,16 +338,27 @@ class DlmsSession:
         rows = await self.get(7, profile, 2, selector=1, parameters=axdr.encode(descriptor))
         if not isinstance(rows, list):
             raise self._bad(f"profile buffer is not an array: {type(rows).__name__}", b"")
-        readings = []
+        out = []
         for row in rows:
             if not isinstance(row, list) or len(row) != len(columns):
-                raise self._bad(f"profile row does not match its {len(columns)} capture objects: {row!r}", b"")
+                raise self._bad(f"profile row does not match its {len(columns)} capture objects: {row!r:.80}", b"")
             try:
                 t = DateTime.from_bytes(row[clock_col]).to_utc()
             except axdr.AxdrError as exc:
                 raise self._bad(f"profile row time: {exc}", b"") from None
-            if not since < t <= until:
-                continue
+            if since < t <= until:
+                out.append((t, row))
+        return columns, out
+
+    async def read_profile(self, profile: Obis, since: datetime, until: datetime | None = None) -> list[Reading]:
+        """Intervals with since < t <= until."""
+        until = until or self.now()
+        columns, rows = await self._buffer(profile, since, until)
+        status_col = next((i for i, (c, o, _a) in enumerate(columns) if c == 1 and o.c == 96 and o.d == 10), None)
+        value_cols = [(i, o) for i, (c, o, a) in enumerate(columns) if c in (3, 4) and a == 2]
+        scalers = {o: await self._scaler_unit(o) for _i, o in value_cols}
+        readings = []
+        for t, row in rows:
             status = row[status_col] if status_col is not None else 0
             if isinstance(status, bool) or not isinstance(status, int):
                 raise self._bad(f"profile status at {t} is not an unsigned: {status!r:.60}", b"")
@@ -363,6 +374,21 @@ class DlmsSession:
                     raise self._bad(f"profile value of {obis} at {t} is not a number: {value!r:.60}", b"")
                 readings.append(self._reading(obis, value, scaler, unit, t, kind="interval", qualities=qualities))
         return readings
+
+    async def read_events(self, since: datetime, until: datetime | None = None) -> list[Reading]:
+        """The standard event log's entries with since < t <= until, as event readings."""
+        until = until or self.now()
+        columns, rows = await self._buffer(EVENT_LOG, since, until)
+        code_col = next((i for i, (c, o, _a) in enumerate(columns) if c == 1 and o == EVENT_CODE), None)
+        if code_col is None:
+            raise Unsupported(f"event log {EVENT_LOG} does not capture the event code {EVENT_CODE}", meter=self.meter)
+        events = []
+        for t, row in rows:
+            code = row[code_col]
+            if isinstance(code, bool) or not isinstance(code, int):
+                raise self._bad(f"event code at {t} is not an integer: {code!r:.60}", b"")
+            events.append((t, code))
+        return event_readings(self.meter, events, self.source)
 
     async def read_relay(self) -> RelayState:
         value = await self.get(70, DISCONNECT_CONTROL, 3)
@@ -388,7 +414,7 @@ def _client_sap(authentication: str, client_sap: int | None) -> int:
     return MANAGEMENT_CLIENT if authentication == codec.AUTH_LLS else PUBLIC_CLIENT
 
 
-def _capture_columns(captured: Any) -> list[tuple[int, Obis, int]]:
+def _capture_columns(captured: Any) -> list[Column]:
     if not isinstance(captured, list):
         raise ValueError(f"not an array: {captured!r:.60}")
     columns = []
