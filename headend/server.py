@@ -9,7 +9,6 @@ seconds, exit 0.
 import asyncio
 import contextlib
 import logging
-import random
 import signal
 import time
 from datetime import UTC, datetime
@@ -25,9 +24,9 @@ from headend.api.app import create_app, require_roles
 from headend.api.auth import Principal, TokenStore
 from headend.config import Config, Plan
 from headend.registry import Registry, UnknownMeter
-from headend.scheduler.engine import MeterResult, PollingEngine
+from headend.scheduler.engine import MeterResult, PlanReport, PollingEngine
 from headend.scheduler.gate import Lane
-from headend.scheduler.timing import next_due
+from headend.scheduler.loop import PlanLoop
 from headend.sessions import SessionFactory
 from headend.storage.pipeline import Pipeline
 from headend.switching.engine import SwitchingEngine
@@ -53,32 +52,29 @@ class Metrics:
         self.link_up = Gauge("headend_link_up", "1 if the link is connected", ["link"], registry=self.registry)
         self.breaker_open = Gauge("headend_link_breaker_open", "1 while the link's circuit breaker is open",
                                   ["link"], registry=self.registry)  # fmt: skip
+        self.loop_restarts = Counter("headend_plan_loop_restarts", "Plan loops restarted after an error",
+                                     ["plan"], registry=self.registry)  # fmt: skip
+        self.last_run = Gauge("headend_plan_last_run_finished_timestamp_seconds", "When the plan's last run ended",
+                              ["plan"], registry=self.registry)  # fmt: skip
         self.progress_age = Gauge("headend_engine_progress_age_seconds", "Seconds since a meter was last read",
                                   registry=self.registry)  # fmt: skip
 
-    def record(self, plan: str, result: MeterResult, seconds: float) -> None:
-        self.reads.labels(plan, "ok" if result.ok else "failed").inc()
-        self.read_seconds.labels(plan).observe(seconds)
+    def watch(self, plan: Plan, engine: PollingEngine) -> PlanLoop:
+        """A plan loop whose meters, runs and restarts show in these metrics as they happen."""
 
+        def on_result(result: MeterResult) -> None:
+            self.reads.labels(plan.id, "ok" if result.ok else "failed").inc()
+            self.read_seconds.labels(plan.id).observe(result.seconds)
 
-async def run_plan_forever(plan: Plan, engine: PollingEngine, metrics: Metrics, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        now = datetime.now(UTC)
-        due = next_due(plan, now)
-        # Jitter inside the first tenth of the window spreads a fleet's sessions.
-        wait = (due - now).total_seconds() + random.uniform(0, plan.window.total_seconds() / 10)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), wait)
-        if stop.is_set():
-            return
-        started = time.monotonic()
-        report = await engine.run_plan(plan, datetime.now(UTC))
-        elapsed = time.monotonic() - started
-        for result in report.results:
-            metrics.record(plan.id, result, elapsed / max(1, len(report.results)))
-        expected = sum(r.expected_intervals for r in report.results)
-        received = sum(r.received_intervals for r in report.results)
-        metrics.completeness.labels(plan.id).set(received / expected if expected else 1.0)
+        def on_report(report: PlanReport) -> None:
+            expected = sum(r.expected_intervals for r in report.results)
+            received = sum(r.received_intervals for r in report.results)
+            self.completeness.labels(plan.id).set(received / expected if expected else 1.0)
+            self.last_run.labels(plan.id).set(time.time())
+
+        loop = PlanLoop(plan, engine, on_result=on_result, on_report=on_report,
+                        on_restart=lambda _exc: self.loop_restarts.labels(plan.id).inc())  # fmt: skip
+        return loop
 
 
 async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> int:
@@ -156,8 +152,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
 
         server = uvicorn.Server(uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_level="warning"))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
-        tasks = [asyncio.create_task(run_plan_forever(p, polling, metrics, stop), name=f"plan-{p.id}")
-                 for p in cfg.plans]  # fmt: skip
+        tasks = [asyncio.create_task(metrics.watch(p, polling).run(stop), name=f"plan-{p.id}") for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")
         if ready is not None:
             ready.set()
@@ -165,6 +160,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
                  cfg.api.host, cfg.api.port)  # fmt: skip
         await stop.wait()
         log.info("stopping: finishing in-flight reads")
+        polling.stop()
         server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
         await http

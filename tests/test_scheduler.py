@@ -19,6 +19,7 @@ from headend.protocols.modbus_maps import shipped_maps
 from headend.registry import Registry
 from headend.scheduler.engine import PollingEngine
 from headend.scheduler.gate import Lane, LinkGate
+from headend.scheduler.loop import PlanLoop
 from headend.storage.outbox import Outbox
 from simulators.clock import ManualClock
 from simulators.dlms_meter import SimulatedDlmsMeter
@@ -171,6 +172,81 @@ async def test_a_plan_asking_for_events_tells_which_meters_have_no_event_log(tmp
     link.close()
     await sim.stop()
     outbox.close()
+
+
+async def test_a_hung_meter_is_given_up_at_the_plan_deadline_and_the_rest_finish(fleet: Fleet) -> None:
+    fleet.meters["M4"].faults.delay = 30  # answers far too late; its session timeout is longer still
+
+    def session(m: str) -> DlmsSession:
+        return DlmsSession.tcp_wrapper("127.0.0.1", fleet.ports[m], m, authentication="lls", password=b"12345678",
+                                       timeout=60, now=fleet.clock.datetime)  # fmt: skip
+
+    engine = PollingEngine(Registry(fleet.config), fleet.outbox, session)
+    seen: list[str] = []
+    plan = fleet.plan(select={"meters": ["M0", "M1", "M4"]}, read=["profile"])
+    report = await engine.run_plan(plan, NOW, deadline_s=0.5, on_result=lambda r: seen.append(r.meter))
+    by_meter = {r.meter: r for r in report.results}
+    assert by_meter["M0"].ok and by_meter["M1"].ok
+    assert not by_meter["M4"].ok and "plan deadline (0.5 s)" in by_meter["M4"].error
+    assert sorted(seen) == ["M0", "M1", "M4"] and seen[-1] == "M4"  # results reported as they come
+
+
+class SimulatedTime:
+    """The plan loop's clock and pause: waiting advances time instead of sleeping."""
+
+    def __init__(self, start: datetime) -> None:
+        self.t = start
+
+    def now(self) -> datetime:
+        return self.t
+
+    async def pause(self, stop: asyncio.Event, seconds: float) -> None:
+        self.t += timedelta(seconds=max(0.0, seconds))
+        await asyncio.sleep(0)
+
+
+async def test_the_watchdog_restarts_a_plan_loop_that_failed_and_it_goes_on_reading(fleet: Fleet) -> None:
+    time = SimulatedTime(NOW)
+    broken = {"left": 1}
+    healthy = fleet.engine()
+
+    def sessions(m: str) -> DlmsSession:
+        if broken["left"]:
+            broken["left"] -= 1
+            raise RuntimeError("a bug in a session factory")  # not a MeterError: nothing in the engine catches it
+        return healthy.sessions(m)
+
+    engine = PollingEngine(Registry(fleet.config), fleet.outbox, sessions)
+    restarts: list[BaseException] = []
+    stop = asyncio.Event()
+    plan = fleet.plan(select={"meters": ["M0"]}, read=["clock"], every="15m")
+    loop = PlanLoop(plan, engine, clock=time.now, pause=time.pause, jitter=False, on_restart=restarts.append,
+                    on_report=lambda _r: stop.set() if loop.stats.runs == 1 else None)  # fmt: skip
+    await asyncio.wait_for(loop.run(stop), 10)
+    assert [str(e) for e in restarts] == ["a bug in a session factory"]
+    assert loop.stats.restarts == 1 and loop.stats.runs == 1 and "RuntimeError" in loop.stats.last_error
+    assert loop.stats.last_finished is not None and loop.stats.last_finished > NOW
+
+
+async def test_a_plan_runs_at_its_due_times_with_the_deadline_until_the_next_run(fleet: Fleet) -> None:
+    time = SimulatedTime(NOW)
+    deadlines: list[float] = []
+    engine = fleet.engine()
+    run_plan = engine.run_plan
+
+    async def recording(plan: Plan, now: datetime, *args: object, **kwargs: object) -> object:
+        deadlines.append(kwargs["deadline_s"])  # type: ignore[arg-type]
+        return await run_plan(plan, now, *args, **kwargs)  # type: ignore[arg-type]
+
+    engine.run_plan = recording  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    starts: list[datetime] = []
+    plan = fleet.plan(select={"meters": ["M0"]}, read=["clock"], every="15m")
+    loop = PlanLoop(plan, engine, clock=time.now, pause=time.pause, jitter=False,
+                    on_report=lambda r: (starts.append(r.started), len(starts) == 3 and stop.set()))  # fmt: skip
+    await asyncio.wait_for(loop.run(stop), 10)
+    assert starts == [LAST + STEP, LAST + 2 * STEP, LAST + 3 * STEP]
+    assert deadlines == [900.0] * 3
 
 
 async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:

@@ -45,6 +45,7 @@ class MeterResult:
     clock_synced: bool = False
     attempts: int = 0
     events: int = 0
+    seconds: float = 0.0
     #: What the plan asked for that this meter cannot give (e.g. events over Modbus), with why.
     unsupported: list[str] = field(default_factory=list)
     error: str = ""
@@ -100,6 +101,7 @@ class PollingEngine:
         self.breakers: dict[str, CircuitBreaker] = {}
         self._boundary_cursors: dict[str, dict[str, int]] = {}
         self._breaker_args = (breaker_threshold, breaker_cooldown)
+        self.stopping = False
 
     def gate(self, meter_id: str) -> tuple[str, LinkGate]:
         meter = self.registry.meter(meter_id)
@@ -124,9 +126,36 @@ class PollingEngine:
             self.breakers[key] = CircuitBreaker(threshold, cooldown, self.monotonic)
         return self.breakers[key]
 
-    async def run_plan(self, plan: Plan, now: datetime, lane: Lane = Lane.BULK) -> PlanReport:
+    def stop(self) -> None:
+        """Start no new sessions: reads in progress finish and commit, queued ones give up."""
+        self.stopping = True
+
+    async def run_plan(
+        self,
+        plan: Plan,
+        now: datetime,
+        lane: Lane = Lane.BULK,
+        *,
+        deadline_s: float | None = None,
+        on_result: Callable[[MeterResult], None] | None = None,
+    ) -> PlanReport:
+        """Read every meter the plan selects. A meter not done `deadline_s` after the start is
+        given up for this run (what it committed stays; its watermark brings it back next run)."""
+
+        async def one(meter_id: str) -> MeterResult:
+            try:
+                async with asyncio.timeout(deadline_s):
+                    result = await self.read_meter(meter_id, plan, now, lane)
+            except TimeoutError:
+                error = f"plan deadline ({deadline_s:g} s) passed before the read finished"
+                result = MeterResult(meter_id, ok=False, error=error)
+                log.warning("%s: %s", meter_id, result.error)
+            if on_result is not None:
+                on_result(result)
+            return result
+
         meters = self.registry.select(plan.select)
-        results = await asyncio.gather(*(self.read_meter(m.id, plan, now, lane) for m in meters))
+        results = await asyncio.gather(*(one(m.id) for m in meters))
         report = PlanReport(plan.id, now, list(results))
         log.info("plan %s: %d/%d meters read", plan.id, report.succeeded, len(results))
         return report
@@ -135,6 +164,12 @@ class PollingEngine:
                          *, fresh: bool = False) -> MeterResult:  # fmt: skip
         """Read one meter for a plan. `fresh` reads the plan's whole history, ignoring (and
         leaving alone) the completeness watermark: an operator's on-demand look."""
+        began = time.monotonic()
+        result = await self._read_meter(meter_id, plan, now, lane, fresh)
+        result.seconds = time.monotonic() - began
+        return result
+
+    async def _read_meter(self, meter_id: str, plan: Plan, now: datetime, lane: Lane, fresh: bool) -> MeterResult:
         key, gate = self.gate(meter_id)
         breaker = self.breaker(key)
         result = MeterResult(meter_id, ok=False)
@@ -146,6 +181,9 @@ class PollingEngine:
             result.attempts = attempt
             try:
                 async with gate.slot(lane):
+                    if self.stopping:
+                        result.error = "server stopping: not read this run"
+                        return result
                     await self._session(meter_id, plan, now, result, fresh)
                 breaker.record(True)
                 result.ok, result.error = True, ""
