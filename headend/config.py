@@ -283,6 +283,10 @@ class Meter(Strict):
     pt: Ratio | None = None
     protected: bool = False
     protection: ProtectionCategory | None = None
+    #: The energy register's integer digits (its dials) and resolution in kWh, on the meter's
+    #: own (secondary) side: it rolls over at 10**register_digits; VEE uses both.
+    register_digits: int = Field(8, ge=3, le=12)
+    register_resolution: Positive = 0.01
 
     @model_validator(mode="after")
     def _attachment_and_protection(self) -> Meter:
@@ -407,8 +411,52 @@ class ApiConfig(Strict):
     tokens_file: Path | None = None
 
 
+VEE_RULES = (
+    "gap", "duplicate", "alignment", "clock", "negative_delta", "rollback", "sum_check", "spike",
+    "high_low", "prolonged_zero", "after_disconnect", "multiplier",
+)  # fmt: skip
+
+
+class VeeConfig(Strict):
+    """Validation, estimation and editing for billing (docs/vee.md)."""
+
+    #: Rules that run; any of VEE_RULES.
+    rules: list[str] = list(VEE_RULES)
+    #: The billing interval: what completeness and alignment are counted in.
+    interval: Duration = timedelta(minutes=15)
+    #: Sum check: allowed |sum of intervals - register difference| per day is the larger of
+    #: this many register digits (resolution x multiplier) and this share of the difference.
+    sum_tolerance_digits: int = Field(2, ge=0)
+    sum_tolerance_share: float = Field(0.005, ge=0, lt=1)
+    #: Spike: a day's highest interval above this ratio times its third highest, and above
+    #: `spike_min_kwh`.
+    spike_ratio: float = Field(1.5, gt=1)
+    spike_min_kwh: float = Field(1.0, ge=0)
+    #: High/low: a day's total against the average of the same weekday in the last weeks.
+    high_ratio: float = Field(2.0, gt=1)
+    low_ratio: float = Field(0.5, gt=0, lt=1)
+    like_day_weeks: int = Field(4, ge=1, le=12)
+    #: Prolonged zero: this long without consumption on a meter that is not disconnected.
+    zero_run: Duration = timedelta(hours=12)
+    #: Consumption after a confirmed disconnect above this per interval is flagged.
+    after_disconnect_kwh: float = Field(0.0, ge=0)
+    #: Gaps up to this long are interpolated; longer ones get the like-day shape.
+    interpolate_max: Duration = timedelta(hours=2)
+    #: Longest period one request may ask for.
+    max_period: Duration = timedelta(days=62)
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, rules: list[str]) -> list[str]:
+        unknown = sorted(set(rules) - set(VEE_RULES))
+        if unknown:
+            raise ValueError(f"unknown rules {unknown}; known: {', '.join(VEE_RULES)}")
+        return rules
+
+
 class Config(Strict):
     storage: StorageConfig = StorageConfig()
+    vee: VeeConfig = VeeConfig()
     api: ApiConfig = ApiConfig()
     links: list[Link] = []
     concentrators: list[Concentrator] = []

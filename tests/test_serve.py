@@ -10,7 +10,7 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -95,11 +95,27 @@ window = "1s"
     await dlms.stop()
 
 
-async def start(path: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "headend.cli", "serve", "--config", str(path / "site.toml"), cwd=ROOT,
-        env={**os.environ, "D1_PASSWORD": "12345678", "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+Starter = Callable[[Path], Awaitable[asyncio.subprocess.Process]]
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Starter]:
+    """Starts `headend serve` processes; any still running when the test ends (it failed) is killed."""
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def starter(path: Path) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "headend.cli", "serve", "--config", str(path / "site.toml"), cwd=ROOT,
+            env={**os.environ, "D1_PASSWORD": "12345678", "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield starter
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def wait_for_metric(client: httpx.AsyncClient, text: str) -> str:
@@ -126,7 +142,7 @@ async def wait_for_count(client: httpx.AsyncClient, sample: str, at_least: float
             await asyncio.sleep(0.1)  # polling another process's HTTP endpoint
 
 
-async def test_serve_reads_switches_and_stops_cleanly(site: tuple[Path, str, int]) -> None:
+async def test_serve_reads_switches_and_stops_cleanly(site: tuple[Path, str, int], start: Starter) -> None:
     path, token, port = site
     proc = await start(path)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
@@ -167,7 +183,7 @@ async def test_serve_reads_switches_and_stops_cleanly(site: tuple[Path, str, int
     assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
-async def test_sigterm_mid_run_then_restart_loses_no_read(tmp_path: Path) -> None:
+async def test_sigterm_mid_run_then_restart_loses_no_read(tmp_path: Path, start: Starter) -> None:
     """Ten meters on one HDLC bus are read one after the other; SIGTERM lands after the first
     is stored. The read in progress commits, the queued ones are left for the next start,
     which reads them all: every meter ends with every interval, none lost, none twice."""
