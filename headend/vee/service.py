@@ -1,0 +1,263 @@
+"""VEE for one meter and period: load, validate, estimate, apply edits, version, summarise.
+
+The billing channel is the energy of each interval, 1-0:1.29.0 in kWh (primary side),
+whatever the meter delivered: a cumulative load profile (1-0:1.8.0 at each interval end)
+or interval energies. Every interval comes out with a status billing can act on:
+`actual` (passed every rule, quality 2.0.1), `suspect` (a rule failed; the value is the
+meter's), `estimated` (2.8.0, with the method), `edited` (2.7.0, by whom and why) or
+`missing` (2.5.259, no value).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from headend.config import Meter, VeeConfig
+from headend.model import EVENT_LOG, IMPORT_ENERGY, IMPORT_INTERVAL, Quality, Reading
+from headend.registry import Registry
+from headend.storage.base import ReadingStore
+from headend.storage.codec import from_ns
+from headend.switching.journal import CommandJournal, CommandState
+from headend.vee import rules
+from headend.vee.estimate import estimate
+from headend.vee.series import Exchange, Series, Slot, build, ceil_to
+from headend.vee.store import VeeStore
+
+log = logging.getLogger(__name__)
+
+ESTIMATOR = "vee"
+POWER_DOWN_EVENT, POWER_UP_EVENT = 1, 2
+
+
+@dataclass(frozen=True)
+class ValidatedInterval:
+    t: datetime
+    value: float | None
+    status: str
+    qualities: tuple[str, ...]
+    rules: tuple[str, ...]
+    version: int
+    method: str | None
+
+
+@dataclass
+class Validation:
+    meter: str
+    start: datetime
+    end: datetime
+    step: timedelta
+    unit: str
+    intervals: list[ValidatedInterval]
+    registers: list[Reading] = field(default_factory=list)
+    rereads: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(i.status for i in self.intervals))
+
+
+@dataclass(frozen=True)
+class Determinants:
+    meter: str
+    start: datetime
+    end: datetime
+    start_register: float | None
+    end_register: float | None
+    consumption_kwh: float
+    max_demand_kw: float | None
+    max_demand_at: datetime | None
+    expected_intervals: int
+    completeness: float  # share of intervals with an actual, validated value
+    by_status: dict[str, int]
+    by_quality: dict[str, int]
+
+
+Loaded = tuple[Series, Series, rules.Context, list[Reading]]  # the period, it with the weeks before, ...
+Reread = Callable[[str, datetime, datetime], Awaitable[object]]
+
+
+class VeeService:
+    def __init__(
+        self,
+        store: ReadingStore,
+        versions: VeeStore,
+        registry: Registry,
+        cfg: VeeConfig,
+        *,
+        journal: CommandJournal | None = None,
+        reread: Reread | None = None,
+    ) -> None:
+        self.store = store
+        self.versions = versions
+        self.registry = registry
+        self.cfg = cfg
+        self.journal = journal
+        self.reread = reread
+
+    async def validate(self, meter_id: str, start: datetime, end: datetime) -> Validation:
+        meter = self.registry.meter(meter_id)
+        step = self.cfg.interval
+        start, end = ceil_to(start, step), ceil_to(end, step)
+        series, history, ctx, registers = await self._load(meter, start, end)
+        rereads = 0
+        if self.reread is not None and any(s.value is None for s in series.slots):
+            rereads = 1
+            await self.reread(meter.id, start, end)
+            series, history, ctx, registers = await self._load(meter, start, end)
+        for name, rule in rules.INTERVAL_RULES.items():
+            if name in self.cfg.rules:
+                rule(history, ctx)
+        ctx.history = history.index()
+        estimate(history, ctx, after=start)  # the weeks before count as anchors and like days
+        for name, rule in rules.DAY_RULES.items():
+            if name in self.cfg.rules:
+                rule(series, ctx)
+        intervals = self._finish(meter, series)
+        unit = "kWh"
+        return Validation(meter.id, start, end, step, unit, intervals, registers, rereads)
+
+    async def _load(self, meter: Meter, start: datetime, end: datetime) -> Loaded:
+        step = self.cfg.interval
+        since = start - timedelta(weeks=self.cfg.like_day_weeks) - step
+        cumulative = await self.store.query(meter.id, IMPORT_ENERGY, since - step, end)
+        deltas = [] if cumulative else await self.store.query(meter.id, IMPORT_INTERVAL, since, end)
+        registers = await self.store.query(meter.id, IMPORT_ENERGY, since, end + step, kind="register")
+        events = await self.store.query(meter.id, EVENT_LOG, since - timedelta(days=1), end + step, kind="event")
+        exchanges = self.versions.exchanges(meter.id)
+        history = build(meter.id, since, end, step, cumulative=cumulative or None, deltas=deltas,
+                        registers=registers, exchanges=exchanges,
+                        register_modulus=10.0**meter.register_digits)  # fmt: skip
+        series = Series(meter.id, start, end, step, [s for s in history.slots if s.t > start], history.cumulative,
+                        [(t, r) for t, r in history.registers if start - step <= t <= end + step])  # fmt: skip
+        ctx = rules.Context(meter, self.cfg, disconnected=self._disconnected(meter.id), outages=_outages(events),
+                            multiplier_at=_multiplier_at(meter, exchanges))  # fmt: skip
+        in_period = [r for r in registers if start < r.timestamp <= end]
+        return series, history, ctx, in_period
+
+    def _disconnected(self, meter_id: str) -> list[tuple[datetime, datetime]]:
+        if self.journal is None:
+            return []
+        periods, opened = [], None
+        done = (CommandState.CONFIRMED, CommandState.CONFIRMED_READY)
+        for c in self.journal.find(meter=meter_id):
+            if c.state not in done:
+                continue
+            at = from_ns(c.updated_ns)
+            if c.action.value == "disconnect" and c.state == CommandState.CONFIRMED:
+                opened = opened or at
+            elif opened is not None:
+                periods.append((opened, at))
+                opened = None
+        if opened is not None:
+            periods.append((opened, datetime.max.replace(tzinfo=UTC)))
+        return periods
+
+    def _finish(self, meter: Meter, series: Series) -> list[ValidatedInterval]:
+        versions = self.versions.versions(meter.id, IMPORT_INTERVAL, series.start, series.end)
+        new_estimates: list[Slot] = []
+        out = []
+        for slot in series.slots:
+            history = versions.get(slot.t, [])
+            edit = next((v for v in reversed(history) if v.status == "edited"), None)
+            codes = [c for c in slot.flags.values() if c != Quality.MISSING or slot.value is None]
+            if edit is not None:
+                slot.value, slot.status, slot.version, slot.method = edit.value, "edited", edit.version, "edit"
+                qualities = [Quality.EDITED.value, *codes]
+            elif slot.status == "estimated":
+                latest = history[-1] if history else None
+                same = (latest is not None and latest.status == "estimated" and latest.method == slot.method
+                        and latest.value is not None and slot.value is not None
+                        and abs(latest.value - slot.value) <= 1e-9 * max(1.0, abs(slot.value)))  # fmt: skip
+                if same and latest is not None:
+                    slot.version = latest.version
+                else:
+                    new_estimates.append(slot)
+                qualities = [Quality.ESTIMATED.value, *(c for c in codes if c != Quality.MISSING)]
+            elif slot.value is None:
+                slot.status = "missing"
+                qualities = [Quality.MISSING.value, *codes]
+            elif slot.flags:
+                slot.status = "suspect"
+                qualities = [*slot.qualities, *codes]
+            else:
+                slot.status = "actual"
+                qualities = [*slot.qualities, Quality.VALIDATED.value]
+            slot.qualities = list(dict.fromkeys(qualities))
+        if new_estimates:
+            numbers = self.versions.add_many(
+                meter.id, IMPORT_INTERVAL,
+                [(s.t, s.value, s.method, tuple(dict.fromkeys([Quality.ESTIMATED.value, *s.flags.values()])))
+                 for s in new_estimates],
+                status="estimated", author=ESTIMATOR, reason="validation estimate",
+            )  # fmt: skip
+            for slot, number in zip(new_estimates, numbers, strict=True):
+                slot.version = number
+        for slot in series.slots:
+            out.append(ValidatedInterval(slot.t, slot.value, slot.status, tuple(slot.qualities),
+                                         tuple(sorted(slot.flags)), slot.version, slot.method))  # fmt: skip
+        return out
+
+    async def edit(self, meter_id: str, t: datetime, value: float, *, who: str, reason: str) -> int:
+        """An authorised correction of one interval: a new version, the reads stay as they were."""
+        self.registry.meter(meter_id)
+        step = self.cfg.interval
+        if t != ceil_to(t, step):
+            raise ValueError(f"{t.isoformat()} is not an interval end on the {step} grid")
+        return self.versions.add(meter_id, IMPORT_INTERVAL, t, value, status="edited", method="edit",
+                                 qualities=(Quality.EDITED.value,), author=who, reason=reason)  # fmt: skip
+
+    async def determinants(self, meter_id: str, start: datetime, end: datetime) -> Determinants:
+        v = await self.validate(meter_id, start, end)
+        values = [(i.t, i.value) for i in v.intervals if i.value is not None]
+        consumption = sum(x for _t, x in values)
+        peak = max(values, key=lambda p: p[1], default=None)
+        hours = v.step / timedelta(hours=1)
+        registers = await self._boundary_registers(meter_id, v)
+        actual = sum(1 for i in v.intervals if i.status == "actual")
+        qualities: Counter[str] = Counter(q for i in v.intervals for q in i.qualities)
+        return Determinants(
+            meter_id, v.start, v.end, registers[0], registers[1], consumption,
+            peak[1] / hours if peak else None, peak[0] if peak else None, len(v.intervals),
+            actual / len(v.intervals) if v.intervals else 1.0, v.counts(), dict(qualities),
+        )  # fmt: skip
+
+    async def _boundary_registers(self, meter_id: str, v: Validation) -> tuple[float | None, float | None]:
+        """The energy register at the period's start and end: from a cumulative profile at the
+        boundaries, else the register reads nearest to them (within one interval)."""
+        step = v.step
+        profile = await self.store.query(meter_id, IMPORT_ENERGY, v.start - step, v.end)
+        at = {r.timestamp: r.value for r in profile if r.value is not None}
+        reads = await self.store.query(meter_id, IMPORT_ENERGY, v.start - step, v.end + step, kind="register")
+
+        def near(t: datetime) -> float | None:
+            if t in at:
+                return at[t]
+            close = [r for r in reads if r.value is not None and abs(r.timestamp - t) <= step]
+            return min(close, key=lambda r: abs(r.timestamp - t)).value if close else None
+
+        return near(v.start), near(v.end)
+
+
+def _outages(events: list[Reading]) -> list[tuple[datetime, datetime]]:
+    periods, down = [], None
+    for e in events:
+        if e.value == POWER_DOWN_EVENT:
+            down = down or e.timestamp
+        elif e.value == POWER_UP_EVENT and down is not None:
+            periods.append((down, e.timestamp))
+            down = None
+    return periods
+
+
+def _multiplier_at(meter: Meter, exchanges: list[Exchange]) -> Callable[[datetime], float]:
+    def at(t: datetime) -> float:
+        current = meter.multiplier
+        for x in exchanges:
+            if x.t < t:
+                current = x.multiplier
+        return current
+
+    return at
