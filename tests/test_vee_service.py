@@ -1,0 +1,134 @@
+"""VEE over a real store (SQLite and InfluxDB): estimation of short and long gaps adds up to
+the register, estimates and edits are versions, the raw reads stay untouched."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from headend.config import parse_config
+from headend.model import EVENT_LOG, IMPORT_ENERGY, IMPORT_INTERVAL, Quality, Reading
+from headend.registry import Registry
+from headend.storage.base import ReadingStore
+from headend.vee.service import VeeService
+from headend.vee.store import VeeStore
+from tests.vee_data import PER_DAY, STEP, T0, cumulative, deltas, registers_of, t_of
+
+WEEKS = 4
+HISTORY = WEEKS * 7 * PER_DAY  # intervals before the billing period
+PERIOD = 2 * PER_DAY
+START = T0 + timedelta(weeks=WEEKS)
+END = START + PERIOD * STEP
+
+
+def k_of(t: datetime) -> int:
+    return (t - T0) // STEP - 1
+
+
+@pytest.fixture
+async def vee(store: ReadingStore, tmp_path: Path) -> AsyncIterator[VeeService]:
+    cfg = parse_config({"links": [{"id": "l", "kind": "tcp", "protocol": "dlms-wrapper", "host": "h", "port": 1}],
+                        "meters": [{"id": m, "link": "l"} for m in ("CUM", "DEL", "EDIT")]})  # fmt: skip
+    versions = VeeStore(tmp_path / "vee.sqlite")
+    yield VeeService(store, versions, Registry(cfg), cfg.vee)
+    versions.close()
+
+
+async def test_a_short_gap_is_interpolated_and_adds_up_to_the_register(vee: VeeService) -> None:
+    gap = {HISTORY + 40, HISTORY + 41}  # two registers missing: three intervals without a value
+    await vee.store.write(cumulative("CUM", HISTORY + PERIOD, change=lambda k, v: None if k in gap else v))
+    result = await vee.validate("CUM", START, END)
+    by_t = {i.t: i for i in result.intervals}
+    estimated = [i for i in result.intervals if i.status == "estimated"]
+    assert [k_of(i.t) for i in estimated] == [HISTORY + 40, HISTORY + 41, HISTORY + 42]
+    assert all(i.method == "interpolation+scaled" and Quality.ESTIMATED in i.qualities for i in estimated)
+    assert all(i.version == 1 and "gap" in i.rules for i in estimated)
+    registers = registers_of(HISTORY + PERIOD)
+    expected = registers[HISTORY + 43] - registers[HISTORY + 40]  # the register across the gap
+    assert sum(i.value or 0 for i in estimated) == pytest.approx(expected)
+    assert all(i.status == "actual" and Quality.VALIDATED in i.qualities for t, i in by_t.items() if i not in estimated)
+    assert len(result.intervals) == PERIOD
+    again = await vee.validate("CUM", START, END)
+    assert [i.version for i in again.intervals if i.status == "estimated"] == [1, 1, 1]  # no new version
+
+
+async def test_a_long_gap_takes_the_like_day_shape_scaled_to_the_register(vee: VeeService) -> None:
+    gap = set(range(HISTORY + 20, HISTORY + 44))  # six hours of registers missing
+    await vee.store.write(cumulative("CUM", HISTORY + PERIOD, change=lambda k, v: None if k in gap else v))
+    result = await vee.validate("CUM", START, END)
+    estimated = [i for i in result.intervals if i.status == "estimated"]
+    assert len(estimated) == 25 and {i.method for i in estimated} == {"like_day+scaled"}
+    registers = registers_of(HISTORY + PERIOD)
+    assert sum(i.value or 0 for i in estimated) == pytest.approx(registers[HISTORY + 45] - registers[HISTORY + 20])
+    # The like days carry the same shape, so the estimate is the true consumption.
+    truth = {t_of(k): registers[k + 1] - registers[k] for k in range(HISTORY + PERIOD)}
+    assert all(i.value == pytest.approx(truth[i.t]) for i in estimated)
+
+
+async def test_interval_data_without_a_register_gets_the_like_day_average(vee: VeeService) -> None:
+    gap = set(range(HISTORY + 100, HISTORY + 110))
+    await vee.store.write(deltas("DEL", HISTORY + PERIOD, change=lambda k, v: None if k in gap else v))
+    result = await vee.validate("DEL", START, END)
+    estimated = [i for i in result.intervals if i.status == "estimated"]
+    assert [k_of(i.t) for i in estimated] == sorted(gap) and {i.method for i in estimated} == {"like_day"}
+
+
+async def test_interpolation_is_never_anchored_on_an_outage(vee: VeeService) -> None:
+    gap = {HISTORY + 60}
+    await vee.store.write(deltas("DEL", HISTORY + PERIOD, change=lambda k, v: None if k in gap else v))
+    down, up = t_of(HISTORY + 58) - timedelta(minutes=5), t_of(HISTORY + 59)
+    await vee.store.write([Reading("DEL", EVENT_LOG, down, 1.0, kind="event"), Reading("DEL", EVENT_LOG, up, 2.0,
+                                                                                      kind="event")])  # fmt: skip
+    result = await vee.validate("DEL", START, END)
+    (estimated,) = [i for i in result.intervals if i.status == "estimated"]
+    assert estimated.method == "like_day"  # the interval before the gap was in an outage
+
+
+async def test_an_edit_is_a_new_version_and_the_raw_read_stays(vee: VeeService) -> None:
+    await vee.store.write(deltas("EDIT", HISTORY + PERIOD, change=lambda k, v: 5.0 if k == HISTORY + 30 else v))
+    t = t_of(HISTORY + 30)
+    first = {i.t: i for i in (await vee.validate("EDIT", START, END)).intervals}[t]
+    assert first.status == "suspect" and first.rules == ("spike",) and first.value == 5.0
+    version = await vee.edit("EDIT", t, 0.42, who="billing-clerk", reason="customer reading on site")
+    edited = {i.t: i for i in (await vee.validate("EDIT", START, END)).intervals}[t]
+    assert (edited.status, edited.value, edited.version) == ("edited", 0.42, version)
+    assert Quality.EDITED in edited.qualities and "2.6.1007" in edited.qualities  # and why it was edited
+    raw = await vee.store.query("EDIT", IMPORT_INTERVAL, t - STEP, t)
+    assert [r.value for r in raw] == [5.0]
+    (history,) = vee.versions.versions("EDIT", IMPORT_INTERVAL, t - STEP, t).values()
+    assert [(v.status, v.author, v.reason) for v in history] == [("edited", "billing-clerk", "customer reading on site")]
+    with pytest.raises(ValueError, match="not an interval end"):
+        await vee.edit("EDIT", t + timedelta(minutes=1), 1.0, who="x", reason="typo")
+
+
+async def test_gaps_are_reread_from_the_meter_before_anything_is_estimated(vee: VeeService) -> None:
+    gap = {HISTORY + 10}
+    full = cumulative("CUM", HISTORY + PERIOD)
+    await vee.store.write([r for r in full if k_of(r.timestamp) not in gap])
+    asked: list[tuple[str, datetime, datetime]] = []
+
+    async def reread(meter: str, start: datetime, end: datetime) -> None:
+        asked.append((meter, start, end))
+        await vee.store.write([r for r in full if k_of(r.timestamp) in gap])  # the meter still had it
+
+    vee.reread = reread
+    result = await vee.validate("CUM", START, END)
+    assert asked == [("CUM", START, END)] and result.rereads == 1
+    assert {i.status for i in result.intervals} == {"actual"}
+
+
+async def test_determinants_for_billing(vee: VeeService) -> None:
+    gap = {HISTORY + 40}
+    await vee.store.write(cumulative("CUM", HISTORY + PERIOD, change=lambda k, v: None if k in gap else v))
+    d = await vee.determinants("CUM", START, END)
+    registers = registers_of(HISTORY + PERIOD)
+    assert d.start_register == pytest.approx(registers[HISTORY]) and d.end_register == pytest.approx(registers[-1])
+    assert d.consumption_kwh == pytest.approx(registers[-1] - registers[HISTORY])
+    assert d.expected_intervals == PERIOD and d.completeness == pytest.approx((PERIOD - 2) / PERIOD)
+    assert d.by_status == {"actual": PERIOD - 2, "estimated": 2}
+    assert d.by_quality[Quality.ESTIMATED] == 2 and d.max_demand_kw == pytest.approx(0.5 * 4, rel=0.01)
+
+
