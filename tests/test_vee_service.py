@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from headend.config import parse_config
-from headend.model import EVENT_LOG, IMPORT_ENERGY, IMPORT_INTERVAL, Quality, Reading
+from headend.model import EVENT_LOG, IMPORT_INTERVAL, Quality, Reading
 from headend.registry import Registry
 from headend.storage.base import ReadingStore
 from headend.vee.service import VeeService
