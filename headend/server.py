@@ -20,8 +20,10 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from headend.api.app import create_app, require_roles
+from headend.api.app import create_app
 from headend.api.auth import Principal, TokenStore
+from headend.api.billing import billing_router
+from headend.api.security import require_roles
 from headend.config import Config, Plan
 from headend.registry import Registry, UnknownMeter
 from headend.scheduler.engine import MeterResult, PlanReport, PollingEngine
@@ -34,6 +36,8 @@ from headend.switching.journal import CommandJournal
 from headend.switching.policy import SwitchingPolicy
 from headend.switching.ratelimit import LinkLimiter
 from headend.switching.runner import CommandRunner
+from headend.vee.service import VeeService
+from headend.vee.store import VeeStore
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,25 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         await runner.start()
         tokens = TokenStore.load(cfg.api.tokens_file) if cfg.api.tokens_file else TokenStore({})
         app = create_app(switching, runner, tokens)
+        versions = VeeStore(cfg.state_dir / "vee.sqlite")
+
+        async def reread(meter_id: str, start: datetime, end: datetime) -> None:
+            """VEE's first estimation step: ask the meter again for the period, then let the
+            writer store what came back before validation looks again."""
+            meter, link = registry.meter(meter_id), registry.link_of(meter_id)
+            if meter.concentrator is None and not link.protocol.startswith("dlms"):
+                return  # no load profile to ask for (Modbus): boundary reads cannot be repeated
+            now = datetime.now(UTC)
+            plan = Plan.model_validate({"id": "vee-reread", "read": ["profile"], "every": "1d", "attempts": 1,
+                                        "history": f"{max(1, int((now - start).total_seconds()))}s",
+                                        "select": {"meters": [meter_id]}})  # fmt: skip
+            result = await polling.read_meter(meter_id, plan, now, Lane.BACKFILL, fresh=True)
+            if result.ok and result.readings:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(pipeline.writer.wait_drained(), 30)
+
+        vee = VeeService(pipeline.store, versions, registry, cfg.vee, journal=journal, reread=reread)
+        app.include_router(billing_router(vee, tokens))
         reader = require_roles(tokens, "operator", "engineer", "billing", "override")
 
         @app.get("/metrics", response_class=PlainTextResponse)
@@ -167,4 +190,5 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         await runner.stop()
         await sessions.close()
         journal.close()
+        versions.close()
     return 0

@@ -99,7 +99,9 @@ async def test_an_edit_is_a_new_version_and_the_raw_read_stays(vee: VeeService) 
     raw = await vee.store.query("EDIT", IMPORT_INTERVAL, t - STEP, t)
     assert [r.value for r in raw] == [5.0]
     (history,) = vee.versions.versions("EDIT", IMPORT_INTERVAL, t - STEP, t).values()
-    assert [(v.status, v.author, v.reason) for v in history] == [("edited", "billing-clerk", "customer reading on site")]
+    assert [(v.status, v.author, v.reason) for v in history] == [
+        ("edited", "billing-clerk", "customer reading on site")
+    ]
     with pytest.raises(ValueError, match="not an interval end"):
         await vee.edit("EDIT", t + timedelta(minutes=1), 1.0, who="x", reason="typo")
 

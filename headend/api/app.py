@@ -4,15 +4,14 @@ Every call needs `Authorization: Bearer <token>`; roles decide what it may do. B
 gets a 4xx with a reason (422 lists the fields), never a 500.
 """
 
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, status
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from headend.api.auth import Principal, TokenStore
+from headend.api.security import authenticated, require_roles
 from headend.model import RelayAction
 from headend.registry import UnknownMeter
 from headend.switching.engine import SwitchingEngine
@@ -63,34 +62,6 @@ def command_json(command: Command, events: list[Any] | None = None) -> dict[str,
     if events is not None:
         out["events"] = [{"state": e.state.value, "at_ns": e.at_ns, **e.detail} for e in events]
     return out
-
-
-_bearer = HTTPBearer(auto_error=False)
-
-
-def authenticated(tokens: TokenStore) -> Callable[..., Principal]:
-    def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
-        if creds is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        found = tokens.authenticate(creds.credentials)
-        if found is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown token", headers={"WWW-Authenticate": "Bearer"})
-        return found
-
-    return principal
-
-
-def require_roles(tokens: TokenStore, *allowed: str) -> Callable[..., Principal]:
-    """A FastAPI dependency: the caller, if authenticated with one of `allowed`; else 401/403."""
-    principal = authenticated(tokens)
-
-    def check(who: Annotated[Principal, Depends(principal)]) -> Principal:
-        if not who.roles & set(allowed):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"needs one of the roles {', '.join(allowed)}")
-        return who
-
-    return check
 
 
 def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStore) -> FastAPI:

@@ -55,7 +55,7 @@ def _row(r: Reading) -> tuple[Any, ...]:
 
 def _reading(row: tuple[Any, ...]) -> Reading:
     kind, meter, channel, ts, value, raw, scaler, multiplier, unit, quality, source, collected = row
-    return Reading(
+    return Reading.stored(
         kind=kind,
         meter=meter,
         channel=parse_obis(channel),

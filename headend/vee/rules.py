@@ -186,9 +186,15 @@ def sum_check(series: Series, ctx: Context) -> None:
         boundary = ceil_to(t - near, series.step)
         if abs(t - boundary) <= near and (not points or points[-1][0] != boundary):
             points.append((boundary, r))
+    if not series.slots:
+        return
+    position = {slot.t: i for i, slot in enumerate(series.slots)}
+    position[series.slots[0].t - series.step] = -1
     for (t0, r0), (t1, r1) in itertools.pairwise(points):
-        span = [s for s in series.slots if t0 < s.t <= t1]
-        if not span or len(span) != (t1 - t0) // series.step or any(s.value is None for s in span):
+        if t0 not in position or t1 not in position:
+            continue
+        span = series.slots[position[t0] + 1 : position[t1] + 1]
+        if not span or any(s.value is None for s in span):
             continue
         difference = r1 - r0
         total = sum(s.value for s in span if s.value is not None)

@@ -7,6 +7,7 @@ edit is a new version here with who, why, when and how; nothing is updated in pl
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ CREATE TABLE IF NOT EXISTS exchanges (
     PRIMARY KEY (meter, ts)
 );
 """
+
+
+class DuplicateExchange(ValueError):
+    pass
 
 
 NewVersion = tuple[datetime, float | None, str | None, tuple[str, ...]]  # t, value, method, qualities
@@ -116,11 +121,14 @@ class VeeStore:
         return numbers
 
     def record_exchange(self, meter: str, exchange: Exchange, *, author: str, reason: str) -> None:
-        with self._lock, write_transaction(self._db):
-            self._db.execute(
-                "INSERT INTO exchanges VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (meter, to_ns(exchange.t), exchange.baseline, exchange.multiplier, author, reason, time.time_ns()),
-            )
+        try:
+            with self._lock, write_transaction(self._db):
+                self._db.execute(
+                    "INSERT INTO exchanges VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (meter, to_ns(exchange.t), exchange.baseline, exchange.multiplier, author, reason, time.time_ns()),
+                )
+        except sqlite3.IntegrityError:
+            raise DuplicateExchange(f"{meter}: an exchange at {exchange.t.isoformat()} is already recorded") from None
 
     def exchanges(self, meter: str) -> list[Exchange]:
         with self._lock:
