@@ -157,7 +157,9 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
                 raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
             result = await polling.read_meter(meter.id, plan, datetime.now(UTC), Lane.ON_DEMAND, fresh=True)
             if not result.ok:
-                raise HTTPException(502, f"{meter_id}: {result.error}")
+                # Asking a meter for what it does not have is the caller's mistake; the rest
+                # (link down, timeout, refused, garbage) is the meter's side: bad gateway.
+                raise HTTPException(422 if result.error_type == "Unsupported" else 502, f"{meter_id}: {result.error}")
             return {"meter": meter_id, "requested_by": who.name, "readings": result.readings,
                     "drift_s": result.drift_s, "events": result.events, "unsupported": result.unsupported,
                     "expected_intervals": result.expected_intervals,

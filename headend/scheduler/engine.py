@@ -49,6 +49,8 @@ class MeterResult:
     #: What the plan asked for that this meter cannot give (e.g. events over Modbus), with why.
     unsupported: list[str] = field(default_factory=list)
     error: str = ""
+    #: The MeterError class behind `error` (LinkDown, Timeout, Refused, BadFrame, Unsupported).
+    error_type: str = ""
 
     @property
     def completeness(self) -> float:
@@ -191,6 +193,7 @@ class PollingEngine:
                 return result
             except MeterError as exc:
                 result.error = f"{type(exc).__name__}: {exc}"
+                result.error_type = type(exc).__name__
                 self.stats.failures += 1
                 if isinstance(exc, LinkDown | Timeout):
                     breaker.record(False)
