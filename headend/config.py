@@ -444,6 +444,8 @@ class VeeConfig(Strict):
     interpolate_max: Duration = timedelta(hours=2)
     #: Longest period one request may ask for.
     max_period: Duration = timedelta(days=62)
+    #: Validate what the writer stores as it arrives (and note replaced values as duplicates).
+    on_arrival: bool = True
 
     @field_validator("rules")
     @classmethod

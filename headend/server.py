@@ -36,6 +36,7 @@ from headend.switching.journal import CommandJournal
 from headend.switching.policy import SwitchingPolicy
 from headend.switching.ratelimit import LinkLimiter
 from headend.switching.runner import CommandRunner
+from headend.vee.arrival import ArrivalValidator
 from headend.vee.service import VeeService
 from headend.vee.store import VeeStore
 
@@ -60,6 +61,10 @@ class Metrics:
                                      ["plan"], registry=self.registry)  # fmt: skip
         self.last_run = Gauge("headend_plan_last_run_finished_timestamp_seconds", "When the plan's last run ended",
                               ["plan"], registry=self.registry)  # fmt: skip
+        self.vee_failing = Gauge("headend_vee_failing_intervals", "Intervals failing a rule in the latest validation",
+                                 ["rule"], registry=self.registry)  # fmt: skip
+        self.vee_conflicts = Gauge("headend_vee_conflicting_values", "Stored values replaced by a different one",
+                                   registry=self.registry)  # fmt: skip
         self.progress_age = Gauge("headend_engine_progress_age_seconds", "Seconds since a meter was last read",
                                   registry=self.registry)  # fmt: skip
 
@@ -124,6 +129,9 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
 
         vee = VeeService(pipeline.store, versions, registry, cfg.vee, journal=journal, reread=reread)
         app.include_router(billing_router(vee, tokens))
+        arrival = ArrivalValidator(vee)
+        if cfg.vee.on_arrival:
+            pipeline.writer.before_write, pipeline.writer.after_write = arrival.before_write, arrival.after_write
         reader = require_roles(tokens, "operator", "engineer", "billing", "override")
 
         @app.get("/metrics", response_class=PlainTextResponse)
@@ -134,6 +142,9 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             for link_id, breaker in polling.breakers.items():
                 metrics.breaker_open.labels(link_id).set(1 if breaker.is_open else 0)
             metrics.progress_age.set(time.monotonic() - polling.stats.last_progress)
+            for rule, count in arrival.failing().items():
+                metrics.vee_failing.labels(rule).set(count)
+            metrics.vee_conflicts.set(arrival.conflicts)
             return generate_latest(metrics.registry).decode()
 
         class ReadIn(BaseModel):
@@ -179,6 +190,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
         tasks = [asyncio.create_task(metrics.watch(p, polling).run(stop), name=f"plan-{p.id}") for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")
+        tasks.append(asyncio.create_task(arrival.run(stop), name="vee-on-arrival"))
         if ready is not None:
             ready.set()
         log.info("headend serving %d meters, %d plans, API on %s:%d", len(cfg.meters), len(cfg.plans),

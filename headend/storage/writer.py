@@ -13,13 +13,16 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from headend.model import Reading
 from headend.storage.base import ReadingStore, StoreRejected, StoreUnavailable
 from headend.storage.outbox import Outbox, Pending
 
 log = logging.getLogger(__name__)
+
+BatchHook = Callable[[Sequence[Reading]], Awaitable[None]]
 
 
 @dataclass
@@ -44,6 +47,8 @@ class BatchWriter:
         max_backoff: float = 30.0,
         poll_interval: float = 1.0,
         warn_depth: int = 1_000_000,
+        before_write: BatchHook | None = None,
+        after_write: BatchHook | None = None,
     ) -> None:
         self.outbox = outbox
         self.store = store
@@ -52,6 +57,11 @@ class BatchWriter:
         self.max_backoff = max_backoff
         self.poll_interval = poll_interval
         self.warn_depth = warn_depth
+        #: Called with each batch before it is written (e.g. VEE noting values it will replace)
+        #: and after the store confirmed it (e.g. VEE validating what arrived). An error in
+        #: `before_write` counts as the store being unavailable: the batch waits and is retried.
+        self.before_write = before_write
+        self.after_write = after_write
         self.stats = WriterStats()
         self._stop = asyncio.Event()
         self._new_data = outbox.new_data_event()
@@ -86,8 +96,17 @@ class BatchWriter:
             batch = [p for p in batch if p.reading is not None]
             if not batch:
                 return
+        readings = [p.reading for p in batch if p.reading is not None]
         try:
-            await self.store.write([p.reading for p in batch if p.reading is not None])
+            if self.before_write is not None:
+                try:
+                    await self.before_write(readings)
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    log.exception("before-write hook failed; the batch waits")
+                    raise StoreUnavailable(f"before-write hook: {exc}") from exc
+            await self.store.write(readings)
         except StoreRejected as exc:
             if len(batch) == 1:
                 await self._quarantine(batch, str(exc))
@@ -99,6 +118,11 @@ class BatchWriter:
         await self.outbox.delete([p.id for p in batch])
         self.stats.written += len(batch)
         self.stats.batches += 1
+        if self.after_write is not None:
+            try:
+                await self.after_write(readings)
+            except Exception:  # what is stored stays stored; the hook's failure is its own
+                log.exception("after-write hook failed")
 
     async def _quarantine(self, items: Sequence[Pending], reason: str) -> None:
         for p in items:

@@ -120,6 +120,7 @@ def build(
     registers: list[Reading] | None = None,
     exchanges: list[Exchange] | None = None,
     register_modulus: float | None = None,
+    conflicts: dict[datetime, list[float]] | None = None,
 ) -> Series:
     """Slots for every interval end in (start, end]. `cumulative` readings must reach one
     interval before `start` so the first slot has a value. `register_modulus` (meter side,
@@ -169,6 +170,16 @@ def build(
             slot.qualities = list(reading.qualities)
             slot.multiplier = reading.multiplier
             slot.value = reading.value
+    # Values that were replaced in the store by a different one for the same interval (VEE
+    # noted them on arrival): the interval has two answers; from a cumulative source the
+    # register is shared with the next interval, so both are in doubt.
+    index = series.index()
+    for t, values in (conflicts or {}).items():
+        doubtful = [t, t + step] if series.cumulative else [t]
+        for u in doubtful:
+            if (slot := index.get(u)) is not None:
+                current = slot.register if series.cumulative else slot.value
+                slot.conflicts = sorted({*slot.conflicts, *values, *([] if current is None else [current])})
     for slot in slots:
         if slot.value is None:
             slot.status = "missing"

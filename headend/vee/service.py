@@ -127,8 +127,10 @@ class VeeService:
         registers = await self.store.query(meter.id, IMPORT_ENERGY, since, end + step, kind="register")
         events = await self.store.query(meter.id, EVENT_LOG, since - timedelta(days=1), end + step, kind="event")
         exchanges = self.versions.exchanges(meter.id)
+        source = IMPORT_ENERGY if cumulative else IMPORT_INTERVAL
+        conflicts = self.versions.conflicts(meter.id, source, since - step, end)
         history = build(meter.id, since, end, step, cumulative=cumulative or None, deltas=deltas,
-                        registers=registers, exchanges=exchanges,
+                        registers=registers, exchanges=exchanges, conflicts=conflicts,
                         register_modulus=10.0**meter.register_digits)  # fmt: skip
         series = Series(meter.id, start, end, step, [s for s in history.slots if s.t > start], history.cumulative,
                         [(t, r) for t, r in history.registers if start - step <= t <= end + step])  # fmt: skip

@@ -34,6 +34,14 @@ CREATE TABLE IF NOT EXISTS versions (
     created_ns INTEGER NOT NULL,
     PRIMARY KEY (meter, channel, ts, version)
 );
+CREATE TABLE IF NOT EXISTS conflicts (
+    meter TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    value REAL NOT NULL,
+    seen_ns INTEGER NOT NULL,
+    PRIMARY KEY (meter, channel, ts, value)
+);
 CREATE TABLE IF NOT EXISTS exchanges (
     meter TEXT NOT NULL,
     ts INTEGER NOT NULL,
@@ -119,6 +127,26 @@ class VeeStore:
                 )  # fmt: skip
                 numbers.append(number)
         return numbers
+
+    def record_conflicts(self, items: list[tuple[str, Obis, datetime, float]]) -> None:
+        """Values that arrived for an interval that already had a different one (both kept)."""
+        now = time.time_ns()
+        with self._lock, write_transaction(self._db):
+            self._db.executemany(
+                "INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, ?, ?)",
+                [(meter, str(channel), to_ns(t), value, now) for meter, channel, t, value in items],
+            )
+
+    def conflicts(self, meter: str, channel: Obis, start: datetime, end: datetime) -> dict[datetime, list[float]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ts, value FROM conflicts WHERE meter = ? AND channel = ? AND ts > ? AND ts <= ? ORDER BY ts",
+                (meter, str(channel), to_ns(start), to_ns(end)),
+            ).fetchall()
+        out: dict[datetime, list[float]] = {}
+        for ts, value in rows:
+            out.setdefault(from_ns(ts), []).append(value)
+        return out
 
     def record_exchange(self, meter: str, exchange: Exchange, *, author: str, reason: str) -> None:
         try:
