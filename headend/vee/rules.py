@@ -12,9 +12,10 @@ on the values billing would see.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from statistics import mean
 
 from headend.config import Meter, VeeConfig
@@ -59,6 +60,8 @@ class Context:
     history: dict[datetime, Slot] = field(default_factory=dict)
     #: The multiplier in force at a time (the registry's, or a recorded exchange's).
     multiplier_at: Callable[[datetime], float] = lambda _t: 1.0
+    #: False when no exchange changes the multiplier: one value for the whole series.
+    multiplier_changes: bool = False
 
 
 def flag(slot: Slot, rule: str) -> None:
@@ -158,8 +161,10 @@ def after_disconnect(series: Series, ctx: Context) -> None:
 
 
 def multiplier(series: Series, ctx: Context) -> None:
+    constant = ctx.multiplier_at(series.start) if not ctx.multiplier_changes else None
     for s in series.slots:
-        if s.value is not None and abs(s.multiplier - ctx.multiplier_at(s.t)) > 1e-9 * ctx.multiplier_at(s.t):
+        expected = constant if constant is not None else ctx.multiplier_at(s.t)
+        if s.value is not None and abs(s.multiplier - expected) > 1e-9 * expected:
             flag(s, "multiplier")
 
 
@@ -168,10 +173,9 @@ def multiplier(series: Series, ctx: Context) -> None:
 
 def days(series: Series) -> list[list[Slot]]:
     """The series cut into UTC days by interval end (an interval ending 00:00 closes the day before)."""
-    out: dict[datetime, list[Slot]] = {}
+    out: dict[date, list[Slot]] = {}
     for s in series.slots:
-        key = (s.t - series.step).replace(hour=0, minute=0, second=0, microsecond=0)
-        out.setdefault(key, []).append(s)
+        out.setdefault((s.t - series.step).date(), []).append(s)
     return list(out.values())
 
 
@@ -188,6 +192,19 @@ def sum_check(series: Series, ctx: Context) -> None:
             points.append((boundary, r))
     if not series.slots:
         return
+    if series.cumulative:
+        # From a load profile each interval is the difference of its two registers: only
+        # the ones estimated in between can disagree with them.
+        index = series.index()
+        for s in series.slots:
+            before = index.get(s.t - series.step)
+            if s.status == "estimated" and s.value is not None and s.register is not None and before is not None \
+                    and before.register is not None:  # fmt: skip
+                difference = s.register - before.register
+                digits = ctx.cfg.sum_tolerance_digits * ctx.meter.register_resolution * ctx.multiplier_at(s.t)
+                if abs(s.value - difference) > max(digits, ctx.cfg.sum_tolerance_share * abs(difference)):
+                    flag(s, "sum_check")
+        points = [(t, r) for t, r in points if t not in index or index[t].register is None]  # separate reads only
     position = {slot.t: i for i, slot in enumerate(series.slots)}
     position[series.slots[0].t - series.step] = -1
     for (t0, r0), (t1, r1) in itertools.pairwise(points):
@@ -208,15 +225,24 @@ def sum_check(series: Series, ctx: Context) -> None:
 
 def high_low(series: Series, ctx: Context) -> None:
     complete = timedelta(days=1) // series.step
+    # Totals of the days in the history whose every interval is a usable read.
+    usable: dict[date, float] = {}
+    spoiled: set[date] = set()
+    counts: Counter[date] = Counter()
+    for s in ctx.history.values():
+        d = (s.t - series.step).date()
+        counts[d] += 1
+        if s.usable and s.value is not None:
+            usable[d] = usable.get(d, 0.0) + s.value
+        else:
+            spoiled.add(d)
     for day in days(series):
         if len(day) != complete or any(s.value is None for s in day):
             continue
         total = sum(s.value or 0.0 for s in day)
-        like = []
-        for w in range(1, ctx.cfg.like_day_weeks + 1):
-            earlier = [ctx.history.get(s.t - timedelta(weeks=w)) for s in day]
-            if all(e is not None and e.value is not None and e.usable for e in earlier):
-                like.append(sum(e.value or 0.0 for e in earlier if e is not None))
+        this = (day[0].t - series.step).date()
+        earlier = [this - timedelta(weeks=w) for w in range(1, ctx.cfg.like_day_weeks + 1)]
+        like = [usable[d] for d in earlier if d in usable and d not in spoiled and counts[d] == complete]
         if not like:
             continue
         average = mean(like)

@@ -135,7 +135,8 @@ class VeeService:
         series = Series(meter.id, start, end, step, [s for s in history.slots if s.t > start], history.cumulative,
                         [(t, r) for t, r in history.registers if start - step <= t <= end + step])  # fmt: skip
         ctx = rules.Context(meter, self.cfg, disconnected=self._disconnected(meter.id), outages=_outages(events),
-                            multiplier_at=_multiplier_at(meter, exchanges))  # fmt: skip
+                            multiplier_at=_multiplier_at(meter, exchanges),
+                            multiplier_changes=bool(exchanges))  # fmt: skip
         in_period = [r for r in registers if start < r.timestamp <= end]
         return series, history, ctx, in_period
 
