@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -259,3 +260,51 @@ history = "2h"
         ordered = sorted(stamps)
         steps = {b - a for a, b in itertools.pairwise(ordered)}
         assert steps == {15 * 60 * 10**9}, f"{meter} has a gap"
+
+
+async def test_billing_asks_the_meter_again_for_what_the_store_lacks(tmp_path: Path, start: Starter) -> None:
+    """No plan has read the meter yet: the billing request finds the period empty, `serve`
+    re-reads it from the DLMS meter (backfill lane), lets the writer store it, and answers
+    with actual reads instead of estimates."""
+    clock = Clock()
+    dlms = SimulatedDlmsMeter("D1", clock)
+    dlms_port = await dlms.start()
+    api_port = free_port()
+    token = TokenStore.issue(tmp_path / "tokens.toml", "bill", frozenset({"billing"}))
+    (tmp_path / "site.toml").write_text(f"""
+state_dir = "{tmp_path / "state"}"
+[storage]
+backend = "sqlite"
+outbox = "{tmp_path / "outbox.sqlite"}"
+[storage.sqlite]
+path = "{tmp_path / "readings.sqlite"}"
+[api]
+port = {api_port}
+tokens_file = "{tmp_path / "tokens.toml"}"
+[[links]]
+id = "dlms-tcp"
+kind = "tcp"
+protocol = "dlms-wrapper"
+host = "127.0.0.1"
+port = {dlms_port}
+timeout = "2s"
+[[meters]]
+id = "D1"
+link = "dlms-tcp"
+dlms = {{ authentication = "lls", password_env = "D1_PASSWORD" }}
+""")
+    proc = await start(tmp_path)
+    now = datetime.now(UTC)
+    end = datetime(now.year, now.month, now.day, now.hour, tzinfo=UTC)  # a boundary the meter has passed
+    period = {"start": (end - timedelta(hours=2)).isoformat(), "end": end.isoformat()}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as client:
+        await wait_for_metric(client, "headend_outbox_depth")
+        r = await client.get("/billing/meters/D1/intervals", params=period,
+                             headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    await dlms.stop()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["total"] == 8 and body["counts"] == {"actual": 8}
+    assert all("2.0.1" in i["qualities"] and i["version"] == 0 for i in body["intervals"])
