@@ -26,18 +26,18 @@ from fastapi import FastAPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from headend.api.auth import TokenStore  # noqa: E402
-from headend.api.billing import billing_router  # noqa: E402
-from headend.config import parse_config  # noqa: E402
-from headend.localservers import InfluxServer  # noqa: E402
-from headend.registry import Registry  # noqa: E402
-from headend.storage.base import ReadingStore  # noqa: E402
-from headend.storage.influx import InfluxStore  # noqa: E402
-from headend.storage.sqlite import SqliteStore  # noqa: E402
-from headend.vee.arrival import ArrivalValidator  # noqa: E402
-from headend.vee.service import VeeService  # noqa: E402
-from headend.vee.store import VeeStore  # noqa: E402
-from tests.vee_data import PER_DAY, STEP, T0, cumulative, deltas  # noqa: E402
+from headend.api.auth import TokenStore
+from headend.api.billing import billing_router
+from headend.config import parse_config
+from headend.localservers import InfluxServer
+from headend.registry import Registry
+from headend.storage.base import ReadingStore
+from headend.storage.influx import InfluxStore
+from headend.storage.sqlite import SqliteStore
+from headend.vee.arrival import ArrivalValidator
+from headend.vee.service import VeeService
+from headend.vee.store import VeeStore
+from tests.vee_data import PER_DAY, STEP, T0, cumulative, deltas
 
 WEEKS = 4
 
@@ -71,8 +71,8 @@ async def run(meters: int, days: int, store: ReadingStore, work: Path) -> None:
         t = time.perf_counter()
         size = 0
         for chunk in range(0, meters, 50):
-            r = await client.get("/billing/export", params={"start": start.isoformat(), "end": end.isoformat(),
-                                 "meter": ids[chunk : chunk + 50]}, headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+            params = {"start": start.isoformat(), "end": end.isoformat(), "meter": ids[chunk : chunk + 50]}
+            r = await client.get("/billing/export", params=params, headers={"Authorization": f"Bearer {token}"})
             r.raise_for_status()
             size += len(r.content)
         took = time.perf_counter() - t
