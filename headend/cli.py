@@ -77,6 +77,45 @@ def run_switch(args: argparse.Namespace, transport: httpx.BaseTransport | None =
         return 0 if command["state"].startswith("confirmed") else 1
 
 
+def _numbers(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def run_commission(args: argparse.Namespace) -> int:
+    """Exit 0 when every check passed or warned, 1 when one failed, 2 for bad arguments."""
+    from headend.commission.checks import Options
+    from headend.commission.run import RegisterConflict, TargetError, commission, register, resolve
+    from headend.config import DlmsSettings
+
+    cfg = load_config(args.config) if args.config else None
+    try:
+        target = resolve(args.target, cfg, protocol=args.protocol, baud=args.baud, parity=args.parity,
+                         timeout=args.timeout)  # fmt: skip
+        addresses = _numbers(args.addresses) if args.addresses else None
+    except (TargetError, ValueError) as exc:
+        print(f"headend commission: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    opts = Options(engineer=args.engineer, site=args.site, sync_clock=args.sync_clock, test_relay=args.test_relay,
+                   probe_timeout=args.probe_timeout, time_box=args.time_box, addresses=addresses,
+                   birth_timeout=args.birth_timeout)  # fmt: skip
+    auth = DlmsSettings(authentication=args.auth, password_env=args.password_env)
+    report = asyncio.run(commission(target, cfg, opts, auth=auth, console=console))
+    json_path, html_path = report.save(Path(args.report_dir))
+    console.print(f"verdict: [bold]{report.verdict.upper()}[/]; report: {html_path} and {json_path}")
+    if args.register:
+        try:
+            added = register(report, target, Path(args.register), force=args.force)
+        except RegisterConflict as exc:
+            print(f"headend commission: not registered: {exc}", file=sys.stderr)
+            return 1
+        console.print(f"registered {len(added)} meter(s) in {args.register}: {', '.join(added) or 'none new'}")
+    return 1 if report.verdict == "fail" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headend", description="AMI head-end and meter-communication server")
     parser.add_argument("--version", action="version", version=f"headend {__version__}")
@@ -104,6 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--api", default=os.environ.get("HEADEND_API", "http://127.0.0.1:8080"))
     switch.add_argument("--token-env", default="HEADEND_TOKEN", help="environment variable holding the bearer token")
     switch.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the outcome (0: do not wait)")
+
+    com = sub.add_parser("commission", help="discover, check and prove the meters on a link or concentrator")
+    com.add_argument("target", help="link/concentrator id from --config, tcp:HOST:PORT, serial:DEVICE, "
+                     "or mqtt:HOST:PORT/CONCENTRATOR")  # fmt: skip
+    com.add_argument("--config", help="site config: links, the registry of meters to compare against")
+    com.add_argument("--protocol", choices=["dlms-wrapper", "dlms-hdlc", "modbus-tcp", "modbus-rtu"])
+    com.add_argument("--baud", type=int, default=9600)
+    com.add_argument("--parity", choices=["N", "E", "O"], default="N")
+    com.add_argument("--auth", choices=["none", "lls"], default="none", help="DLMS authentication for unknown meters")
+    com.add_argument("--password-env", help="environment variable with the DLMS LLS password for unknown meters")
+    com.add_argument("--addresses", help="HDLC addresses or Modbus unit ids to probe, e.g. 1-247 or 16,17,20-30")
+    com.add_argument("--probe-timeout", type=float, default=0.3, help="seconds to wait at each probed address")
+    com.add_argument("--time-box", type=float, default=120.0, help="seconds the whole scan may take")
+    com.add_argument("--birth-timeout", type=float, default=10.0, help="seconds to wait for a concentrator's birth")
+    com.add_argument("--timeout", type=float, default=5.0, help="seconds per request to a meter (ad hoc targets)")
+    com.add_argument("--engineer", default=os.environ.get("USER", ""), help="who commissioned (for the report)")
+    com.add_argument("--site", default="", help="site name (for the report)")
+    com.add_argument("--report-dir", default="commissioning", help="where the JSON and HTML reports go")
+    com.add_argument("--sync-clock", action="store_true", help="set meter clocks that are off")
+    com.add_argument("--test-relay", action="store_true", help="open and close each relay with read-back, "
+                     "then leave it as found")  # fmt: skip
+    com.add_argument("--register", metavar="FILE", help="append the meters found to this registry file")
+    com.add_argument("--force", action="store_true", help="with --register: replace conflicting entries")
 
     token = sub.add_parser("token", help="issue an API token; its hash is appended to the tokens file")
     token.add_argument("name")
@@ -138,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_drain(load_config(args.config).storage))
         if args.command == "switch":
             return run_switch(args)
+        if args.command == "commission":
+            return run_commission(args)
         if args.command == "token":
             issued = TokenStore.issue(args.file, args.name, frozenset(r.strip() for r in args.roles.split(",")))
             console.print(f"token for {args.name} (shown once; only its hash is stored in {args.file}):")

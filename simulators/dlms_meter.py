@@ -54,6 +54,9 @@ SERIAL = Obis(0, 0, 96, 1, 0)
 FIRMWARE = Obis(1, 0, 0, 2, 0)
 LDN = Obis(0, 0, 42, 0, 0)
 EVENT_LOG = Obis(0, 0, 99, 98, 0)  # standard event log (IDIS)
+SAP_ASSIGNMENT = Obis(0, 0, 41, 0, 0)
+# Transformer ratios (IEC 62056-61): current and voltage numerators and denominators.
+CT_NUM, PT_NUM, CT_DEN, PT_DEN = Obis(1, 0, 0, 4, 2), Obis(1, 0, 0, 4, 3), Obis(1, 0, 0, 4, 5), Obis(1, 0, 0, 4, 6)
 EVENT_CODE = Obis(0, 0, 96, 11, 0)
 # Standard event log codes (IDIS): power down/up, clock adjusted (old time, new time).
 POWER_DOWN, POWER_UP, CLOCK_ADJUSTED_OLD, CLOCK_ADJUSTED_NEW = 1, 2, 4, 5
@@ -116,8 +119,12 @@ class SimulatedDlmsMeter:
         block_size: int = 1024,
         seed: int = 1,
         keys: codec.Keys | None = None,
+        ct: tuple[int, int] | None = None,
+        pt: tuple[int, int] | None = None,
     ) -> None:
         self.name = name
+        #: Transformer ratios programmed into the meter (numerator, denominator); None: no object.
+        self.ct, self.pt = ct, pt
         self.keys = keys or DEFAULT_KEYS
         self.system_title = f"SIM{seed:05d}".encode()[:8]
         self.invocation_counter = 0  # many real meters start at 0
@@ -223,6 +230,12 @@ class SimulatedDlmsMeter:
                 return Typed(spec.type_tag, self.register_value(a.obis, t))
             if a.index == 3:
                 return Structure([Typed(axdr.INTEGER, spec.scaler), Typed(axdr.ENUM, spec.unit)])
+        if a.class_id == 17 and a.obis == SAP_ASSIGNMENT and a.index == 2:
+            return [Structure([Typed(axdr.LONG_UNSIGNED, 1), f"SIM{self.name}"[:16].encode()])]
+        ratios = {CT_NUM: (self.ct, 0), CT_DEN: (self.ct, 1), PT_NUM: (self.pt, 0), PT_DEN: (self.pt, 1)}
+        if a.class_id == 1 and a.index == 2 and a.obis in ratios:
+            ratio, part = ratios[a.obis]
+            return OBJECT_UNDEFINED if ratio is None else Typed(axdr.LONG_UNSIGNED, ratio[part])
         if a.class_id == 1 and a.index == 2:
             if a.obis == SERIAL:
                 return self.serial

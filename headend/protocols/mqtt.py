@@ -162,7 +162,11 @@ class ConcentratorLink:
         reconnect_max: float = 30.0,
         protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
         monotonic: Callable[[], float] = time.monotonic,
+        observer: bool = False,
     ) -> None:
+        """`observer`: states and command answers only, no data and no session kept on the
+        broker (commissioning tools: they must not take the head-end's data)."""
+        self.observer = observer
         self.host = host
         self.port = port
         self.outbox = outbox
@@ -236,7 +240,7 @@ class ConcentratorLink:
     def _new_client(self) -> aiomqtt.Client:
         v5 = self.protocol == aiomqtt.ProtocolVersion.V5
         props = None
-        if v5:
+        if v5 and not self.observer:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
         client = aiomqtt.Client(
@@ -246,8 +250,8 @@ class ConcentratorLink:
             username=self.username,
             password=self.password,
             protocol=self.protocol,
-            clean_session=None if v5 else False,
-            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_session=None if v5 else self.observer,
+            clean_start=self.observer if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
             keepalive=15,
         )
@@ -267,7 +271,8 @@ class ConcentratorLink:
                     self._client = client
                     self.stats.connects += 1
                     await client.subscribe(STATE_FILTER, qos=1)
-                    await client.subscribe(DATA_FILTER, qos=1)
+                    if not self.observer:
+                        await client.subscribe(DATA_FILTER, qos=1)
                     await client.subscribe(response_topic(self.headend_id), qos=1)
                     self.connected.set()
                     backoff = self.reconnect_min

@@ -34,7 +34,7 @@ def response_topic(headend: str) -> str:
 
 STATE_FILTER = f"{ROOT}/dc/+/state"
 DATA_FILTER = f"{ROOT}/dc/+/data"
-COMMAND_NAMES = ("read", "profile", "backfill", "clock", "clock_sync", "relay", "relay_state")
+COMMAND_NAMES = ("read", "profile", "backfill", "events", "clock", "clock_sync", "relay", "relay_state")
 
 
 def concentrator_of(topic: str) -> str:
