@@ -174,7 +174,10 @@ class SimulatedDlmsMeter:
         return value
 
     def profile_rows(self, start: datetime, end: datetime) -> list[Structure]:
-        """Rows with start <= t <= end, as recorded up to now."""
+        """Rows stamped (in the meter's own time, as a meter selects by range) start <= t <= end,
+        as recorded up to now."""
+        offset = timedelta(seconds=self.faults.clock_offset_s)
+        start, end = start - offset, end - offset
         last = min(end, self.clock.datetime())
         epoch = datetime(1970, 1, 1, tzinfo=UTC)
         t = max(start, self.installed)

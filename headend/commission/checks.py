@@ -99,42 +99,44 @@ def ratio(report: Report, label: str, programmed: float | None, expected: Meter 
 
 async def session_checks(session: MeterSession, report: Report, label: str, opts: Options, *,
                          profile: Obis = DLMS_PROFILE) -> None:  # fmt: skip
-    await _clock(session, report, label, opts)
+    drift = await _clock(session, report, label, opts)
     relay = await _relay(session, report, label)
     await _energy(session, report, label)
-    await _profile(session, report, label, opts, profile)
+    await _profile(session, report, label, opts, profile, drift)
     if opts.test_relay and relay is not None:
         await _relay_test(session, report, label, opts, relay)
 
 
-async def _clock(session: MeterSession, report: Report, label: str, opts: Options) -> None:
+async def _clock(session: MeterSession, report: Report, label: str, opts: Options) -> float:
+    """The drift found (seconds, meter ahead positive), or 0 when there is no clock."""
     try:
         meter_time = await session.read_clock()
     except Unsupported:
         report.add(Check("clock", "info", "no clock over this protocol", meter=label))
-        return
+        return 0.0
     except MeterError as exc:
         report.add(Check("clock", "fail", error_text(exc), meter=label))
-        return
+        return 0.0
     drift = (meter_time - datetime.now(UTC)).total_seconds()
-    measured = f"{drift:+.0f} s"
+    measured = f"{round(drift):+d} s"
     if abs(drift) <= opts.clock_tolerance_s:
         report.add(Check("clock", "pass", measured, meter=label, expected=f"within ±{opts.clock_tolerance_s:g} s"))
-        return
+        return drift
     if opts.sync_clock:
         try:
             await session.set_clock(datetime.now(UTC))
             after = (await session.read_clock() - datetime.now(UTC)).total_seconds()
         except MeterError as exc:
             report.add(Check("clock", "fail", f"{measured}; sync failed: {error_text(exc)}", meter=label))
-            return
+            return drift
         status = "pass" if abs(after) <= opts.clock_tolerance_s else "fail"
-        report.add(Check("clock", status, f"{measured}, synced to {after:+.0f} s", meter=label,
+        report.add(Check("clock", status, f"{measured}, synced to {round(after):+d} s", meter=label,
                          expected=f"within ±{opts.clock_tolerance_s:g} s"))  # fmt: skip
-        return
+        return drift
     status = "fail" if abs(drift) > opts.clock_fail_s else "warn"
     report.add(Check("clock", status, measured, meter=label, expected=f"within ±{opts.clock_tolerance_s:g} s",
                      hint="rerun with --sync-clock to set it; intervals read meanwhile are stamped wrong"))  # fmt: skip
+    return drift
 
 
 async def _relay(session: MeterSession, report: Report, label: str) -> RelayState | None:
@@ -162,8 +164,10 @@ async def _energy(session: MeterSession, report: Report, label: str) -> None:
                      expected="a first good read"))  # fmt: skip
 
 
-async def _profile(session: MeterSession, report: Report, label: str, opts: Options, profile: Obis) -> None:
-    now = datetime.now(UTC)
+async def _profile(session: MeterSession, report: Report, label: str, opts: Options, profile: Obis,
+                   drift: float) -> None:  # fmt: skip
+    # The meter stamps its profile in its own time: sample the window as its clock saw it.
+    now = datetime.now(UTC) + timedelta(seconds=drift)
     step = opts.interval
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
     last = epoch + ((now - epoch) // step) * step

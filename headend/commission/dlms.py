@@ -43,7 +43,9 @@ async def commission_dlms(link: TcpLink | SerialLink, registry: Registry | None,
     if link.protocol == "dlms-wrapper":
         candidates = [None]
     else:
-        wanted = opts.addresses or sorted({*(a for a in registered if a is not None), *DEFAULT_HDLC_ADDRESSES})
+        # The registry's addresses on this link are always probed, first; then the range asked for.
+        booked = sorted(a for a in registered if a is not None)
+        wanted = booked + [a for a in (opts.addresses or DEFAULT_HDLC_ADDRESSES) if a not in booked]
         candidates = await _scan(link, wanted, registered, opts, report, progress, auth)
         for address, meter in registered.items():
             if address not in candidates and address is not None:
