@@ -160,7 +160,21 @@ def modbus_config(device: str, units: list[int]) -> Config:
     })  # fmt: skip
 
 
-async def test_a_clean_rs485_line_passes_and_a_dead_unit_is_named(modem: NullModem) -> None:
+async def test_a_clean_rs485_line_passes(modem: NullModem) -> None:
+    sdm = shipped_maps()["eastron-sdm630"]
+    sim = ModbusSimulator([SimulatedMeter(u, sdm, Clock()) for u in (1, 2)])
+    await sim.start_rtu(modem.a, 19200)
+    try:
+        cfg = modbus_config(modem.b, [1, 2])
+        report = await run(resolve("rs485", cfg), cfg, addresses=[1, 2, 3], probe_timeout=0.2)
+    finally:
+        await sim.stop()
+    assert problems(report) == set() and report.verdict == "pass"
+    assert {(m.address, m.registry_id) for m in report.meters} == {("unit:1", "U1"), ("unit:2", "U2")}
+    assert measured(report, "U2", "energy").endswith("kWh")
+
+
+async def test_a_dead_unit_on_the_line_is_named(modem: NullModem) -> None:
     sdm = shipped_maps()["eastron-sdm630"]
     sim = ModbusSimulator([SimulatedMeter(u, sdm, Clock()) for u in (1, 3)])  # unit 2 is dead
     await sim.start_rtu(modem.a, 19200)
