@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from headend.api.auth import ROLES, TokenStore
 from headend.localservers import free_port
 from headend.storage.sqlite import SqliteStore
+from tests.sites import SWITCH_ANY_TIME, write_site
 from tests.vee_data import PER_DAY, T0, cumulative, deltas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,20 +55,7 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     sim = subprocess.Popen([sys.executable, "-m", "simulators.modbus_meter", "--map", "sim-relay-meter", "--units",
                             "1", "--tcp", f"127.0.0.1:{modbus_port}"], cwd=ROOT, env=env)  # fmt: skip
-    (d / "site.toml").write_text(f"""
-state_dir = "{d / "state"}"
-[storage]
-backend = "sqlite"
-outbox = "{d / "outbox.sqlite"}"
-[storage.sqlite]
-path = "{d / "readings.sqlite"}"
-[api]
-port = {api_port}
-tokens_file = "{d / "tokens.toml"}"
-[switching]
-disconnect_windows = [{{ days = "mon-sun", start = "00:00", end = "23:59" }}]
-confirm_timeout = "1s"
-poll_interval = "100ms"
+    write_site(d, api_port, SWITCH_ANY_TIME + f"""
 [[links]]
 id = "gw"
 kind = "tcp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -152,8 +153,19 @@ async def test_the_event_log_is_read_from_the_last_stored_event(fleet: Fleet) ->
     assert second.events == 2
 
 
-async def test_a_plan_asking_for_events_tells_which_meters_have_no_event_log(tmp_path: Path) -> None:
-    clock = ManualClock(NOW)
+@dataclass
+class ModbusSite:
+    engine: PollingEngine
+    plan: Plan
+    clock: ManualClock
+    sim: ModbusSimulator
+    outbox: Outbox
+
+
+@contextlib.asynccontextmanager
+async def modbus_site(tmp_path: Path, start: datetime, plan: dict[str, object]) -> AsyncIterator[ModbusSite]:
+    """One simulated relay meter (unit 1, no load profile, no event log) behind a TCP gateway."""
+    clock = ManualClock(start)
     meter_map = shipped_maps()["sim-relay-meter"]
     sim = ModbusSimulator([SimulatedMeter(1, meter_map, clock)])
     port = free_port()
@@ -162,16 +174,23 @@ async def test_a_plan_asking_for_events_tells_which_meters_have_no_event_log(tmp
     cfg = parse_config({
         "links": [{"id": "gw", "kind": "tcp", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": port}],
         "meters": [{"id": "MB", "link": "gw", "address": 1, "map": "sim-relay-meter"}],
-        "plans": [{"id": "ev", "read": ["registers", "events"], "channels": ["1-0:1.8.0"], "every": "15m"}],
+        "plans": [{"id": "p", "every": "15m", **plan}],
     })  # fmt: skip
     outbox = Outbox(tmp_path / "outbox.sqlite")
     engine = PollingEngine(Registry(cfg), outbox, lambda m: link.session(m, 1, meter_map, now=clock.datetime))
-    result = await engine.read_meter("MB", cfg.plans[0], NOW)
+    try:
+        yield ModbusSite(engine, cfg.plans[0], clock, sim, outbox)
+    finally:
+        link.close()
+        await sim.stop()
+        outbox.close()
+
+
+async def test_a_plan_asking_for_events_tells_which_meters_have_no_event_log(tmp_path: Path) -> None:
+    async with modbus_site(tmp_path, NOW, {"read": ["registers", "events"], "channels": ["1-0:1.8.0"]}) as site:
+        result = await site.engine.read_meter("MB", site.plan, NOW)
     assert result.ok and result.readings == 1  # the register still counts
     assert len(result.unsupported) == 1 and "no event log" in result.unsupported[0]
-    link.close()
-    await sim.stop()
-    outbox.close()
 
 
 async def test_a_hung_meter_is_given_up_at_the_plan_deadline_and_the_rest_finish(fleet: Fleet) -> None:
@@ -275,34 +294,18 @@ async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:
 
 async def test_a_meter_without_load_profile_gets_intervals_from_boundary_reads(tmp_path: Path) -> None:
     start = datetime(2026, 3, 9, 10, 0, 12, tzinfo=UTC)
-    clock = ManualClock(start)
-    meter_map = shipped_maps()["sim-relay-meter"]
-    sim = ModbusSimulator([SimulatedMeter(1, meter_map, clock)])
-    port = free_port()
-    await sim.start_tcp("127.0.0.1", port)
-    link = ModbusLink.tcp("127.0.0.1", port, timeout=1)
-    cfg = parse_config({
-        "links": [{"id": "gw", "kind": "tcp", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": port}],
-        "meters": [{"id": "MB", "link": "gw", "address": 1, "map": "sim-relay-meter"}],
-        "plans": [{"id": "lp", "read": ["profile"], "every": "15m"}],
-    })  # fmt: skip
-    outbox = Outbox(tmp_path / "outbox.sqlite")
-    engine = PollingEngine(Registry(cfg), outbox, lambda m: link.session(m, 1, meter_map, now=clock.datetime))
-    plan = cfg.plans[0]
-    results = []
-    for minutes in (0, 15, 45, 60):  # the read at 10:30 is missed
-        clock.set(start + timedelta(minutes=minutes))
-        results.append(await engine.read_meter("MB", plan, clock.datetime()))
-    assert [r.expected_intervals for r in results] == [0, 1, 2, 1]
-    assert [r.received_intervals for r in results] == [0, 1, 0, 1]
-    assert results[2].missing == [LAST + 2 * STEP, LAST + 3 * STEP]  # both sides of the missed boundary
-    intervals = [p.reading for p in outbox.take_sync(100) if p.reading and p.reading.kind == "interval"]
+    async with modbus_site(tmp_path, start, {"read": ["profile"]}) as site:
+        results = []
+        for minutes in (0, 15, 45, 60):  # the read at 10:30 is missed
+            site.clock.set(start + timedelta(minutes=minutes))
+            results.append(await site.engine.read_meter("MB", site.plan, site.clock.datetime()))
+        assert [r.expected_intervals for r in results] == [0, 1, 2, 1]
+        assert [r.received_intervals for r in results] == [0, 1, 0, 1]
+        assert results[2].missing == [LAST + 2 * STEP, LAST + 3 * STEP]  # both sides of the missed boundary
+        intervals = [p.reading for p in site.outbox.take_sync(100) if p.reading and p.reading.kind == "interval"]
+        meter = site.sim.meters[1]
     first = next(r for r in intervals if r.value is not None)
-    expected_kwh = sim.meters[1].expected(Obis(1, 0, 1, 8, 0), (start + STEP).timestamp()) - sim.meters[1].expected(
-        Obis(1, 0, 1, 8, 0), start.timestamp()
-    )
+    energy = Obis(1, 0, 1, 8, 0)
+    expected_kwh = meter.expected(energy, (start + STEP).timestamp()) - meter.expected(energy, start.timestamp())
     assert first.timestamp == LAST + STEP and first.value == pytest.approx(expected_kwh)
     assert sum(1 for r in intervals if r.value is None and Quality.MISSING in r.qualities) == 2
-    link.close()
-    await sim.stop()
-    outbox.close()

@@ -23,6 +23,7 @@ from headend.protocols.modbus_maps import shipped_maps
 from simulators.clock import Clock
 from simulators.dlms_meter import HdlcBus, SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
+from tests.sites import SWITCH_ANY_TIME, write_site
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,20 +38,7 @@ async def site(tmp_path: Path) -> AsyncIterator[tuple[Path, str, int]]:
     await modbus.start_tcp("127.0.0.1", modbus_port)
     api_port = free_port()
     token = TokenStore.issue(tmp_path / "tokens.toml", "anna", frozenset({"operator"}))
-    (tmp_path / "site.toml").write_text(f"""
-state_dir = "{tmp_path / "state"}"
-[storage]
-backend = "sqlite"
-outbox = "{tmp_path / "outbox.sqlite"}"
-[storage.sqlite]
-path = "{tmp_path / "readings.sqlite"}"
-[api]
-port = {api_port}
-tokens_file = "{tmp_path / "tokens.toml"}"
-[switching]
-disconnect_windows = [{{ days = "mon-sun", start = "00:00", end = "23:59" }}]
-confirm_timeout = "2s"
-poll_interval = "100ms"
+    write_site(tmp_path, api_port, SWITCH_ANY_TIME + f"""
 [[links]]
 id = "dlms-tcp"
 kind = "tcp"
@@ -201,15 +189,7 @@ id = "H{n}"
 link = "bus"
 dlms = {{ authentication = "lls", password_env = "D1_PASSWORD", physical = {n} }}
 """ for n in meters)  # fmt: skip
-    (tmp_path / "site.toml").write_text(f"""
-state_dir = "{tmp_path / "state"}"
-[storage]
-backend = "sqlite"
-outbox = "{tmp_path / "outbox.sqlite"}"
-[storage.sqlite]
-path = "{tmp_path / "readings.sqlite"}"
-[api]
-port = {api_port}
+    write_site(tmp_path, api_port, tokens=False, body=f"""
 [[links]]
 id = "bus"
 kind = "tcp"
@@ -271,16 +251,7 @@ async def test_billing_asks_the_meter_again_for_what_the_store_lacks(tmp_path: P
     dlms_port = await dlms.start()
     api_port = free_port()
     token = TokenStore.issue(tmp_path / "tokens.toml", "bill", frozenset({"billing"}))
-    (tmp_path / "site.toml").write_text(f"""
-state_dir = "{tmp_path / "state"}"
-[storage]
-backend = "sqlite"
-outbox = "{tmp_path / "outbox.sqlite"}"
-[storage.sqlite]
-path = "{tmp_path / "readings.sqlite"}"
-[api]
-port = {api_port}
-tokens_file = "{tmp_path / "tokens.toml"}"
+    write_site(tmp_path, api_port, f"""
 [[links]]
 id = "dlms-tcp"
 kind = "tcp"

@@ -1,0 +1,30 @@
+"""Site configs for tests that run `headend serve` as a process: the common head (state,
+embedded storage, API) written once, the links, meters and plans added by each test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SWITCH_ANY_TIME = """
+[switching]
+disconnect_windows = [{ days = "mon-sun", start = "00:00", end = "23:59" }]
+confirm_timeout = "2s"
+poll_interval = "100ms"
+"""
+
+
+def write_site(directory: Path, api_port: int, body: str, *, tokens: bool = True) -> Path:
+    """`directory/site.toml`: SQLite storage and state in `directory`, the API on `api_port`."""
+    tokens_line = f'tokens_file = "{directory / "tokens.toml"}"' if tokens else ""
+    path = directory / "site.toml"
+    path.write_text(f"""state_dir = "{directory / "state"}"
+[storage]
+backend = "sqlite"
+outbox = "{directory / "outbox.sqlite"}"
+[storage.sqlite]
+path = "{directory / "readings.sqlite"}"
+[api]
+port = {api_port}
+{tokens_line}
+{body}""")
+    return path
