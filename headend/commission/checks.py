@@ -43,10 +43,9 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def identity(report: Report, found: FoundMeter, expected: Meter | None, registry: Registry | None) -> None:
+def identity(report: Report, label: str, found: FoundMeter, expected: Meter | None, registry: Registry | None) -> None:
     """Is the meter answering here the one the registry books here? A different serial that the
     registry books elsewhere is a swap: someone's bill would go to the wrong account."""
-    label = expected.id if expected else found.address
     booked = _by_serial(registry, found.serial) if found.serial else None
     if expected is None:
         where = f"; serial {found.serial} is booked to {booked.id}" if booked else ""

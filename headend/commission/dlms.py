@@ -142,7 +142,7 @@ async def _meter(link: TcpLink | SerialLink, address: int | None, meter: Meter, 
             found.serial = _text(await _get(session, 1, SERIAL))
             found.model = _text(await _get(session, 1, DEVICE_NAME))
             found.firmware = _text(await _get(session, 1, FIRMWARE))
-            identity(report, found, expected, registry)
+            identity(report, label, found, expected, registry)
             devices = await _get(session, 17, SAP_ASSIGNMENT)
             if isinstance(devices, list):
                 names = [f"{d[0]}={_text(d[1])}" for d in devices if isinstance(d, list | tuple) and len(d) == 2]

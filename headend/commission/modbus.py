@@ -58,7 +58,7 @@ async def commission_modbus(link: TcpLink | SerialLink, registry: Registry | Non
             meter = FoundMeter(f"unit:{unit}", link.protocol, serial=serial, model=f"{meter_map.manufacturer} "
                                f"{meter_map.model}", map=map_name)  # fmt: skip
             report.meters.append(meter)
-            identity(report, meter, expected, registry)
+            identity(report, label, meter, expected, registry)
             ratio(report, label, None, expected, f"{meter_map.model} map has no transformer ratio registers")
             ct = expected.ct.factor if expected and expected.ct else 1.0
             pt = expected.pt.factor if expected and expected.pt else 1.0

@@ -85,7 +85,7 @@ async def _run(observer: ConcentratorLink, link: MqttLink, concentrator: str, re
         label = expected.id if expected else meter_id
         found = FoundMeter(f"{concentrator}/{meter_id}", "mqtt", serial=item.serial, model=item.model)
         report.meters.append(found)
-        identity(report, found, expected, registry)
+        identity(report, label, found, expected, registry)
         ratio(report, label, None, expected, "concentrators do not report the meter's transformer ratio")
         try:
             async with observer.session(meter_id, concentrator) as session:
