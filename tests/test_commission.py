@@ -44,10 +44,10 @@ def measured(report: Report, meter: str | None, name: str) -> str:
     return check.measured
 
 
-async def run(target: Target, cfg: Config | None, **options: Any) -> Report:
+async def run(target: Target, cfg: Config | None, auth: DlmsSettings | None = None, **options: Any) -> Report:
     opts = Options(engineer="Ada", site="Substation 7", **{"probe_timeout": 0.3, **options})
     quiet = Console(file=io.StringIO(), width=160)
-    return await commission(target, cfg, opts, auth=DlmsSettings(), console=quiet)
+    return await commission(target, cfg, opts, auth=auth or DlmsSettings(), console=quiet)
 
 
 # -- DLMS: an HDLC bus over TCP with three meters --------------------------------------------
@@ -140,6 +140,26 @@ async def test_an_unreachable_link_says_where_and_why() -> None:
     (check,) = report.checks
     assert (check.name, check.status) == ("connect", "fail") and "Connect" in check.measured
     assert "check the IP/port" in check.hint
+
+
+async def test_an_hdlc_bus_on_a_serial_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUS_PW", "12345678")
+    clock = Clock()
+    bus = HdlcBus({a: SimulatedDlmsMeter(f"S{a}", clock, seed=a, require_lls=True) for a in (20, 21)})
+    with NullModem() as line:
+        await bus.start_serial(line.a, 9600)
+        target = resolve(f"serial:{line.b}", None, protocol="dlms-hdlc", baud=9600, timeout=2)
+        lls = DlmsSettings(authentication="lls", password_env="BUS_PW")
+        try:
+            report = await run(target, None, lls, addresses=[19, 20, 21])
+            wrong = await run(target, None, addresses=[20])  # no password given: the meter refuses
+        finally:
+            await bus.stop()
+    assert measured(report, None, "discovery").startswith("2 meter(s) at HDLC address(es) 20, 21")
+    assert problems(report) == {("target@20", "identity", "warn"), ("target@21", "identity", "warn")}  # unregistered
+    assert measured(report, "target@21", "energy").endswith("kWh")
+    assert problems(wrong) == {("target@20", "handshake", "fail")}
+    assert "wrong password" in next(c.hint for c in wrong.checks if c.name == "handshake")
 
 
 # -- Modbus: an RS-485 line on a pty, and a gateway -----------------------------------------
