@@ -58,11 +58,23 @@ async def run(meters: int, days: int, store: ReadingStore, work: Path) -> None:
     versions = VeeStore(work / "vee.sqlite")
     vee = VeeService(store, versions, Registry(cfg), cfg.vee)
 
+    lags: list[float] = []
+
+    async def ticker() -> None:  # how long other work on the event loop waits meanwhile
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - before - 0.01)
+
+    tick = asyncio.create_task(ticker())
     t = time.perf_counter()
     for m in ids:
         await vee.validate(m, start, end)
     took = time.perf_counter() - t
-    print(f"validate: {meters / took:.1f} meter-periods/s ({days} days each, {took / meters * 1000:.0f} ms each)")
+    tick.cancel()
+    p99 = sorted(lags)[int(len(lags) * 0.99)]
+    print(f"validate: {meters / took:.1f} meter-periods/s ({days} days each, {took / meters * 1000:.0f} ms each); "
+          f"event loop lag meanwhile: max {max(lags) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
 
     token = TokenStore.issue(work / "tokens.toml", "bench", frozenset({"billing"}))
     app = FastAPI()

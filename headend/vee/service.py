@@ -10,6 +10,7 @@ meter's), `estimated` (2.8.0, with the method), `edited` (2.7.0, by whom and why
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -75,6 +76,7 @@ class Determinants:
     by_quality: dict[str, int]
 
 
+Fetched = tuple[list[Reading], list[Reading], list[Reading], list[Reading]]  # cumulative, deltas, registers, events
 Loaded = tuple[Series, Series, rules.Context, list[Reading]]  # the period, it with the weeks before, ...
 Reread = Callable[[str, datetime, datetime], Awaitable[object]]
 
@@ -101,12 +103,21 @@ class VeeService:
         meter = self.registry.meter(meter_id)
         step = self.cfg.interval
         start, end = ceil_to(start, step), ceil_to(end, step)
-        series, history, ctx, registers = await self._load(meter, start, end)
+        # The work between the queries is CPU: it runs in a worker thread so the server's
+        # event loop (switching, reads, the API) keeps answering meanwhile.
+        series, history, ctx, registers = await asyncio.to_thread(self._load, meter, start, end,
+                                                                  await self._fetch(meter, start, end))  # fmt: skip
         rereads = 0
         if self.reread is not None and any(s.value is None for s in series.slots):
             rereads = 1
             await self.reread(meter.id, start, end)
-            series, history, ctx, registers = await self._load(meter, start, end)
+            series, history, ctx, registers = await asyncio.to_thread(self._load, meter, start, end,
+                                                                      await self._fetch(meter, start, end))  # fmt: skip
+        intervals = await asyncio.to_thread(self._validate, meter, start, series, history, ctx)
+        return Validation(meter.id, start, end, step, "kWh", intervals, registers, rereads)
+
+    def _validate(self, meter: Meter, start: datetime, series: Series, history: Series,
+                  ctx: rules.Context) -> list[ValidatedInterval]:  # fmt: skip
         for name, rule in rules.INTERVAL_RULES.items():
             if name in self.cfg.rules:
                 rule(history, ctx)
@@ -115,17 +126,21 @@ class VeeService:
         for name, rule in rules.DAY_RULES.items():
             if name in self.cfg.rules:
                 rule(series, ctx)
-        intervals = self._finish(meter, series)
-        unit = "kWh"
-        return Validation(meter.id, start, end, step, unit, intervals, registers, rereads)
+        return self._finish(meter, series)
 
-    async def _load(self, meter: Meter, start: datetime, end: datetime) -> Loaded:
+    async def _fetch(self, meter: Meter, start: datetime, end: datetime) -> Fetched:
         step = self.cfg.interval
         since = start - timedelta(weeks=self.cfg.like_day_weeks) - step
         cumulative = await self.store.query(meter.id, IMPORT_ENERGY, since - step, end)
         deltas = [] if cumulative else await self.store.query(meter.id, IMPORT_INTERVAL, since, end)
         registers = await self.store.query(meter.id, IMPORT_ENERGY, since, end + step, kind="register")
         events = await self.store.query(meter.id, EVENT_LOG, since - timedelta(days=1), end + step, kind="event")
+        return cumulative, deltas, registers, events
+
+    def _load(self, meter: Meter, start: datetime, end: datetime, fetched: Fetched) -> Loaded:
+        step = self.cfg.interval
+        since = start - timedelta(weeks=self.cfg.like_day_weeks) - step
+        cumulative, deltas, registers, events = fetched
         exchanges = self.versions.exchanges(meter.id)
         source = IMPORT_ENERGY if cumulative else IMPORT_INTERVAL
         conflicts = self.versions.conflicts(meter.id, source, since - step, end)
