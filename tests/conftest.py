@@ -1,9 +1,11 @@
-"""Fixtures that start real servers (influxd, mosquitto) on free loopback ports in temp dirs."""
+"""Fixtures that start real servers (influxd, mosquitto) on free loopback ports in temp dirs,
+and processes that never outlive their test."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,24 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await s.open()
     yield s
     await s.close()
+
+
+Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    """`await spawn(*argv, **kwargs)` starts a process; any still running when the test ends
+    (it failed half-way) is killed, so no server or worker outlives its test."""
+    started: list[asyncio.subprocess.Process] = []
+
+    async def run(*argv: str, **kwargs: object) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(*argv, **kwargs)  # type: ignore[arg-type]
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from headend.protocols.mqtt import ConcentratorLink
 from headend.storage.outbox import Outbox
 from simulators.clock import ManualClock
 from simulators.mqtt_concentrator import SimulatedConcentrator
+from tests.conftest import Spawn
 from tests.factories import T0
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,11 +30,18 @@ def own_mosquitto(tmp_path: Path) -> Iterator[MosquittoServer]:
     server.stop()
 
 
-async def start_worker(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.mqtt_worker", *args,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+Worker = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+@pytest.fixture
+def start_worker(spawn: Spawn) -> Worker:
+    async def start(*args: str) -> asyncio.subprocess.Process:
+        return await spawn(
+            sys.executable, "-m", "tests.mqtt_worker", *args,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+
+    return start
 
 
 async def read_until(proc: asyncio.subprocess.Process, line: str) -> None:
@@ -48,7 +56,7 @@ async def read_until(proc: asyncio.subprocess.Process, line: str) -> None:
 
 
 async def test_a_head_end_killed_before_its_commit_gets_the_messages_again(
-    tmp_path: Path, mosquitto_server: MosquittoServer
+    tmp_path: Path, mosquitto_server: MosquittoServer, start_worker: Worker
 ) -> None:
     clock = ManualClock(T0)
     headend_id = f"he-{uuid.uuid4().hex[:8]}"
@@ -119,7 +127,7 @@ def distinct_readings(path: Path) -> set[tuple[str, str]]:
 
 
 async def test_a_head_end_killed_mid_stream_and_restarted_loses_nothing(
-    tmp_path: Path, mosquitto_server: MosquittoServer
+    tmp_path: Path, mosquitto_server: MosquittoServer, start_worker: Worker
 ) -> None:
     clock = ManualClock(T0)
     run = uuid.uuid4().hex[:6]

@@ -23,6 +23,7 @@ from headend.protocols.modbus_maps import shipped_maps
 from simulators.clock import Clock
 from simulators.dlms_meter import HdlcBus, SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
+from tests.conftest import Spawn
 from tests.sites import SWITCH_ANY_TIME, write_site
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,23 +89,16 @@ Starter = Callable[[Path], Awaitable[asyncio.subprocess.Process]]
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Starter]:
-    """Starts `headend serve` processes; any still running when the test ends (it failed) is killed."""
-    procs: list[asyncio.subprocess.Process] = []
+def start(spawn: Spawn) -> Starter:
+    """Starts `headend serve` on a site directory (killed at the end if the test failed)."""
 
     async def starter(path: Path) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
+        return await spawn(
             sys.executable, "-m", "headend.cli", "serve", "--config", str(path / "site.toml"), cwd=ROOT,
             env={**os.environ, "D1_PASSWORD": "12345678", "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        procs.append(proc)
-        return proc
 
-    yield starter
-    for proc in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    return starter
 
 
 async def wait_for_metric(client: httpx.AsyncClient, text: str) -> str:

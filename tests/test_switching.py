@@ -33,6 +33,7 @@ from simulators.clock import ManualClock
 from simulators.dlms_meter import SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
 from simulators.mqtt_concentrator import SimulatedConcentrator
+from tests.conftest import Spawn
 
 MONDAY_10 = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)  # inside mon-fri 08:00-15:00
 SATURDAY_10 = datetime(2026, 3, 14, 10, 0, tzinfo=UTC)
@@ -213,7 +214,9 @@ async def test_a_reconnect_to_ready_for_reconnection_is_its_own_confirmed_state(
     await meter.stop()
 
 
-async def test_killed_after_send_and_before_confirm_the_restart_confirms_by_read_back(tmp_path: Path) -> None:
+async def test_killed_after_send_and_before_confirm_the_restart_confirms_by_read_back(
+    tmp_path: Path, spawn: Spawn
+) -> None:
     meter_map = shipped_maps()["sim-relay-meter"]
     sim = ModbusSimulator([SimulatedMeter(1, meter_map, ManualClock(MONDAY_10))])
     port = free_port()
@@ -222,7 +225,7 @@ async def test_killed_after_send_and_before_confirm_the_restart_confirms_by_read
     common = ["--port", str(port), "--journal", str(tmp_path / "journal.sqlite")]
 
     async def worker(*args: str) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
+        return await spawn(
             sys.executable, "-m", "tests.switching_worker", *args, *common, cwd=root,
             stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)},
         )  # fmt: skip
