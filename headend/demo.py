@@ -13,9 +13,10 @@ import contextlib
 import os
 import sqlite3
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -85,6 +86,25 @@ def progress(config: Config, workdir: Path, started: float, until: float) -> Tab
     return table
 
 
+async def billing_view(api_port: int, token: str, meter: str) -> str:
+    """What the billing API says of one meter's last six hours (validated, estimated, complete)."""
+    now = datetime.now(UTC)
+    end = now.replace(minute=now.minute // 15 * 15, second=0, microsecond=0)
+    params = {"start": (end - timedelta(hours=6)).isoformat(), "end": end.isoformat()}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as client:
+            r = await client.get(f"/billing/meters/{meter}/determinants", params=params,
+                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    except httpx.HTTPError as exc:
+        return f"[yellow]billing view unavailable: {exc}[/]"
+    if r.status_code != 200:
+        return f"[yellow]billing view: HTTP {r.status_code} {r.text[:200]}[/]"
+    d = r.json()
+    return (f"Billing view of {meter}, last 6 h (GET /billing/meters/{meter}/determinants): "
+            f"{d['consumption_kwh']:.3f} kWh, max demand {d['max_demand_kw'] or 0:.2f} kW, "
+            f"{d['completeness_pct']:.1f} % actual, intervals by status {d['by_status']}.")
+
+
 async def run_demo(workdir: Path, duration: float, console: Console) -> int:
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     clock = Clock()
@@ -129,6 +149,7 @@ async def run_demo(workdir: Path, duration: float, console: Console) -> int:
                     await dc.publish_until(clock.datetime())
                 await asyncio.sleep(1)  # the demo's screen refresh tick
                 live.update(progress(cfg, workdir, started, until))
+        billing = await billing_view(api_port, token, "DLMS-001")
     finally:
         stop.set()
         code = await server
@@ -141,6 +162,8 @@ async def run_demo(workdir: Path, duration: float, console: Console) -> int:
             await asyncio.to_thread(broker.stop)
     console.print(progress(cfg, workdir, started, started))
     console.print(f"Readings are in [bold]{workdir / 'readings.sqlite'}[/] (SQLite, table `readings`).")
+    if billing:
+        console.print(billing)
     console.print(f"The API ran on http://127.0.0.1:{api_port} with token [bold]{token}[/] (operator, engineer);")
     console.print("run `headend serve --config FILE` with your own site config to keep it running.")
     return code

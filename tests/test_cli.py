@@ -17,6 +17,7 @@ def test_demo_reads_simulated_meters_of_every_protocol(
     assert main(["demo", "--duration", "6", "--dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "Readings are in" in out and "readings.sqlite" in out
+    assert "Billing view of DLMS-001, last 6 h" in out and "100.0 % actual" in out
     db = sqlite3.connect(tmp_path / "demo" / "readings.sqlite")
     rows = dict(db.execute("SELECT substr(meter, 1, 2), count(*) FROM readings GROUP BY 1").fetchall())
     db.close()
