@@ -38,14 +38,61 @@ async def run_drain(storage: StorageConfig) -> int:
 TERMINAL = {"confirmed", "confirmed_ready_for_reconnection", "failed", "expired", "rejected"}
 
 
-def run_switch(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
-    """`headend switch ...`: exit 0 when confirmed, 1 when failed or rejected, 2 on bad use."""
+def api_client(args: argparse.Namespace, transport: httpx.BaseTransport | None = None,
+               timeout: float = 10) -> httpx.Client | None:  # fmt: skip
+    """A client of the head-end's API with the token from `--token-env`; None (said why) without it."""
     token = os.environ.get(args.token_env)
     if not token:
         print(f"headend: set {args.token_env} to your API token", file=sys.stderr)
+        return None
+    return httpx.Client(base_url=args.api, headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
+                        transport=transport)  # fmt: skip
+
+
+def run_export(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
+    """`headend export`: validated billing data of meters and a period, streamed to a file or stdout."""
+    client = api_client(args, transport, timeout=600)
+    if client is None:
         return EXIT_CONFIG
-    headers = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=args.api, headers=headers, timeout=10, transport=transport) as client:
+    params = {"start": args.start, "end": args.end, "meter": args.meter, "format": args.format}
+    with client, client.stream("GET", "/billing/export", params=params) as r:
+        if r.status_code != 200:
+            r.read()
+            print(f"headend: {r.status_code} {r.text}", file=sys.stderr)
+            return 1
+        out = open(args.out, "wb") if args.out else sys.stdout.buffer  # noqa: SIM115 - stdout is not ours to close
+        try:
+            for chunk in r.iter_bytes():
+                out.write(chunk)
+        finally:
+            if args.out:
+                out.close()
+    return 0
+
+
+def run_read(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
+    """`headend read METER`: an on-demand read through the server, ahead of its bulk work."""
+    client = api_client(args, transport, timeout=120)
+    if client is None:
+        return EXIT_CONFIG
+    body = {"read": args.read.split(","), "hours": args.hours, "channels": args.channels.split(",") if args.channels
+            else []}  # fmt: skip
+    with client:
+        r = client.post(f"/meters/{args.meter}/read", json=body)
+    if r.status_code != 200:
+        print(f"headend: {r.status_code} {r.text}", file=sys.stderr)
+        return 1
+    for key, value in r.json().items():
+        console.print(f"{key}: {value}")
+    return 0
+
+
+def run_switch(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
+    """`headend switch ...`: exit 0 when confirmed, 1 when failed or rejected, 2 on bad use."""
+    client = api_client(args, transport)
+    if client is None:
+        return EXIT_CONFIG
+    with client:
         if args.what == "status":
             r = client.get("/commands", params={"meter": args.meter})
             if r.status_code != 200:
@@ -140,9 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("meter")
     switch.add_argument("--reason", help="why (required for disconnect and reconnect)")
     switch.add_argument("--key", help="idempotency key (a retry with the same key returns the same command)")
-    switch.add_argument("--api", default=os.environ.get("HEADEND_API", "http://127.0.0.1:8080"))
-    switch.add_argument("--token-env", default="HEADEND_TOKEN", help="environment variable holding the bearer token")
     switch.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the outcome (0: do not wait)")
+
+    export = sub.add_parser("export", help="validated billing data of meters and a period (via the API)")
+    export.add_argument("--meter", action="append", required=True, help="a meter id; repeat for more")
+    export.add_argument("--start", required=True, help="period start (exclusive), ISO 8601 with offset")
+    export.add_argument("--end", required=True, help="period end (inclusive), ISO 8601 with offset")
+    export.add_argument("--format", choices=["csv", "json"], default="csv")
+    export.add_argument("--out", help="file to write (default: standard output)")
+
+    read = sub.add_parser("read", help="read a meter now, ahead of bulk work (via the API)")
+    read.add_argument("meter")
+    read.add_argument("--read", default="clock,registers", help="comma-separated: clock,profile,registers,events")
+    read.add_argument("--channels", default="1-0:1.8.0.255", help="comma-separated OBIS codes for registers")
+    read.add_argument("--hours", type=float, default=24.0, help="how far back a profile or events read goes")
+
+    for client_command in (switch, export, read):
+        client_command.add_argument("--api", default=os.environ.get("HEADEND_API", "http://127.0.0.1:8080"))
+        client_command.add_argument("--token-env", default="HEADEND_TOKEN",
+                                    help="environment variable holding the bearer token")  # fmt: skip
 
     com = sub.add_parser("commission", help="discover, check and prove the meters on a link or concentrator")
     com.add_argument("target", help="link/concentrator id from --config, tcp:HOST:PORT, serial:DEVICE, "
@@ -200,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_drain(load_config(args.config).storage))
         if args.command == "switch":
             return run_switch(args)
+        if args.command == "export":
+            return run_export(args)
+        if args.command == "read":
+            return run_read(args)
         if args.command == "commission":
             return run_commission(args)
         if args.command == "token":

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from headend.api.auth import TokenStore
+from headend.cli import main
 from headend.localservers import free_port
 from headend.protocols.modbus_maps import shipped_maps
 from simulators.clock import Clock
@@ -38,7 +39,7 @@ async def site(tmp_path: Path) -> AsyncIterator[tuple[Path, str, int]]:
     modbus_port = free_port()
     await modbus.start_tcp("127.0.0.1", modbus_port)
     api_port = free_port()
-    token = TokenStore.issue(tmp_path / "tokens.toml", "anna", frozenset({"operator"}))
+    token = TokenStore.issue(tmp_path / "tokens.toml", "anna", frozenset({"operator", "billing"}))
     write_site(tmp_path, api_port, SWITCH_ANY_TIME + f"""
 [[links]]
 id = "dlms-tcp"
@@ -125,7 +126,9 @@ async def wait_for_count(client: httpx.AsyncClient, sample: str, at_least: float
             await asyncio.sleep(0.1)  # polling another process's HTTP endpoint
 
 
-async def test_serve_reads_switches_and_stops_cleanly(site: tuple[Path, str, int], start: Starter) -> None:
+async def test_serve_reads_switches_and_stops_cleanly(
+    site: tuple[Path, str, int], start: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, token, port = site
     proc = await start(path)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
@@ -150,6 +153,18 @@ async def test_serve_reads_switches_and_stops_cleanly(site: tuple[Path, str, int
         assert on_demand.status_code == 200 and on_demand.json()["expected_intervals"] == 4
         assert (await client.post("/meters/NOPE/read", json={"read": ["clock"]}, headers=auth)).status_code == 404
         assert (await client.post("/meters/D1/read", json={"read": ["clock"]})).status_code == 401
+        # The same through the command line, as an operator or a billing clerk would.
+        monkeypatch.setenv("HEADEND_TOKEN", token)
+        api = ["--api", f"http://127.0.0.1:{port}"]
+        assert await asyncio.to_thread(main, ["read", "D1", "--read", "clock,profile", "--hours", "1", *api]) == 0
+        now = datetime.now(UTC).replace(second=0, microsecond=0)
+        csv_file = path / "export.csv"
+        period = ["--start", (now - timedelta(hours=1)).isoformat(), "--end", now.isoformat()]
+        code = await asyncio.to_thread(main, ["export", "--meter", "D1", *period, "--out", str(csv_file), *api])
+        assert code == 0
+        rows = csv_file.read_text().splitlines()
+        assert rows[0].startswith("meter,channel,timestamp,value") and len(rows) == 1 + 4
+        assert await asyncio.to_thread(main, ["read", "NOPE", *api]) == 1
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     db = sqlite3.connect(path / "readings.sqlite")
