@@ -201,7 +201,9 @@ class ModbusSimulator:
             return data
         meter = self.meters.get(_unit_of(data, self._rtu) or -1)
         if meter is None:
-            return data
+            # No meter with that unit id on this line: nobody answers (pymodbus's simulator
+            # would send "device failure"; a real RS-485 line stays silent).
+            return b""
         if meter.faults.no_response:
             return b""
         if meter.faults.crc_error and self._rtu and len(data) > 2:
