@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, InterfaceType, Security
-from gurux_dlms.objects import GXDLMSClock, GXDLMSDisconnectControl, GXDLMSProfileGeneric, GXDLMSRegister
+from gurux_dlms.objects import (
+    GXDLMSClock,
+    GXDLMSData,
+    GXDLMSDisconnectControl,
+    GXDLMSProfileGeneric,
+    GXDLMSRegister,
+)
 from gurux_dlms.secure import GXDLMSSecureClient
 
 from headend.protocols.dlms import codec
@@ -150,3 +156,29 @@ async def test_gurux_with_a_wrong_key_is_refused(meter: SimulatedDlmsMeter) -> N
     with pytest.raises(Exception):  # noqa: B017 - Gurux raises its own exception types
         await asyncio.to_thread(gurux_hls_gmac, meter.port, wrong)
     assert meter.associations == 0
+
+
+def gurux_reads_events_and_identity(port: int) -> dict[str, Any]:
+    g = GuruxSession(port, "12345678")
+    g.associate()
+    out: dict[str, Any] = {}
+    log = g.read(GXDLMSProfileGeneric("0.0.99.98.0.255"), 3)
+    out["capture"] = [(o.logicalName, a.attributeIndex) for o, a in log.captureObjects]
+    g.client.updateValue(log, 2, g.run(g.client.readRowsByRange(log, NOW - timedelta(days=1), NOW)).value)
+    out["events"] = [(row[0].value, row[1]) for row in log.buffer]
+    out["ct"] = [g.read(GXDLMSData(name), 2).value for name in ("1.0.0.4.2.255", "1.0.0.4.5.255")]
+    out["serial"] = g.read(GXDLMSData("0.0.96.1.0.255"), 2).value
+    g.close()
+    return out
+
+
+async def test_gurux_reads_the_event_log_ratios_and_serial_the_head_end_reads(meter: SimulatedDlmsMeter) -> None:
+    """The objects commissioning and the events plan read, as an independent client sees them."""
+    outage = (NOW - timedelta(hours=3), NOW - timedelta(hours=2))
+    meter.power_outage(*outage)
+    meter.ct = (200, 5)
+    got = await asyncio.to_thread(gurux_reads_events_and_identity, meter.port)
+    assert got["capture"] == [("0.0.1.0.0.255", 2), ("0.0.96.11.0.255", 2)]
+    assert [(t.replace(tzinfo=UTC), int(code)) for t, code in got["events"]] == [(outage[0], 1), (outage[1], 2)]
+    assert [int(v) for v in got["ct"]] == [200, 5]
+    assert str(got["serial"]) == meter.serial
