@@ -12,6 +12,7 @@ IEC 61968-9 codes), `source`, `collected_at` (epoch ns).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -67,6 +68,26 @@ def _reading_from_row(kind: ReadingKind, row: dict[str, Any]) -> Reading:
         source=row.get("source") or "",
         collected_at=from_ns(int(row.get("collected_at") or 0)),
     )
+
+
+def _series_rows(text: str) -> list[dict[str, Any]]:
+    """The rows of a chunked InfluxQL JSON answer (one statement), tags merged in."""
+    rows: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        doc = json.loads(line)
+        if "error" in doc:
+            raise StoreError(f"InfluxDB query failed: {doc['error']}")
+        for result in doc.get("results", []):
+            if "error" in result:
+                raise StoreError(f"InfluxDB query failed: {result['error']}")
+            for series in result.get("series", []):
+                tags = series.get("tags", {})
+                columns = series["columns"]
+                for values in series.get("values", []):
+                    rows.append({**tags, **dict(zip(columns, values, strict=True))})
+    return rows
 
 
 class InfluxStore(ReadingStore):
@@ -160,22 +181,8 @@ class InfluxStore(ReadingStore):
             raise StoreUnavailable(f"InfluxDB query answered {response.status_code}: {response.text[:300]}")
         if response.status_code != 200:
             raise StoreError(f"InfluxDB query answered {response.status_code}: {response.text[:300]}")
-        rows: list[dict[str, Any]] = []
-        for line in response.text.splitlines():
-            if not line.strip():
-                continue
-            doc = json.loads(line)
-            if "error" in doc:
-                raise StoreError(f"InfluxDB query failed: {doc['error']}")
-            for result in doc.get("results", []):
-                if "error" in result:
-                    raise StoreError(f"InfluxDB query failed: {result['error']}")
-                for series in result.get("series", []):
-                    tags = series.get("tags", {})
-                    columns = series["columns"]
-                    for values in series.get("values", []):
-                        rows.append({**tags, **dict(zip(columns, values, strict=True))})
-        return rows
+        # Decoding a large answer is CPU: off the event loop.
+        return await asyncio.to_thread(_series_rows, response.text)
 
     def _where(self, meter: str, channel: Obis) -> str:
         return f'"meter" = {influxql_string(meter)} AND "channel" = {influxql_string(str(channel))}'
@@ -192,7 +199,8 @@ class InfluxStore(ReadingStore):
             f'SELECT * FROM "{kind}" WHERE {self._where(meter, channel)} '
             f"AND time > {to_ns(start)} AND time <= {to_ns(end)} ORDER BY time ASC"
         )
-        return [_reading_from_row(kind, row) for row in await self._influxql(q)]
+        rows = await self._influxql(q)
+        return await asyncio.to_thread(lambda: [_reading_from_row(kind, row) for row in rows])
 
     async def last_interval(self, meter: str, channel: Obis) -> datetime | None:
         # `quality` is written on every point (possibly empty), so last() sees every interval.
