@@ -381,6 +381,14 @@ class SwitchWindow(Strict):
         return out
 
 
+def known_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not a known time zone (IANA name such as 'Europe/Berlin')") from None
+    return value
+
+
 class SwitchingConfig(Strict):
     timezone: str = "UTC"
     #: Disconnects only inside these windows (so a customer can still pay and be back the same day).
@@ -398,11 +406,7 @@ class SwitchingConfig(Strict):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not a known time zone (IANA name such as 'Europe/Berlin')") from None
-        return value
+        return known_timezone(value)
 
 
 class ApiConfig(Strict):
@@ -446,6 +450,13 @@ class VeeConfig(Strict):
     max_period: Duration = timedelta(days=62)
     #: Validate what the writer stores as it arrives (and note replaced values as duplicates).
     on_arrival: bool = True
+    #: Where a billing day starts and ends (day rules: spike, high/low, like days).
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        return known_timezone(value)
 
     @field_validator("rules")
     @classmethod

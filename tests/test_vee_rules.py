@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -170,3 +171,12 @@ def test_a_recorded_meter_exchange_starts_a_new_baseline() -> None:
     values = {s.t: s.value for s in series.slots}
     assert values[t_of(20)] == pytest.approx(load(20))  # not the old register's 1000-odd kWh backwards
     assert all(v is not None and v > 0 for v in values.values())
+
+
+def test_billing_days_are_local_days() -> None:
+    series = build("M", T0, T0 + 2 * PER_DAY * STEP, STEP, deltas=deltas("M", 2 * PER_DAY))
+    utc = rules.days(series, ZoneInfo("UTC"))
+    berlin = rules.days(series, ZoneInfo("Europe/Berlin"))  # UTC+1 in March
+    assert [len(d) for d in utc] == [PER_DAY, PER_DAY]
+    assert [len(d) for d in berlin] == [PER_DAY - 4, PER_DAY, 4]  # the first local day began an hour before T0
+    assert berlin[1][0].t == T0 + timedelta(hours=23, minutes=15)  # 00:15 local

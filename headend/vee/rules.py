@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from statistics import mean
+from zoneinfo import ZoneInfo
 
 from headend.config import Meter, VeeConfig
 from headend.model import Quality
@@ -62,6 +63,10 @@ class Context:
     multiplier_at: Callable[[datetime], float] = lambda _t: 1.0
     #: False when no exchange changes the multiplier: one value for the whole series.
     multiplier_changes: bool = False
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.cfg.timezone)
 
 
 def flag(slot: Slot, rule: str) -> None:
@@ -126,7 +131,7 @@ def rollback(series: Series, ctx: Context) -> None:
 
 
 def spike(series: Series, ctx: Context) -> None:
-    for day in days(series):
+    for day in days(series, ctx.tz):
         values = sorted((s for s in day if s.value is not None), key=lambda s: s.value or 0.0, reverse=True)
         if len(values) < 3:
             continue
@@ -171,11 +176,16 @@ def multiplier(series: Series, ctx: Context) -> None:
 # -- day rules: run on the values after estimation ---------------------------------------
 
 
-def days(series: Series) -> list[list[Slot]]:
-    """The series cut into UTC days by interval end (an interval ending 00:00 closes the day before)."""
+def day_of(slot: Slot, step: timedelta, tz: ZoneInfo) -> date:
+    """The billing day an interval belongs to (the one ending at midnight closes the day before)."""
+    return (slot.t - step).astimezone(tz).date()
+
+
+def days(series: Series, tz: ZoneInfo) -> list[list[Slot]]:
+    """The series cut into billing days in the configured time zone."""
     out: dict[date, list[Slot]] = {}
     for s in series.slots:
-        out.setdefault((s.t - series.step).date(), []).append(s)
+        out.setdefault(day_of(s, series.step, tz), []).append(s)
     return list(out.values())
 
 
@@ -230,17 +240,17 @@ def high_low(series: Series, ctx: Context) -> None:
     spoiled: set[date] = set()
     counts: Counter[date] = Counter()
     for s in ctx.history.values():
-        d = (s.t - series.step).date()
+        d = day_of(s, series.step, ctx.tz)
         counts[d] += 1
         if s.usable and s.value is not None:
             usable[d] = usable.get(d, 0.0) + s.value
         else:
             spoiled.add(d)
-    for day in days(series):
+    for day in days(series, ctx.tz):
         if len(day) != complete or any(s.value is None for s in day):
             continue
         total = sum(s.value or 0.0 for s in day)
-        this = (day[0].t - series.step).date()
+        this = day_of(day[0], series.step, ctx.tz)
         earlier = [this - timedelta(weeks=w) for w in range(1, ctx.cfg.like_day_weeks + 1)]
         like = [usable[d] for d in earlier if d in usable and d not in spoiled and counts[d] == complete]
         if not like:
