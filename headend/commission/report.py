@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,9 +51,13 @@ class Report:
     finished: datetime | None = None
     checks: list[Check] = field(default_factory=list)
     meters: list[FoundMeter] = field(default_factory=list)
+    #: Called with each check as it is added (the live terminal table).
+    on_check: Callable[[Check], None] | None = field(default=None, repr=False, compare=False)
 
     def add(self, check: Check) -> Check:
         self.checks.append(check)
+        if self.on_check is not None:
+            self.on_check(check)
         return check
 
     @property

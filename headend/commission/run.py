@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from headend.commission.checks import Options
-from headend.commission.report import Check, FoundMeter, Report
+from headend.commission.report import FoundMeter, Report
 from headend.config import Config, DlmsSettings, MqttLink, SerialLink, TcpLink
 from headend.registry import Registry
 
@@ -126,14 +126,7 @@ async def commission(target: Target, cfg: Config | None, opts: Options, *, auth:
     report = Report(target.text, target.protocol, opts.engineer, opts.site)
     console = console or Console()
     view = LiveView(console, report)
-    original_add = report.add
-
-    def add(check: Check) -> Check:
-        original_add(check)
-        view.refresh()
-        return check
-
-    report.add = add  # type: ignore[method-assign]  # the table grows as checks come in
+    report.on_check = lambda _check: view.refresh()  # the table grows as checks come in
     with view.live:
         if isinstance(target.link, MqttLink):
             from headend.commission.mqtt import commission_mqtt
@@ -150,7 +143,7 @@ async def commission(target: Target, cfg: Config | None, opts: Options, *, auth:
             await commission_modbus(target.link, registry, opts, report, view.progress)
         report.finished = datetime.now(UTC)
         view.refresh()
-    del report.add  # back to the class's method: the report is plain data again
+    report.on_check = None
     return report
 
 
