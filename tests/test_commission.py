@@ -328,3 +328,18 @@ def test_the_cli_exits_1_on_a_failed_check_and_writes_both_reports(tmp_path: Pat
     assert len(list(tmp_path.glob("commission-Yard-*.json"))) == 1
     assert len(list(tmp_path.glob("commission-Yard-*.html"))) == 1
     assert main(["commission", "nowhere", "--protocol", "modbus-tcp"]) == 2
+
+
+async def test_a_scan_that_runs_out_of_its_time_box_stops_and_says_how_far_it_got(modem: NullModem) -> None:
+    sim = ModbusSimulator([SimulatedMeter(2, shipped_maps()["eastron-sdm630"], Clock())])
+    await sim.start_rtu(modem.a, 19200)
+    target = resolve(f"serial:{modem.b}", None, protocol="modbus-rtu", baud=19200, timeout=0.5)
+    started = time.monotonic()
+    try:
+        report = await run(target, None, probe_timeout=0.05, time_box=0.5)
+    finally:
+        await sim.stop()
+    assert time.monotonic() - started < 10
+    (boxed,) = [c for c in report.checks if "time box" in c.measured]
+    assert boxed.status == "warn" and boxed.measured.endswith("of 247 unit ids") and "--time-box" in boxed.hint
+    assert [m.address for m in report.meters] == ["unit:2"]  # what it found before the box closed is checked

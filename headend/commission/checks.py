@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from headend.commission.report import Check, FoundMeter, Report
 from headend.config import Meter
@@ -37,6 +38,21 @@ class Options:
 
 
 Progress = Callable[[int, int, str], None]  # done, total, what
+T = TypeVar("T")
+
+
+def time_boxed(items: list[T], noun: str, opts: Options, report: Report, progress: Progress) -> Iterator[T]:
+    """The items of a scan, one by one, until `opts.time_box` runs out (then a warning saying
+    how far it got); the progress bar follows."""
+    deadline = time.monotonic() + opts.time_box
+    for done, item in enumerate(items):
+        if time.monotonic() > deadline:
+            report.add(Check("discovery", "warn", f"time box of {opts.time_box:g} s reached after {done} of "
+                             f"{len(items)} {noun}", hint="narrow --addresses or raise --time-box"))  # fmt: skip
+            break
+        progress(done, len(items), f"{noun} {item}")
+        yield item
+    progress(len(items), len(items), "done")
 
 
 def error_text(exc: BaseException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from headend.commission.checks import Options, Progress, error_text, identity, ratio, session_checks
+from headend.commission.checks import Options, Progress, error_text, identity, ratio, session_checks, time_boxed
 from headend.commission.report import Check, FoundMeter, Report
 from headend.config import DlmsSettings, Meter, SerialLink, TcpLink
 from headend.model import Obis
@@ -102,13 +102,7 @@ async def _scan(link: TcpLink | SerialLink, addresses: list[int], registered: di
                 opts: Options, report: Report, progress: Progress, auth: DlmsSettings) -> list[int | None]:  # fmt: skip
     """HDLC addresses that answer (an association refused still proves a meter is there)."""
     found: list[int | None] = []
-    deadline = time.monotonic() + opts.time_box
-    for done, address in enumerate(addresses):
-        if time.monotonic() > deadline:
-            report.add(Check("discovery", "warn", f"time box of {opts.time_box:g} s reached after {done} of "
-                             f"{len(addresses)} addresses", hint="narrow --addresses or raise --time-box"))  # fmt: skip
-            break
-        progress(done, len(addresses), f"HDLC address {address}")
+    for address in time_boxed(addresses, "HDLC addresses", opts, report, progress):
         meter = registered.get(address) or _stranger(link, address, auth)
         session = DlmsSession.from_config(meter, link, timeout=opts.probe_timeout)
         try:
@@ -119,7 +113,6 @@ async def _scan(link: TcpLink | SerialLink, addresses: list[int], registered: di
             found.append(address)
         except MeterError:
             continue
-    progress(len(addresses), len(addresses), "done")
     report.add(Check("discovery", "pass" if found else "fail",
                      f"{len(found)} meter(s) at HDLC address(es) {', '.join(map(str, found)) or 'none'}",
                      hint="" if found else HINTS["handshake_timeout"]))  # fmt: skip

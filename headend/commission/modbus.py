@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from headend.commission.checks import Options, Progress, error_text, identity, ratio, session_checks
+from headend.commission.checks import Options, Progress, error_text, identity, ratio, session_checks, time_boxed
 from headend.commission.report import Check, FoundMeter, Report
 from headend.config import Meter, SerialLink, TcpLink
 from headend.protocols.base import LinkDown, MeterError, Timeout
@@ -75,21 +75,14 @@ async def _scan(probe: ModbusLink, link: TcpLink | SerialLink, registered: dict[
     units = opts.addresses or list(range(1, 248))
     units = sorted(set(units) | set(registered), key=lambda u: (u not in registered, u))  # registry first
     found: dict[int, tuple[str, MeterMap, str | None]] = {}
-    deadline = time.monotonic() + opts.time_box
     started = time.monotonic()
-    for done, unit in enumerate(units):
-        if time.monotonic() > deadline:
-            report.add(Check("discovery", "warn", f"time box of {opts.time_box:g} s reached after {done} of "
-                             f"{len(units)} unit ids", hint="narrow --addresses or raise --time-box"))  # fmt: skip
-            break
-        progress(done, len(units), f"unit {unit}")
+    for unit in time_boxed(units, "unit ids", opts, report, progress):
         meter = registered.get(unit)
         candidates = [meter.map] if meter and meter.map else []
         candidates += [name for name, m in maps.items() if m.serial is not None and name not in candidates]
         hit = await _identify(probe, unit, candidates, maps)
         if hit is not None:
             found[unit] = hit
-    progress(len(units), len(units), "done")
     took = time.monotonic() - started
     listing = ", ".join(f"{u} ({name})" for u, (name, _m, _s) in sorted(found.items())) or "none"
     report.add(Check("discovery", "pass" if found else "fail",

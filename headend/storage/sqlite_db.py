@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,3 +31,16 @@ def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+class DurableStore:
+    """A small SQLite-backed record (command journal, VEE versions): durable connection,
+    schema created on open, one lock around every use from any thread."""
+
+    def __init__(self, path: str | Path, schema: str) -> None:
+        self._db = connect_durable(Path(path))
+        self._db.executescript(schema)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()

@@ -8,7 +8,6 @@ the step it announces is taken: `sent` is on disk before the relay is operated.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headend.model import RelayAction
-from headend.storage.sqlite_db import connect_durable, write_transaction
+from headend.storage.sqlite_db import DurableStore, write_transaction
 
 
 class CommandState(StrEnum):
@@ -113,14 +112,9 @@ def _command(row: tuple[Any, ...]) -> Command:
     )  # fmt: skip
 
 
-class CommandJournal:
+class CommandJournal(DurableStore):
     def __init__(self, path: str | Path) -> None:
-        self._db = connect_durable(Path(path))
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
+        super().__init__(path, _SCHEMA)
 
     def create(self, meter: str, action: RelayAction, *, who: str, why: str, idempotency_key: str | None = None,
                override: bool = False) -> tuple[Command, bool]:  # fmt: skip

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from headend.model import Obis
 from headend.storage.codec import from_ns, to_ns
-from headend.storage.sqlite_db import connect_durable, write_transaction
+from headend.storage.sqlite_db import DurableStore, write_transaction
 from headend.vee.series import Exchange
 
 _SCHEMA = """
@@ -77,14 +76,9 @@ class Version:
     created: datetime
 
 
-class VeeStore:
+class VeeStore(DurableStore):
     def __init__(self, path: str | Path) -> None:
-        self._db = connect_durable(Path(path))
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
+        super().__init__(path, _SCHEMA)
 
     def versions(self, meter: str, channel: Obis, start: datetime, end: datetime) -> dict[datetime, list[Version]]:
         """Every version of every interval in (start, end], oldest version first."""
