@@ -184,7 +184,9 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
                 "writer": {"healthy": pipeline.writer.stats.healthy, "written": pipeline.writer.stats.written},
                 "links": sessions.link_states(),
                 "breakers": {k: b.state() for k, b in polling.breakers.items()},
-            }
+                "vee": {"validated_on_arrival": arrival.validated, "conflicting_values": arrival.conflicts,
+                        "failing_intervals": dict(arrival.failing())},
+            }  # fmt: skip
 
         server = uvicorn.Server(uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_level="warning"))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM

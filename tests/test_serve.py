@@ -138,6 +138,7 @@ async def test_serve_reads_switches_and_stops_cleanly(
         assert (await client.get("/health")).json() == {"status": "ok"}
         status = (await client.get("/status")).json()
         assert status["writer"]["healthy"] and status["links"]["modbus-gw"] == "up"
+        assert set(status["vee"]) == {"validated_on_arrival", "conflicting_values", "failing_intervals"}
         r = await client.post("/meters/R1/commands", json={"action": "disconnect", "reason": "arrears"},
                               headers={"Authorization": f"Bearer {token}"})  # fmt: skip
         assert r.status_code == 202
