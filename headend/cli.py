@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -146,10 +147,17 @@ def run_commission(args: argparse.Namespace) -> int:
     except (TargetError, ValueError) as exc:
         print(f"headend commission: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir if cfg else Path("var/state")
     opts = Options(engineer=args.engineer, site=args.site, sync_clock=args.sync_clock, test_relay=args.test_relay,
                    probe_timeout=args.probe_timeout, time_box=args.time_box, addresses=addresses,
-                   birth_timeout=args.birth_timeout)  # fmt: skip
-    auth = DlmsSettings(authentication=args.auth, password_env=args.password_env)
+                   birth_timeout=args.birth_timeout, state_dir=state_dir)  # fmt: skip
+    try:
+        auth = DlmsSettings(authentication=args.auth, password_env=args.password_env,
+                            encryption_key_env=args.key_env, authentication_key_env=args.auth_key_env)  # fmt: skip
+    except ValidationError as exc:
+        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        print(f"headend commission: --auth {args.auth}: {reasons}", file=sys.stderr)
+        return EXIT_CONFIG
     report = asyncio.run(commission(target, cfg, opts, auth=auth, console=console))
     json_path, html_path = report.save(Path(args.report_dir))
     console.print(f"verdict: [bold]{report.verdict.upper()}[/]; report: {html_path} and {json_path}")
@@ -214,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--protocol", choices=["dlms-wrapper", "dlms-hdlc", "modbus-tcp", "modbus-rtu"])
     com.add_argument("--baud", type=int, default=9600)
     com.add_argument("--parity", choices=["N", "E", "O"], default="N")
-    com.add_argument("--auth", choices=["none", "lls"], default="none", help="DLMS authentication for unknown meters")
+    com.add_argument("--auth", choices=["none", "lls", "hls-gmac"], default="none",
+                     help="DLMS authentication for meters not in the registry")  # fmt: skip
     com.add_argument("--password-env", help="environment variable with the DLMS LLS password for unknown meters")
+    com.add_argument("--key-env", help="environment variable with the HLS-GMAC encryption key (hex)")
+    com.add_argument("--auth-key-env", help="environment variable with the HLS-GMAC authentication key (hex)")
+    com.add_argument("--state-dir", help="where DLMS invocation counters are kept (default: the config's state_dir)")
     com.add_argument("--addresses", help="HDLC addresses or Modbus unit ids to probe, e.g. 1-247 or 16,17,20-30")
     com.add_argument("--probe-timeout", type=float, default=0.3, help="seconds to wait at each probed address")
     com.add_argument("--time-box", type=float, default=120.0, help="seconds the whole scan may take")

@@ -25,13 +25,19 @@ from headend.config import Config, DlmsSettings, parse_config
 from headend.localservers import MosquittoServer, free_port
 from headend.protocols.modbus_maps import shipped_maps
 from simulators.clock import Clock
-from simulators.dlms_meter import HdlcBus, SimulatedDlmsMeter
+from simulators.dlms_meter import DEFAULT_KEYS, HdlcBus, SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
 from simulators.mqtt_concentrator import SimulatedConcentrator
 from simulators.ptypair import NullModem
 
 # Screenshots a person can look at after the run (CI keeps the directory).
 ARTIFACTS = Path(os.environ.get("HEADEND_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "build" / "artifacts"))
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commissioning keeps DLMS invocation counters in ./var/state by default: keep it in tmp."""
+    monkeypatch.chdir(tmp_path)
 
 
 def problems(report: Report) -> set[tuple[str | None, str, str]]:
@@ -131,6 +137,24 @@ async def test_relay_test_opens_closes_and_leaves_the_relay_as_found(
     assert ("M16", "relay_test", "pass") in {(c.meter, c.name, c.status) for c in report.checks}
     assert meters[16].actions == 2 and meters[16].control_state == 1  # opened, closed, connected again
     assert not [c for c in untouched.checks if c.name == "relay_test"]
+
+
+async def test_an_hls_gmac_meter_not_in_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EK", DEFAULT_KEYS.encryption.hex())
+    monkeypatch.setenv("AK", DEFAULT_KEYS.authentication.hex())
+    meter = SimulatedDlmsMeter("G1", Clock(), keys=DEFAULT_KEYS)
+    port = await meter.start()
+    target = resolve(f"tcp:127.0.0.1:{port}", None, protocol="dlms-wrapper", timeout=2)
+    hls = DlmsSettings(authentication="hls-gmac", encryption_key_env="EK", authentication_key_env="AK")
+    try:
+        first = await run(target, None, hls)
+        second = await run(target, None, hls)  # the counters survived: the meter accepts the next session
+    finally:
+        await meter.stop()
+    for report in (first, second):
+        assert problems(report) == {("target", "identity", "warn")}  # only: not in a registry
+        assert measured(report, "target", "handshake").startswith("associated (hls-gmac)")
+    assert (Path("var/state") / "invocation_counters.sqlite").exists()
 
 
 async def test_an_unreachable_link_says_where_and_why() -> None:
@@ -328,6 +352,7 @@ def test_the_cli_exits_1_on_a_failed_check_and_writes_both_reports(tmp_path: Pat
     assert len(list(tmp_path.glob("commission-Yard-*.json"))) == 1
     assert len(list(tmp_path.glob("commission-Yard-*.html"))) == 1
     assert main(["commission", "nowhere", "--protocol", "modbus-tcp"]) == 2
+    assert main(["commission", f"tcp:127.0.0.1:{port}", "--protocol", "dlms-wrapper", "--auth", "lls"]) == 2
 
 
 async def test_a_scan_that_runs_out_of_its_time_box_stops_and_says_how_far_it_got(modem: NullModem) -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TypeVar
 
 from headend.commission.report import Check, FoundMeter, Report
@@ -35,6 +36,9 @@ class Options:
     addresses: list[int] | None = None
     birth_timeout: float = 10.0
     relay_confirm_s: float = 10.0
+    #: Where DLMS HLS invocation counters are kept: the server's state_dir, so the meter sees
+    #: one increasing counter whichever tool talks to it.
+    state_dir: Path = Path("var/state")
 
 
 Progress = Callable[[int, int, str], None]  # done, total, what

@@ -11,6 +11,7 @@ from headend.config import DlmsSettings, Meter, SerialLink, TcpLink
 from headend.model import Obis
 from headend.protocols.base import LinkDown, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.dlms.client import DlmsSession
+from headend.protocols.dlms.security import InvocationCounters
 from headend.registry import Registry
 
 SERIAL = Obis(0, 0, 96, 1, 0)
@@ -39,6 +40,15 @@ async def commission_dlms(link: TcpLink | SerialLink, registry: Registry | None,
                           progress: Progress, *, auth: DlmsSettings) -> None:  # fmt: skip
     if not await _connect(link, report):
         return
+    counters = InvocationCounters(opts.state_dir / "invocation_counters.sqlite")
+    try:
+        await _commission(link, registry, opts, report, progress, auth, counters)
+    finally:
+        counters.close()
+
+
+async def _commission(link: TcpLink | SerialLink, registry: Registry | None, opts: Options, report: Report,
+                      progress: Progress, auth: DlmsSettings, counters: InvocationCounters) -> None:  # fmt: skip
     registered = _registered(registry, link)
     if link.protocol == "dlms-wrapper":
         candidates = [None]
@@ -46,7 +56,7 @@ async def commission_dlms(link: TcpLink | SerialLink, registry: Registry | None,
         # The registry's addresses on this link are always probed, first; then the range asked for.
         booked = sorted(a for a in registered if a is not None)
         wanted = booked + [a for a in (opts.addresses or DEFAULT_HDLC_ADDRESSES) if a not in booked]
-        candidates = await _scan(link, wanted, registered, opts, report, progress, auth)
+        candidates = await _scan(link, wanted, registered, opts, report, progress, auth, counters)
         for address, meter in registered.items():
             if address not in candidates and address is not None:
                 report.add(Check("discovery", "fail", f"no answer at HDLC address {address}", meter=meter.id,
@@ -54,7 +64,7 @@ async def commission_dlms(link: TcpLink | SerialLink, registry: Registry | None,
                                  hint="dead meter, wrong address, or a break in the bus wiring"))  # fmt: skip
     for address in candidates:
         meter = registered.get(address) or _stranger(link, address, auth)
-        await _meter(link, address, meter, registered.get(address), registry, opts, report)
+        await _meter(link, address, meter, registered.get(address), registry, opts, report, counters)
 
 
 def _registered(registry: Registry | None, link: TcpLink | SerialLink) -> dict[int | None, Meter]:
@@ -99,14 +109,14 @@ def _where(link: TcpLink | SerialLink) -> str:
 
 
 async def _scan(link: TcpLink | SerialLink, addresses: list[int], registered: dict[int | None, Meter],
-                opts: Options, report: Report, progress: Progress, auth: DlmsSettings) -> list[int | None]:  # fmt: skip
+                opts: Options, report: Report, progress: Progress, auth: DlmsSettings,
+                counters: InvocationCounters) -> list[int | None]:  # fmt: skip
     """HDLC addresses that answer (an association refused still proves a meter is there)."""
     found: list[int | None] = []
     for address in time_boxed(addresses, "HDLC addresses", opts, report, progress):
         meter = registered.get(address) or _stranger(link, address, auth)
-        session = DlmsSession.from_config(meter, link, timeout=opts.probe_timeout)
         try:
-            async with session:
+            async with DlmsSession.from_config(meter, link, timeout=opts.probe_timeout, counters=counters):
                 pass
             found.append(address)
         except (Refused, Unsupported):
@@ -120,14 +130,15 @@ async def _scan(link: TcpLink | SerialLink, addresses: list[int], registered: di
 
 
 async def _meter(link: TcpLink | SerialLink, address: int | None, meter: Meter, expected: Meter | None,
-                 registry: Registry | None, opts: Options, report: Report) -> None:  # fmt: skip
+                 registry: Registry | None, opts: Options, report: Report,
+                 counters: InvocationCounters) -> None:  # fmt: skip
     label = expected.id if expected else meter.id
     where = f"hdlc:{address}" if address is not None else f"wrapper:{(meter.dlms or DlmsSettings()).server_sap}"
     found = FoundMeter(where, link.protocol)
     report.meters.append(found)
     started = time.monotonic()
     try:
-        session = DlmsSession.from_config(meter, link)
+        session = DlmsSession.from_config(meter, link, counters=counters)
         async with session:
             auth = (meter.dlms or DlmsSettings()).authentication
             took = (time.monotonic() - started) * 1000
