@@ -156,6 +156,9 @@ def run_commission(args: argparse.Namespace) -> int:
                             encryption_key_env=args.key_env, authentication_key_env=args.auth_key_env)  # fmt: skip
     except ValidationError as exc:
         reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        for key, option in (("authentication_key_env", "--auth-key-env"), ("encryption_key_env", "--key-env"),
+                            ("password_env", "--password-env")):  # fmt: skip
+            reasons = reasons.replace(key, option)
         print(f"headend commission: --auth {args.auth}: {reasons}", file=sys.stderr)
         return EXIT_CONFIG
     report = asyncio.run(commission(target, cfg, opts, auth=auth, console=console))
