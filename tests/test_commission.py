@@ -233,6 +233,24 @@ async def test_a_dead_unit_on_the_line_is_named(modem: NullModem) -> None:
     assert {m.map for m in report.meters} == {"eastron-sdm630"}
 
 
+async def test_a_unit_that_answers_only_exceptions_is_there_but_unidentified(modem: NullModem) -> None:
+    sdm = shipped_maps()["eastron-sdm630"]
+    meters = [SimulatedMeter(u, sdm, Clock()) for u in (1, 2)]
+    for m in meters:
+        m.faults.exception = 2  # illegal data address: the registers asked for are not this device's
+    sim = ModbusSimulator(meters)
+    await sim.start_rtu(modem.a, 19200)
+    try:
+        cfg = modbus_config(modem.b, [1])
+        report = await run(resolve("rs485", cfg), cfg, addresses=[1, 2, 3], probe_timeout=0.2)
+    finally:
+        await sim.stop()
+    assert problems(report) == {("U1", "discovery", "fail"), (None, "discovery", "warn"), (None, "discovery", "fail")}
+    assert measured(report, "U1", "discovery") == "unit 1 answers, but not to the eastron-sdm630 map"
+    warn = next(c for c in report.checks if c.status == "warn")
+    assert warn.measured == "unit 2 answers, but to none of the shipped maps" and "add a map" in warn.hint
+
+
 async def test_a_247_address_scan_finishes_inside_its_time_box(modem: NullModem) -> None:
     sdm = shipped_maps()["eastron-sdm630"]
     sim = ModbusSimulator([SimulatedMeter(u, sdm, Clock()) for u in (5, 120, 247)])
