@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,18 @@ from headend.model import Obis
 from headend.protocols.modbus_maps import Channel, MeterMap, RegisterSpec, decode, encode, find_map
 from simulators.clock import Clock
 from simulators.physics import LoadModel
+
+
+class _UnhostedUnitNoise(logging.Filter):
+    """pymodbus's SimCore raises KeyError(0) for a unit id it does not host (instead of the
+    NoSuchIdException that `ignore_missing_devices` handles), so every such request logs a
+    traceback. The answer is dropped anyway (`ModbusSimulator._trace`): keep the log clean."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Datastore unable to fulfill request: 0;" not in record.getMessage()
+
+
+logging.getLogger("pymodbus.logging").addFilter(_UnhostedUnitNoise())
 
 
 @dataclass
