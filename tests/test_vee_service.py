@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from headend.config import parse_config
-from headend.model import EVENT_LOG, IMPORT_INTERVAL, Quality, Reading
+from headend.model import EVENT_LOG, IMPORT_INTERVAL, Quality, Reading, RelayAction
 from headend.registry import Registry
 from headend.storage.base import ReadingStore
+from headend.storage.codec import to_ns
+from headend.switching import journal as journal_module
+from headend.switching.journal import CommandJournal, CommandState
 from headend.vee.service import VeeService
 from headend.vee.store import VeeStore
 from tests.vee_data import PER_DAY, STEP, T0, cumulative, deltas, registers_of, t_of
@@ -134,3 +137,23 @@ async def test_determinants_for_billing(vee: VeeService) -> None:
     assert d.by_quality[Quality.ESTIMATED] == 2 and d.max_demand_kw == pytest.approx(0.5 * 4, rel=0.01)
 
 
+
+
+async def test_consumption_while_the_journal_says_the_relay_is_open_is_flagged(
+    vee: VeeService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = CommandJournal(tmp_path / "journal.sqlite")
+    opened, closed = START + timedelta(hours=10), START + timedelta(hours=14)
+    for action, at in ((RelayAction.DISCONNECT, opened), (RelayAction.RECONNECT, closed)):
+        with monkeypatch.context() as clock:  # the journal records this switching at `at`
+            clock.setattr(journal_module.time, "time_ns", lambda at=at: to_ns(at))
+            command, _ = journal.create("DEL", action, who="op", why=f"{action.value} for the test")
+            for state in (CommandState.QUEUED, CommandState.SENT, CommandState.CONFIRMED):
+                journal.transition(command.id, state)
+    vee.journal = journal
+    await vee.store.write(deltas("DEL", HISTORY + PERIOD))  # the meter kept counting: a bypass?
+    result = await vee.validate("DEL", START, END)
+    flagged = [i.t for i in result.intervals if "after_disconnect" in i.rules]
+    assert flagged == [opened + k * STEP for k in range(1, 17)]  # the four hours the relay was open
+    assert all(i.status == "suspect" and "2.6.1010" in i.qualities for i in result.intervals if i.t in flagged)
+    journal.close()
