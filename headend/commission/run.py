@@ -9,6 +9,7 @@ TARGET is a link or concentrator id from `--config`, or given directly:
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -183,7 +184,10 @@ def register(report: Report, target: Target, path: Path, *, force: bool = False)
         added.append(entry["id"])
     if conflicts:
         raise RegisterConflict("; ".join(conflicts))
-    path.write_text(_dump({**existing, "meters": meters}), encoding="utf-8")
+    # Written aside and renamed over: a crash or a full disk never leaves half a registry.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(_dump({**existing, "meters": meters}), encoding="utf-8")
+    os.replace(partial, path)
     return added
 
 
