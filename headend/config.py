@@ -413,6 +413,20 @@ class ApiConfig(Strict):
     host: str = "127.0.0.1"
     port: Port = 8080
     tokens_file: Path | None = None
+    #: HTTPS: a PEM certificate (chain) and its private key. Without them the API speaks plain
+    #: HTTP, which only belongs on loopback: bearer tokens would cross the network in clear.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls(self) -> ApiConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        return self
 
 
 VEE_RULES = (

@@ -188,7 +188,12 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
                         "failing_intervals": dict(arrival.failing())},
             }  # fmt: skip
 
-        server = uvicorn.Server(uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_level="warning"))
+        tls = {"ssl_certfile": str(cfg.api.tls_cert), "ssl_keyfile": str(cfg.api.tls_key)} if cfg.api.tls_cert else {}
+        if not tls and cfg.api.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("API on %s without TLS: bearer tokens cross the network in clear; set api.tls_cert "
+                        "and api.tls_key", cfg.api.host)  # fmt: skip
+        server = uvicorn.Server(uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_level="warning",
+                                               **tls))  # type: ignore[arg-type]  # fmt: skip
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
         tasks = [asyncio.create_task(metrics.watch(p, polling).run(stop), name=f"plan-{p.id}") for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")

@@ -13,8 +13,9 @@ poll_interval = "100ms"
 """
 
 
-def write_site(directory: Path, api_port: int, body: str, *, tokens: bool = True) -> Path:
-    """`directory/site.toml`: SQLite storage and state in `directory`, the API on `api_port`."""
+def write_site(directory: Path, api_port: int, body: str, *, tokens: bool = True, api: str = "") -> Path:
+    """`directory/site.toml`: SQLite storage and state in `directory`, the API on `api_port`
+    (`api`: more keys for the [api] table)."""
     tokens_line = f'tokens_file = "{directory / "tokens.toml"}"' if tokens else ""
     path = directory / "site.toml"
     path.write_text(f"""state_dir = "{directory / "state"}"
@@ -26,5 +27,6 @@ path = "{directory / "readings.sqlite"}"
 [api]
 port = {api_port}
 {tokens_line}
+{api}
 {body}""")
     return path

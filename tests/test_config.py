@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from headend.config import ConfigError, load_config, parse_duration
+from headend.config import ConfigError, load_config, parse_config, parse_duration
 from headend.model import Obis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,3 +219,12 @@ def test_check_config_command_exits_2_with_the_reason(tmp_path: Path) -> None:
     result = subprocess.run([*cmd, "check-config", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert f'{path}: meters[1].pt.primary (id "M-9"): Input should be greater than 0' in result.stderr
+
+
+def test_api_tls_needs_both_files_and_they_must_exist(tmp_path: Path) -> None:
+    cert = tmp_path / "api.crt"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match=r"api: set both tls_cert and tls_key, or neither"):
+        parse_config({"api": {"tls_cert": str(cert)}})
+    with pytest.raises(ConfigError, match=r"api: tls_key '.*nope.key' is not a readable file"):
+        parse_config({"api": {"tls_cert": str(cert), "tls_key": str(tmp_path / "nope.key")}})

@@ -5,10 +5,12 @@ and a restart goes on."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import os
 import signal
 import sqlite3
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from headend.api.auth import TokenStore
 from headend.cli import main
@@ -289,3 +295,44 @@ dlms = {{ authentication = "lls", password_env = "D1_PASSWORD" }}
     body = r.json()
     assert body["total"] == 8 and body["counts"] == {"actual": 8}
     assert all("2.0.1" in i["qualities"] and i["version"] == 0 for i in body["intervals"])
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (no CA involved)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "headend test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = directory / "api.crt", directory / "api.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return cert_path, key_path
+
+
+async def test_the_api_speaks_https_when_given_a_certificate(tmp_path: Path, start: Starter) -> None:
+    cert, key = self_signed(tmp_path)
+    api_port = free_port()
+    write_site(tmp_path, api_port, tokens=False, body="", api=f'tls_cert = "{cert}"\ntls_key = "{key}"')
+    proc = await start(tmp_path)
+    trust = ssl.create_default_context(cafile=str(cert))
+    async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{api_port}", verify=trust) as client:
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    r = await client.get("/health")
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.2)  # the server is still starting
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}") as plain:
+        with pytest.raises(httpx.HTTPError):
+            await plain.get("/health")  # plain HTTP is not spoken on a TLS port
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
