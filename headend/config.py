@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import tomllib
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -201,8 +202,21 @@ class MqttLink(Strict):
     port: Port = 1883
     username: str | None = None
     password_env: str | None = None
+    #: TLS to the broker (port 8883 by convention); `ca_file` trusts a private CA's PEM.
     tls: bool = False
+    ca_file: Path | None = None
     timeout: Duration = timedelta(seconds=30)
+
+    @model_validator(mode="after")
+    def _ca(self) -> MqttLink:
+        if self.ca_file is not None and not self.tls:
+            raise ValueError("ca_file is set but tls = false; set tls = true or drop ca_file")
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {str(self.ca_file)!r} is not a readable file")
+        return self
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.ca_file) if self.tls else None
 
 
 Link = Annotated[TcpLink | SerialLink | MqttLink, Field(discriminator="kind")]
@@ -524,9 +538,10 @@ def _key_path(loc: Iterable[str | int], raw: Any) -> str:
         elif isinstance(node, dict) and part in node:
             node = node[part]
             parts.append(f".{part}" if parts else str(part))
-        elif last:
+        elif last and not (isinstance(node, dict) and node.get("kind") == part):
             parts.append(f".{part}" if parts else str(part))
-        # else: a union tag pydantic adds to the location; not a key the user wrote
+        # else: a union tag pydantic adds to the location (a check of the whole entry ends
+        # there too); not a key the user wrote
     return "".join(parts) + named
 
 

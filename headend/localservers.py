@@ -166,14 +166,16 @@ class MosquittoServer(LocalServer):
 
     name = "mosquitto"
 
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | Path, *, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key) PEM files: the listener speaks MQTT over TLS only."""
         super().__init__(workdir)
         self.binary = find_binary("mosquitto")
         self.port = free_port()
         self.config_path = self.workdir / "mosquitto.conf"
+        tls_lines = f"certfile {tls[0]}\nkeyfile {tls[1]}\n" if tls else ""
         self.config_path.write_text(
             f"""listener {self.port} 127.0.0.1
-allow_anonymous true
+{tls_lines}allow_anonymous true
 persistence true
 persistence_location {self.workdir}/
 # Mosquitto drops QoS 1 messages beyond 1000 queued per client by default: a head-end that

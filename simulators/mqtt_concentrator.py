@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -72,7 +73,9 @@ class SimulatedConcentrator:
         protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
         meters_per_message: int = 1000,
         backlog: timedelta = timedelta(0),
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls
         self.id = concentrator_id
         self.meters_per_message = meters_per_message
         self.host = host
@@ -116,7 +119,8 @@ class SimulatedConcentrator:
         self.bdseq += 1
         will = aiomqtt.Will(state_topic(self.id), self._state("offline"), qos=1, retain=True)
         self._client = aiomqtt.Client(
-            self.host, self.port, identifier=f"dc-{self.id}", will=will, protocol=self.protocol, keepalive=5
+            self.host, self.port, identifier=f"dc-{self.id}", will=will, protocol=self.protocol, keepalive=5,
+            tls_context=self.tls,
         )
         await self._client.__aenter__()
         await self._client.subscribe(command_topic(self.id, "+"), qos=1)

@@ -228,3 +228,11 @@ def test_api_tls_needs_both_files_and_they_must_exist(tmp_path: Path) -> None:
         parse_config({"api": {"tls_cert": str(cert)}})
     with pytest.raises(ConfigError, match=r"api: tls_key '.*nope.key' is not a readable file"):
         parse_config({"api": {"tls_cert": str(cert), "tls_key": str(tmp_path / "nope.key")}})
+
+
+def test_an_mqtt_ca_file_needs_tls_and_must_exist(tmp_path: Path) -> None:
+    link = {"id": "b", "kind": "mqtt", "host": "broker"}
+    with pytest.raises(ConfigError, match=r"links\[0\] \(id \"b\"\): ca_file is set but tls = false"):
+        parse_config({"links": [{**link, "ca_file": str(tmp_path / "ca.pem")}]})
+    with pytest.raises(ConfigError, match=r"ca_file '.*ca.pem' is not a readable file"):
+        parse_config({"links": [{**link, "tls": True, "ca_file": str(tmp_path / "ca.pem")}]})

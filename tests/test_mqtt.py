@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from headend.protocols.mqtt_schema import data_topic
 from headend.storage.outbox import Outbox
 from simulators.clock import ManualClock
 from simulators.mqtt_concentrator import ConcentratorFaults, SimulatedConcentrator
+from tests.certs import self_signed
 from tests.factories import T0
 
 STEP = timedelta(minutes=15)
@@ -301,3 +303,32 @@ async def test_a_link_from_the_config_accepts_only_registry_meters_with_their_mu
         assert reading is not None and reading.meter == f"{cid}-m0" and reading.multiplier == 30.0
         assert reading.value == pytest.approx((reading.raw or 0) / 1000 * 30)
         await sim.stop()
+
+
+async def test_a_link_over_tls_to_the_broker(tmp_path: Path, clock: ManualClock, outbox: Outbox) -> None:
+    cert, key = self_signed(tmp_path)
+    broker = MosquittoServer(tmp_path / "mosquitto", tls=(cert, key))
+    broker.start()
+    try:
+        cid = unique("dc")
+        cfg = parse_config({
+            "links": [{"id": "broker", "kind": "mqtt", "host": "127.0.0.1", "port": broker.port, "tls": True,
+                       "ca_file": str(cert)}],
+            "concentrators": [{"id": cid, "link": "broker"}],
+            "meters": [{"id": f"{cid}-m0", "concentrator": cid}],
+        })  # fmt: skip
+        link_cfg = cfg.links[0]
+        assert isinstance(link_cfg, MqttLink)
+        sim = SimulatedConcentrator(cid, "127.0.0.1", broker.port, [f"{cid}-m0"], clock, tls=link_cfg.tls_context())
+        async with ConcentratorLink.from_config(link_cfg, outbox, cfg, headend_id=unique("he")) as link:
+            await link.connected.wait()
+            await sim.start()
+            clock.advance(900)
+            await sim.publish_until(clock.datetime())
+            await link.until(lambda: link.stats.accepted_readings == 1)
+            await sim.stop()
+        plain = SimulatedConcentrator(unique("dc"), "127.0.0.1", broker.port, ["x"], clock)
+        with pytest.raises((aiomqtt.MqttError, TimeoutError)):  # no TLS, no session: refused or no CONNACK
+            await asyncio.wait_for(plain.start(), 3)
+    finally:
+        broker.stop()

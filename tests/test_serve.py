@@ -5,7 +5,6 @@ and a restart goes on."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import os
 import signal
@@ -18,10 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from headend.api.auth import TokenStore
 from headend.cli import main
@@ -30,6 +25,7 @@ from headend.protocols.modbus_maps import shipped_maps
 from simulators.clock import Clock
 from simulators.dlms_meter import HdlcBus, SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
+from tests.certs import self_signed
 from tests.conftest import Spawn
 from tests.sites import SWITCH_ANY_TIME, write_site
 
@@ -295,25 +291,6 @@ dlms = {{ authentication = "lls", password_env = "D1_PASSWORD" }}
     body = r.json()
     assert body["total"] == 8 and body["counts"] == {"actual": 8}
     assert all("2.0.1" in i["qualities"] and i["version"] == 0 for i in body["intervals"])
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made here (no CA involved)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "headend test")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_path, key_path = directory / "api.crt", directory / "api.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
-    return cert_path, key_path
 
 
 async def test_the_api_speaks_https_when_given_a_certificate(tmp_path: Path, start: Starter) -> None:

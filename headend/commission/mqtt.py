@@ -36,7 +36,7 @@ async def commission_mqtt(link: MqttLink, concentrator: str, registry: Registry 
     with tempfile.TemporaryDirectory(prefix="headend-commission-") as tmp:
         outbox = Outbox(Path(tmp) / "outbox.sqlite")  # the observer stores nothing; the link wants one
         observer = ConcentratorLink(link.host, link.port, outbox, headend_id=f"commission-{uuid.uuid4().hex[:8]}",
-                                    username=link.username, password=password, observer=True,
+                                    username=link.username, password=password, observer=True, tls=link.tls_context(),
                                     command_timeout=link.timeout.total_seconds(),
                                     multipliers={key: m.multiplier for key, m in registered.items()})  # fmt: skip
         try:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -163,10 +164,12 @@ class ConcentratorLink:
         protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
         monotonic: Callable[[], float] = time.monotonic,
         observer: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """`observer`: states and command answers only, no data and no session kept on the
         broker (commissioning tools: they must not take the head-end's data)."""
         self.observer = observer
+        self.tls = tls
         self.host = host
         self.port = port
         self.outbox = outbox
@@ -215,6 +218,7 @@ class ConcentratorLink:
             known_meters={m.id for m in meters},
             multipliers={m.id: m.multiplier for m in meters},
             command_timeout=link.timeout.total_seconds(),
+            tls=link.tls_context(),
             **kwargs,
         )
 
@@ -254,6 +258,7 @@ class ConcentratorLink:
             clean_start=self.observer if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
             keepalive=15,
+            tls_context=self.tls,
         )
         # Acks are sent by us after the outbox commit. Set before connecting: a persistent
         # session's queued messages arrive right after CONNACK. (aiomqtt has no public API
