@@ -19,7 +19,7 @@ from rich.table import Table
 from headend import __version__
 from headend.api.auth import TokenStore
 from headend.config import ConfigError, StorageConfig, load_config
-from headend.storage.outbox import WriterLocked
+from headend.storage.outbox import Outbox, WriterLocked
 from headend.storage.pipeline import MissingSecret, Pipeline
 
 EXIT_CONFIG = 2
@@ -48,6 +48,27 @@ def api_client(args: argparse.Namespace, transport: httpx.BaseTransport | None =
         return None
     return httpx.Client(base_url=args.api, headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
                         transport=transport)  # fmt: skip
+
+
+def run_quarantine(args: argparse.Namespace) -> int:
+    """`headend quarantine list|requeue`: what the store refused, and sending it again."""
+    outbox = Outbox(load_config(args.config).storage.outbox)
+    try:
+        if args.what == "requeue":
+            moved = outbox.requeue_sync(args.id)
+            console.print(f"requeued {moved} reading(s); the writer of `headend serve` (or `headend drain`) "
+                          "sends them again")  # fmt: skip
+            return 0
+        table = Table(title=f"Quarantine of {args.config}")
+        for col in ("id", "when", "kind", "reason"):
+            table.add_column(col, overflow="fold")
+        for row in outbox.quarantine_rows():
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.quarantined_ns / 1e9))
+            table.add_row(str(row.id), when, "reading" if row.requeueable else "raw message", row.reason[:200])
+        console.print(table)
+        return 0
+    finally:
+        outbox.close()
 
 
 def run_export(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
@@ -200,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--key", help="idempotency key (a retry with the same key returns the same command)")
     switch.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the outcome (0: do not wait)")
 
+    quarantine = sub.add_parser("quarantine", help="list quarantined readings, or requeue them after a fix")
+    quarantine.add_argument("what", choices=["list", "requeue"])
+    quarantine.add_argument("--config", required=True)
+    quarantine.add_argument("--id", type=int, action="append", help="requeue only these rows (repeat)")
+
     export = sub.add_parser("export", help="validated billing data of meters and a period (via the API)")
     export.add_argument("--meter", action="append", required=True, help="a meter id; repeat for more")
     export.add_argument("--start", required=True, help="period start (exclusive), ISO 8601 with offset")
@@ -278,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_drain(load_config(args.config).storage))
         if args.command == "switch":
             return run_switch(args)
+        if args.command == "quarantine":
+            return run_quarantine(args)
         if args.command == "export":
             return run_export(args)
         if args.command == "read":

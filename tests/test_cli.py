@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from headend.cli import main
+from headend.storage.outbox import Outbox, Pending
+from tests.factories import intervals
 
 
 def test_demo_reads_simulated_meters_of_every_protocol(
@@ -30,3 +33,20 @@ def test_check_config_accepts_the_example(capsys: pytest.CaptureFixture[str]) ->
     example = Path(__file__).resolve().parent.parent / "config" / "example.toml"
     assert main(["check-config", str(example)]) == 0
     assert "3 meters, 2 plans" in capsys.readouterr().out
+
+
+def test_quarantine_list_and_requeue_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(f'[storage]\nbackend = "sqlite"\noutbox = "{tmp_path / "outbox.sqlite"}"\n'
+                    f'[storage.sqlite]\npath = "{tmp_path / "readings.sqlite"}"\n')  # fmt: skip
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    asyncio.run(outbox.accept(list(intervals(1, 0, 2))))
+    outbox.quarantine_sync(outbox.take_sync(10), "store said no")
+    outbox.quarantine_sync([Pending(-1, None, "mqtt/dc-1 ff00")], "does not parse")
+    assert main(["quarantine", "list", "--config", str(site)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("reading") == 2 and "raw message" in listing and "store said no" in listing
+    assert main(["quarantine", "requeue", "--config", str(site)]) == 0
+    assert "requeued 2 reading(s)" in capsys.readouterr().out
+    assert outbox.depth() == 2 and len(outbox.quarantine_rows()) == 1
+    outbox.close()

@@ -106,3 +106,32 @@ async def test_readings_the_store_refuses_are_quarantined_and_the_rest_written(
     assert "field type conflict" in quarantined[0][1]
     assert writer.stats.quarantined == 1
     outbox.close()
+
+
+async def test_quarantined_readings_go_back_to_the_store_once_the_cause_is_fixed(
+    tmp_path: Path, influx_store: InfluxStore
+) -> None:
+    poison = Reading(meter="M003", channel=IMPORT, timestamp=datetime(2020, 9, 2, tzinfo=UTC), value=7.0)
+    async with httpx.AsyncClient(base_url=influx_store.url) as client:
+        line = f'interval,channel={IMPORT},meter=M003 value="text" {to_ns(poison.timestamp) - 1}'
+        r = await client.post("/write", params={"db": influx_store.database}, content=line)
+        assert r.status_code == 204
+        outbox = Outbox(tmp_path / "outbox.sqlite")
+        await outbox.accept([poison])
+        await outbox.quarantine_raw("mqtt/dc-1", b"\xff not json", "does not parse")  # never a reading
+        writer = BatchWriter(outbox, influx_store, batch_size=1000)
+        await writer._write(await outbox.take(10))
+        assert [r.requeueable for r in outbox.quarantine_rows()] == [False, True]  # oldest first
+        # The fix: the shard holding the string-typed field is dropped.
+        shards = (await client.get("/query", params={"q": "SHOW SHARDS"})).json()["results"][0]["series"]
+        (shard,) = [v for s in shards if s["name"] == influx_store.database for v in s["values"]
+                    if v[4] <= "2020-09-02T00:00:00Z" < v[5]]  # fmt: skip
+        r = await client.post("/query", params={"q": f"DROP SHARD {shard[0]}"})
+        assert r.status_code == 200
+    assert outbox.requeue_sync() == 1
+    assert [r.requeueable for r in outbox.quarantine_rows()] == [False]  # the raw message stays
+    await writer._write(await outbox.take(10))
+    assert outbox.depth() == 0 and outbox.quarantine_rows()[0].reason == "does not parse"
+    stored = await influx_store.query("M003", IMPORT, poison.timestamp.replace(day=1), poison.timestamp)
+    assert [x.value for x in stored] == [7.0]
+    outbox.close()

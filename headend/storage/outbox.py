@@ -46,6 +46,24 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 
 @dataclass(frozen=True, slots=True)
+class QuarantinedRow:
+    id: int
+    body: str
+    reason: str
+    quarantined_ns: int
+    #: A reading (it can go back to the store); False for a raw message that never parsed.
+    requeueable: bool
+
+
+def _decodes(body: str) -> bool:
+    try:
+        codec.decode(body)
+    except Exception:  # noqa: BLE001 - anything that does not decode stays quarantined
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
 class Pending:
     """A row taken from the outbox for writing; `reading` is None if its body no longer decodes."""
 
@@ -152,6 +170,27 @@ class Outbox:
         """(body, reason) of every quarantined row, oldest first."""
         with self._lock:
             return list(self._db.execute("SELECT body, reason FROM quarantine ORDER BY quarantined_ns, id"))
+
+    def quarantine_rows(self) -> list[QuarantinedRow]:
+        """Every quarantined row with its id and whether it can go back to the store."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, body, reason, quarantined_ns FROM quarantine ORDER BY quarantined_ns, id"
+            ).fetchall()
+        return [QuarantinedRow(i, body, reason, ns, _decodes(body)) for i, body, reason, ns in rows]
+
+    def requeue_sync(self, ids: Sequence[int] | None = None) -> int:
+        """Move quarantined readings (all, or those `ids`) back into the outbox, in one
+        transaction: after the cause was fixed (a field type, a retention policy), the writer
+        tries them again. Raw messages that never became readings stay where they are."""
+        rows = [r for r in self.quarantine_rows() if r.requeueable and (ids is None or r.id in set(ids))]
+        now = time.time_ns()
+        with self._lock, write_transaction(self._db) as db:
+            db.executemany("INSERT INTO outbox (body, accepted_ns) VALUES (?, ?)", [(r.body, now) for r in rows])
+            db.executemany("DELETE FROM quarantine WHERE id = ?", [(r.id,) for r in rows])
+        for event in self._waiters:
+            event.set()
+        return len(rows)
 
     def new_data_event(self) -> asyncio.Event:
         """An event set whenever this process accepts readings (other processes are polled)."""
