@@ -115,7 +115,9 @@ class InfluxServer(LocalServer):
 
     name = "influxd"
 
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | Path, *, auth: bool = False) -> None:
+        """`auth`: HTTP authentication on; until its first admin user is created (which
+        InfluxDB allows without credentials) nothing else is possible."""
         super().__init__(workdir)
         self.binary = find_binary("influxd")
         self.http_port = free_port()
@@ -134,6 +136,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 [http]
   bind-address = "127.0.0.1:{self.http_port}"
   log-enabled = false
+  auth-enabled = {"true" if auth else "false"}
 [monitor]
   store-enabled = false
 [continuous_queries]

@@ -10,7 +10,11 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
+import pytest
+
 from headend.localservers import InfluxServer
+from headend.storage.base import StoreError
 from headend.storage.influx import InfluxStore
 from headend.storage.outbox import Outbox
 from headend.storage.writer import BatchWriter
@@ -171,3 +175,21 @@ async def test_writer_killed_between_store_and_outbox_delete_loses_nothing(
 
 async def test_writer_killed_under_load_loses_nothing(tmp_path: Path, influx_server: InfluxServer) -> None:
     await crash_and_recover(tmp_path, influx_server, kill_at="ACCEPTED 12000", extra=[], frozen=False)
+
+
+async def test_influxdb_with_authentication_takes_user_and_password(tmp_path: Path) -> None:
+    with InfluxServer(tmp_path / "influx", auth=True) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:  # the first admin needs no credentials
+            admin = "CREATE USER headend WITH PASSWORD 's3cret' WITH ALL PRIVILEGES"
+            r = await client.post("/query", params={"q": admin})
+            assert r.status_code == 200, r.text
+        readings = list(intervals(1, 0, 10))
+        async with InfluxStore(server.url, "authdb", username="headend", password="s3cret") as store:
+            await store.write(readings)
+            assert await store.query("M001", IMPORT, T0, T0 + timedelta(days=1)) == readings
+        wrong = InfluxStore(server.url, "authdb", username="headend", password="wrong")
+        with pytest.raises(StoreError, match="401"):  # a store error the writer retries, not a crash
+            await wrong.open()
+            await wrong.write(readings)
+        await wrong.close()
+        assert "s3cret" not in repr(InfluxStore(server.url, "authdb", username="headend", password="s3cret"))
