@@ -9,8 +9,9 @@ import pytest
 from headend.localservers import free_port
 from headend.model import Obis, Quality, Reading
 from headend.protocols.modbus import ModbusLink
-from headend.protocols.modbus_intervals import boundary_of, build_intervals
+from headend.protocols.modbus_intervals import build_intervals
 from headend.protocols.modbus_maps import shipped_maps
+from headend.timegrid import boundary_of
 from simulators.clock import ManualClock
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
 

@@ -16,6 +16,7 @@ from headend.config import Meter
 from headend.model import IMPORT_ENERGY, Obis, RelayAction, RelayState
 from headend.protocols.base import MeterError, MeterSession, Unsupported
 from headend.registry import Registry
+from headend.timegrid import floor_to
 
 #: The profile each protocol samples: a DLMS load profile, a concentrator's interval channel.
 DLMS_PROFILE = Obis(1, 0, 99, 1, 0)
@@ -188,8 +189,7 @@ async def _profile(session: MeterSession, report: Report, label: str, opts: Opti
     # The meter stamps its profile in its own time: sample the window as its clock saw it.
     now = datetime.now(UTC) + timedelta(seconds=drift)
     step = opts.interval
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    last = epoch + ((now - epoch) // step) * step
+    last = floor_to(now, step)
     since = last - timedelta(hours=opts.profile_hours)
     try:
         readings = await session.read_profile(profile, since, last)

@@ -12,22 +12,10 @@ missing intervals from them (their sum is known exactly).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from headend.model import Obis, Quality, Reading
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def nearest_boundary(t: datetime, step: timedelta) -> datetime:
-    n = round((t - _EPOCH) / step)
-    return _EPOCH + n * step
-
-
-def boundary_of(read_at: datetime, step: timedelta, tolerance: timedelta) -> datetime | None:
-    """The boundary a read taken at `read_at` stands for, or None if it is too far from any."""
-    boundary = nearest_boundary(read_at, step)
-    return boundary if abs(read_at - boundary) <= tolerance else None
+from headend.timegrid import boundary_of, nearest_boundary
 
 
 def build_intervals(

@@ -18,17 +18,18 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from headend.breaker import CircuitBreaker
 from headend.config import Plan, TcpLink
 from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Quality, Reading
 from headend.protocols.base import LinkDown, MeterError, MeterSession, Timeout, Unsupported
-from headend.protocols.modbus_intervals import boundary_of, build_intervals
+from headend.protocols.modbus_intervals import build_intervals
 from headend.registry import Registry
 from headend.scheduler.gate import Lane, LinkGate
 from headend.storage.codec import from_ns, to_ns
 from headend.storage.outbox import Outbox
+from headend.timegrid import boundary_of, floor_to
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +255,10 @@ class PollingEngine:
         """Read from the completeness watermark (all intervals up to it are stored), so gaps are
         read again on every run until they fill or fall past `history` (the buffer depth)."""
         step = plan.interval
-        epoch = datetime(1970, 1, 1, tzinfo=UTC)
-        last_boundary = epoch + ((now - epoch) // step) * step
+        last_boundary = floor_to(now, step)
         oldest = last_boundary - plan.history
-        cursor = None if fresh else self.outbox.cursors(_cursor_key(meter_id, plan)).get(_cursor_key(meter_id, plan))
+        key = _cursor_key(meter_id, plan)
+        cursor = None if fresh else self.outbox.cursors(key).get(key)
         since = max(from_ns(cursor), oldest) if cursor is not None else oldest
         try:
             readings = await session.read_profile(plan.profile, since, now)

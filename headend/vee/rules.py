@@ -21,7 +21,8 @@ from zoneinfo import ZoneInfo
 
 from headend.config import Meter, VeeConfig
 from headend.model import Quality
-from headend.vee.series import Series, Slot, ceil_to
+from headend.timegrid import boundary_of, ceil_to
+from headend.vee.series import Series, Slot
 
 CODES: dict[str, str] = {
     "gap": Quality.MISSING.value,  # 2.5.259
@@ -194,11 +195,10 @@ def sum_check(series: Series, ctx: Context) -> None:
     register difference, within max(N register digits, share of the difference) per day."""
     # A register read within a tenth of an interval of a boundary counts for it (reads are
     # stamped when taken, a few seconds after the boundary).
-    near = series.step / 10
-    points = []
+    points: list[tuple[datetime, float]] = []
     for t, r in series.registers:
-        boundary = ceil_to(t - near, series.step)
-        if abs(t - boundary) <= near and (not points or points[-1][0] != boundary):
+        boundary = boundary_of(t, series.step, series.step / 10)
+        if boundary is not None and (not points or points[-1][0] != boundary):
             points.append((boundary, r))
     if not series.slots:
         return

@@ -11,19 +11,10 @@ leaves two slots without a value (and the register on both sides bounds their su
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from headend.model import Quality, Reading
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def floor_to(t: datetime, step: timedelta) -> datetime:
-    return EPOCH + ((t - EPOCH) // step) * step
-
-
-def ceil_to(t: datetime, step: timedelta) -> datetime:
-    return EPOCH - ((EPOCH - t) // step) * step
+from headend.timegrid import ceil_to, floor_to
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from headend.registry import Registry
 from headend.storage.base import ReadingStore
 from headend.storage.codec import from_ns
 from headend.switching.journal import CommandJournal, CommandState
+from headend.timegrid import ceil_to
 from headend.vee import rules
 from headend.vee.estimate import estimate
-from headend.vee.series import Exchange, Series, Slot, build, ceil_to
+from headend.vee.series import Exchange, Series, Slot, build
 from headend.vee.store import VeeStore
 
 log = logging.getLogger(__name__)
