@@ -56,6 +56,9 @@ class Validation:
     intervals: list[ValidatedInterval]
     registers: list[Reading] = field(default_factory=list)
     rereads: int = 0
+    #: The energy register at the period's start and end, where known.
+    start_register: float | None = None
+    end_register: float | None = None
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(i.status for i in self.intervals))
@@ -78,7 +81,17 @@ class Determinants:
 
 
 Fetched = tuple[list[Reading], list[Reading], list[Reading], list[Reading]]  # cumulative, deltas, registers, events
-Loaded = tuple[Series, Series, rules.Context, list[Reading]]  # the period, it with the weeks before, ...
+
+
+@dataclass
+class Loaded:
+    series: Series  # the period
+    history: Series  # the period with the weeks before it (anchors, like days)
+    ctx: rules.Context
+    registers: list[Reading]  # register reads inside the period
+    start_register: float | None
+    end_register: float | None
+
 Reread = Callable[[str, datetime, datetime], Awaitable[object]]
 
 
@@ -104,18 +117,21 @@ class VeeService:
         meter = self.registry.meter(meter_id)
         step = self.cfg.interval
         start, end = ceil_to(start, step), ceil_to(end, step)
-        # The work between the queries is CPU: it runs in a worker thread so the server's
-        # event loop (switching, reads, the API) keeps answering meanwhile.
-        series, history, ctx, registers = await asyncio.to_thread(self._load, meter, start, end,
-                                                                  await self._fetch(meter, start, end))  # fmt: skip
+
+        async def load() -> Loaded:
+            # The work between the queries is CPU: it runs in a worker thread so the server's
+            # event loop (switching, reads, the API) keeps answering meanwhile.
+            return await asyncio.to_thread(self._load, meter, start, end, await self._fetch(meter, start, end))
+
+        loaded = await load()
         rereads = 0
-        if self.reread is not None and any(s.value is None for s in series.slots):
+        if self.reread is not None and any(s.value is None for s in loaded.series.slots):
             rereads = 1
             await self.reread(meter.id, start, end)
-            series, history, ctx, registers = await asyncio.to_thread(self._load, meter, start, end,
-                                                                      await self._fetch(meter, start, end))  # fmt: skip
-        intervals = await asyncio.to_thread(self._validate, meter, start, series, history, ctx)
-        return Validation(meter.id, start, end, step, "kWh", intervals, registers, rereads)
+            loaded = await load()
+        intervals = await asyncio.to_thread(self._validate, meter, start, loaded.series, loaded.history, loaded.ctx)
+        return Validation(meter.id, start, end, step, "kWh", intervals, loaded.registers, rereads,
+                          loaded.start_register, loaded.end_register)  # fmt: skip
 
     def _validate(self, meter: Meter, start: datetime, series: Series, history: Series,
                   ctx: rules.Context) -> list[ValidatedInterval]:  # fmt: skip
@@ -129,9 +145,13 @@ class VeeService:
                 rule(series, ctx)
         return self._finish(meter, series)
 
+    def _history_start(self, start: datetime) -> datetime:
+        """How far back a validation of a period starting at `start` reads (its like days)."""
+        return start - timedelta(weeks=self.cfg.like_day_weeks) - self.cfg.interval
+
     async def _fetch(self, meter: Meter, start: datetime, end: datetime) -> Fetched:
         step = self.cfg.interval
-        since = start - timedelta(weeks=self.cfg.like_day_weeks) - step
+        since = self._history_start(start)
         cumulative = await self.store.query(meter.id, IMPORT_ENERGY, since - step, end)
         deltas = [] if cumulative else await self.store.query(meter.id, IMPORT_INTERVAL, since, end)
         registers = await self.store.query(meter.id, IMPORT_ENERGY, since, end + step, kind="register")
@@ -140,7 +160,7 @@ class VeeService:
 
     def _load(self, meter: Meter, start: datetime, end: datetime, fetched: Fetched) -> Loaded:
         step = self.cfg.interval
-        since = start - timedelta(weeks=self.cfg.like_day_weeks) - step
+        since = self._history_start(start)
         cumulative, deltas, registers, events = fetched
         exchanges = self.versions.exchanges(meter.id)
         source = IMPORT_ENERGY if cumulative else IMPORT_INTERVAL
@@ -154,7 +174,18 @@ class VeeService:
                             multiplier_at=_multiplier_at(meter, exchanges),
                             multiplier_changes=bool(exchanges))  # fmt: skip
         in_period = [r for r in registers if start < r.timestamp <= end]
-        return series, history, ctx, in_period
+        profile = {r.timestamp: r.value for r in cumulative if r.value is not None}
+        reads = [r for r in registers if r.value is not None and start - step < r.timestamp <= end + step]
+
+        def register_at(t: datetime) -> float | None:
+            """From the load profile at the boundary, else the register read nearest to it
+            (within one interval)."""
+            if t in profile:
+                return profile[t]
+            close = [r for r in reads if abs(r.timestamp - t) <= step]
+            return min(close, key=lambda r: abs(r.timestamp - t)).value if close else None
+
+        return Loaded(series, history, ctx, in_period, register_at(start), register_at(end))
 
     def _disconnected(self, meter_id: str) -> list[tuple[datetime, datetime]]:
         if self.journal is None:
@@ -234,30 +265,13 @@ class VeeService:
         consumption = sum(x for _t, x in values)
         peak = max(values, key=lambda p: p[1], default=None)
         hours = v.step / timedelta(hours=1)
-        registers = await self._boundary_registers(meter_id, v)
         actual = sum(1 for i in v.intervals if i.status == "actual")
         qualities: Counter[str] = Counter(q for i in v.intervals for q in i.qualities)
         return Determinants(
-            meter_id, v.start, v.end, registers[0], registers[1], consumption,
+            meter_id, v.start, v.end, v.start_register, v.end_register, consumption,
             peak[1] / hours if peak else None, peak[0] if peak else None, len(v.intervals),
             actual / len(v.intervals) if v.intervals else 1.0, v.counts(), dict(qualities),
         )  # fmt: skip
-
-    async def _boundary_registers(self, meter_id: str, v: Validation) -> tuple[float | None, float | None]:
-        """The energy register at the period's start and end: from a cumulative profile at the
-        boundaries, else the register reads nearest to them (within one interval)."""
-        step = v.step
-        profile = await self.store.query(meter_id, IMPORT_ENERGY, v.start - step, v.end)
-        at = {r.timestamp: r.value for r in profile if r.value is not None}
-        reads = await self.store.query(meter_id, IMPORT_ENERGY, v.start - step, v.end + step, kind="register")
-
-        def near(t: datetime) -> float | None:
-            if t in at:
-                return at[t]
-            close = [r for r in reads if r.value is not None and abs(r.timestamp - t) <= step]
-            return min(close, key=lambda r: abs(r.timestamp - t)).value if close else None
-
-        return near(v.start), near(v.end)
 
 
 def _outages(events: list[Reading]) -> list[tuple[datetime, datetime]]:
