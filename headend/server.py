@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import uvicorn
@@ -26,7 +26,7 @@ from headend.api.billing import billing_router
 from headend.api.security import require_roles
 from headend.config import Config, Plan
 from headend.registry import Registry, UnknownMeter
-from headend.scheduler.engine import MeterResult, PlanReport, PollingEngine
+from headend.scheduler.engine import MeterResult, PlanReport, PollingEngine, single_meter_plan
 from headend.scheduler.gate import Lane
 from headend.scheduler.loop import PlanLoop
 from headend.sessions import SessionFactory
@@ -119,9 +119,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             if meter.concentrator is None and not link.protocol.startswith("dlms"):
                 return  # no load profile to ask for (Modbus): boundary reads cannot be repeated
             now = datetime.now(UTC)
-            plan = Plan.model_validate({"id": "vee-reread", "read": ["profile"], "every": "1d", "attempts": 1,
-                                        "history": f"{max(1, int((now - start).total_seconds()))}s",
-                                        "select": {"meters": [meter_id]}})  # fmt: skip
+            plan = single_meter_plan("vee-reread", meter_id, ["profile"], max(timedelta(seconds=1), now - start))
             result = await polling.read_meter(meter_id, plan, now, Lane.BACKFILL, fresh=True)
             if result.ok and result.readings:
                 with contextlib.suppress(TimeoutError):
@@ -158,10 +156,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             """An on-demand read, ahead of bulk and backfill work on the meter's link."""
             try:
                 meter = registry.meter(meter_id)
-                plan = Plan.model_validate({
-                    "id": "on-demand", "read": body.read, "channels": body.channels, "every": "1d",
-                    "history": f"{body.hours}h", "select": {"meters": [meter.id]}, "attempts": 1,
-                })  # fmt: skip
+                plan = single_meter_plan("on-demand", meter.id, body.read, timedelta(hours=body.hours), body.channels)
             except UnknownMeter as exc:
                 raise HTTPException(404, str(exc)) from None
             except ValidationError as exc:

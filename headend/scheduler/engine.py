@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -298,6 +298,14 @@ class PollingEngine:
             result.missing = [r.timestamp for r in intervals if r.value is None]
         self._boundary_cursors[meter_id] = {key_t: to_ns(boundary), key_v: round(register.value * 1e6)}
         return readings, boundary
+
+
+def single_meter_plan(plan_id: str, meter_id: str, read: Sequence[str], history: timedelta,
+                      channels: Sequence[str] = ()) -> Plan:  # fmt: skip
+    """A plan for reading one meter once, now (on-demand reads, VEE re-reads): one attempt,
+    `history` back; its schedule is never used."""
+    return Plan.model_validate({"id": plan_id, "read": list(read), "channels": list(channels), "every": "1d",
+                                "attempts": 1, "history": history, "select": {"meters": [meter_id]}})  # fmt: skip
 
 
 def _cursor_key(meter_id: str, plan: Plan) -> str:
