@@ -160,7 +160,8 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             except UnknownMeter as exc:
                 raise HTTPException(404, str(exc)) from None
             except ValidationError as exc:
-                raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from None
+                reasons = exc.errors(include_url=False, include_context=False, include_input=False)
+                raise HTTPException(422, reasons) from None
             result = await polling.read_meter(meter.id, plan, datetime.now(UTC), Lane.ON_DEMAND, fresh=True)
             if not result.ok:
                 # Asking a meter for what it does not have is the caller's mistake; the rest
