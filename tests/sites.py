@@ -30,3 +30,16 @@ port = {api_port}
 {api}
 {body}""")
     return path
+
+
+def tcp_link(link_id: str, protocol: str, port: int, timeout: str) -> str:
+    """A `[[links]]` entry for a simulator listening on loopback."""
+    return f"""
+[[links]]
+id = "{link_id}"
+kind = "tcp"
+protocol = "{protocol}"
+host = "127.0.0.1"
+port = {port}
+timeout = "{timeout}"
+"""

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from headend.api.auth import ROLES, TokenStore
 from headend.localservers import free_port
 from headend.storage.sqlite import SqliteStore
-from tests.sites import SWITCH_ANY_TIME, write_site
+from tests.sites import SWITCH_ANY_TIME, tcp_link, write_site
 from tests.vee_data import PER_DAY, T0, cumulative, deltas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,13 +56,7 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     sim = subprocess.Popen([sys.executable, "-m", "simulators.modbus_meter", "--map", "sim-relay-meter", "--units",
                             "1", "--tcp", f"127.0.0.1:{modbus_port}"], cwd=ROOT, env=env)  # fmt: skip
     write_site(d, api_port, SWITCH_ANY_TIME + f"""
-[[links]]
-id = "gw"
-kind = "tcp"
-protocol = "modbus-tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout = "1s"
+{tcp_link("gw", "modbus-tcp", modbus_port, "1s")}
 [[meters]]
 id = "R1"
 link = "gw"

@@ -27,7 +27,7 @@ from simulators.dlms_meter import HdlcBus, SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
 from tests.certs import self_signed
 from tests.conftest import Spawn
-from tests.sites import SWITCH_ANY_TIME, write_site
+from tests.sites import SWITCH_ANY_TIME, tcp_link, write_site
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,20 +43,8 @@ async def site(tmp_path: Path) -> AsyncIterator[tuple[Path, str, int]]:
     api_port = free_port()
     token = TokenStore.issue(tmp_path / "tokens.toml", "anna", frozenset({"operator", "billing"}))
     write_site(tmp_path, api_port, SWITCH_ANY_TIME + f"""
-[[links]]
-id = "dlms-tcp"
-kind = "tcp"
-protocol = "dlms-wrapper"
-host = "127.0.0.1"
-port = {dlms_port}
-timeout = "2s"
-[[links]]
-id = "modbus-gw"
-kind = "tcp"
-protocol = "modbus-tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout = "1s"
+{tcp_link("dlms-tcp", "dlms-wrapper", dlms_port, "2s")}
+{tcp_link("modbus-gw", "modbus-tcp", modbus_port, "1s")}
 [[meters]]
 id = "D1"
 link = "dlms-tcp"
@@ -202,13 +190,7 @@ link = "bus"
 dlms = {{ authentication = "lls", password_env = "D1_PASSWORD", physical = {n} }}
 """ for n in meters)  # fmt: skip
     write_site(tmp_path, api_port, tokens=False, body=f"""
-[[links]]
-id = "bus"
-kind = "tcp"
-protocol = "dlms-hdlc"
-host = "127.0.0.1"
-port = {bus_port}
-timeout = "5s"
+{tcp_link("bus", "dlms-hdlc", bus_port, "5s")}
 {meter_entries}
 [[plans]]
 id = "lp"
@@ -264,13 +246,7 @@ async def test_billing_asks_the_meter_again_for_what_the_store_lacks(tmp_path: P
     api_port = free_port()
     token = TokenStore.issue(tmp_path / "tokens.toml", "bill", frozenset({"billing"}))
     write_site(tmp_path, api_port, f"""
-[[links]]
-id = "dlms-tcp"
-kind = "tcp"
-protocol = "dlms-wrapper"
-host = "127.0.0.1"
-port = {dlms_port}
-timeout = "2s"
+{tcp_link("dlms-tcp", "dlms-wrapper", dlms_port, "2s")}
 [[meters]]
 id = "D1"
 link = "dlms-tcp"

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Reading
+from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Obis, Reading
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
 STEP = timedelta(minutes=15)
@@ -29,18 +29,25 @@ Change = Callable[[int, float], float | None] | None  # (interval index, value) 
 Flags = dict[int, tuple[str, ...]] | None  # interval index -> qualities
 
 
-def deltas(meter: str, n: int, *, start: datetime = T0, seed: int = 0, multiplier: float = 1.0,
-           change: Change = None, qualities: Flags = None) -> list[Reading]:  # fmt: skip
+def _readings(meter: str, channel: Obis, values: list[tuple[int, float]], *, start: datetime, multiplier: float,
+              change: Change, qualities: Flags) -> list[Reading]:  # fmt: skip
+    """Readings at the ends of intervals k with the given values, `change` applied (None: dropped)."""
     out = []
-    for k in range(n):
-        value: float | None = load(k, seed) * multiplier
+    for k, raw in values:
+        value: float | None = raw * multiplier
         if change is not None:
             value = change(k, value)
         if value is None:
             continue
-        out.append(Reading(meter, IMPORT_INTERVAL, t_of(k, start), value, unit="kWh", multiplier=multiplier,
+        out.append(Reading(meter, channel, t_of(k, start), value, unit="kWh", multiplier=multiplier,
                            qualities=(qualities or {}).get(k, ())))  # fmt: skip
     return out
+
+
+def deltas(meter: str, n: int, *, start: datetime = T0, seed: int = 0, multiplier: float = 1.0,
+           change: Change = None, qualities: Flags = None) -> list[Reading]:  # fmt: skip
+    return _readings(meter, IMPORT_INTERVAL, [(k, load(k, seed)) for k in range(n)], start=start,
+                     multiplier=multiplier, change=change, qualities=qualities)  # fmt: skip
 
 
 def registers_of(n: int, *, seed: int = 0, base: float = 1000.0) -> list[float]:
@@ -55,14 +62,5 @@ def cumulative(meter: str, n: int, *, start: datetime = T0, seed: int = 0, multi
                base: float = 1000.0, change: Change = None, qualities: Flags = None) -> list[Reading]:  # fmt: skip
     """Register readings at interval ends, starting with the one at `start` (k = -1)."""
     values = registers_of(n, seed=seed, base=base)
-    out = []
-    for i, value in enumerate(values):
-        k = i - 1
-        v: float | None = value * multiplier
-        if change is not None:
-            v = change(k, v)
-        if v is None:
-            continue
-        out.append(Reading(meter, IMPORT_ENERGY, t_of(k, start), v, unit="kWh", multiplier=multiplier,
-                           qualities=(qualities or {}).get(k, ())))  # fmt: skip
-    return out
+    return _readings(meter, IMPORT_ENERGY, [(i - 1, v) for i, v in enumerate(values)], start=start,
+                     multiplier=multiplier, change=change, qualities=qualities)  # fmt: skip
