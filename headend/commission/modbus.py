@@ -25,11 +25,8 @@ HINTS = {
 
 
 def _link(link: TcpLink | SerialLink, timeout: float) -> ModbusLink:
-    if isinstance(link, TcpLink):
-        return ModbusLink.tcp(link.host, link.port, timeout=timeout, name=link.id, breaker_threshold=1_000)
-    return ModbusLink.serial(link.device, baudrate=link.baudrate, parity=link.parity, bytesize=link.bytesize,
-                             stopbits=link.stopbits, timeout=timeout, name=link.id,
-                             breaker_threshold=1_000)  # fmt: skip
+    # Every unit is probed once: no breaker may close the line on a row of silent addresses.
+    return ModbusLink.from_config(link, timeout=timeout, breaker_threshold=1_000)
 
 
 async def commission_modbus(link: TcpLink | SerialLink, registry: Registry | None, opts: Options, report: Report,

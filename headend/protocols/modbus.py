@@ -145,17 +145,21 @@ class ModbusLink:
         return link
 
     @classmethod
-    def from_config(cls, link: TcpLink | SerialLink) -> ModbusLink:
+    def from_config(cls, link: TcpLink | SerialLink, *, timeout: float | None = None, **kwargs: Any) -> ModbusLink:
+        """A link for a config entry; `timeout` (default: the link's) and breaker settings can
+        be overridden (a scan probes with a short timeout and no breaker)."""
+        seconds = link.timeout.total_seconds() if timeout is None else timeout
         if isinstance(link, TcpLink):
-            return cls.tcp(link.host, link.port, timeout=link.timeout.total_seconds(), name=link.id)
+            return cls.tcp(link.host, link.port, timeout=seconds, name=link.id, **kwargs)
         return cls.serial(
             link.device,
             baudrate=link.baudrate,
             parity=link.parity,
             bytesize=link.bytesize,
             stopbits=link.stopbits,
-            timeout=link.timeout.total_seconds(),
+            timeout=seconds,
             name=link.id,
+            **kwargs,
         )
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
