@@ -18,7 +18,7 @@ from rich.table import Table
 
 from headend import __version__
 from headend.api.auth import TokenStore
-from headend.config import ConfigError, StorageConfig, load_config
+from headend.config import ConfigError, StorageConfig, SwitchingConfig, load_config
 from headend.storage.outbox import Outbox, WriterLocked
 from headend.storage.pipeline import MissingSecret, Pipeline
 
@@ -170,6 +170,7 @@ def run_commission(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir if cfg else Path("var/state")
     opts = Options(engineer=args.engineer, site=args.site, sync_clock=args.sync_clock, test_relay=args.test_relay,
+                   override=args.override, switching=cfg.switching if cfg else SwitchingConfig(),
                    probe_timeout=args.probe_timeout, time_box=args.time_box, addresses=addresses,
                    birth_timeout=args.birth_timeout, state_dir=state_dir)  # fmt: skip
     try:
@@ -267,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--report-dir", default="commissioning", help="where the JSON and HTML reports go")
     com.add_argument("--sync-clock", action="store_true", help="set meter clocks that are off")
     com.add_argument("--test-relay", action="store_true", help="open and close each relay with read-back, "
-                     "then leave it as found")  # fmt: skip
+                     "then leave it as found (journaled; never a meter whose identity failed)")  # fmt: skip
+    com.add_argument("--override", metavar="REASON", help="with --test-relay: switch protected customers too")
     com.add_argument("--register", metavar="FILE", help="append the meters found to this registry file")
     com.add_argument("--force", action="store_true", help="with --register: replace conflicting entries")
 

@@ -416,6 +416,15 @@ class SwitchingConfig(Strict):
     dry_run: bool = False
     #: Disconnects started per link and minute, at most (bulk runs are paced, reconnects never).
     disconnects_per_link_per_minute: int = Field(60, ge=1, le=100_000)
+    #: A disconnect requested outside the windows waits (deferred) for the next opening, if
+    #: that is at most this far off; later than that it is refused.
+    max_defer: Duration = timedelta(days=4)
+    #: Two-person rule: a protected customer's disconnect (with override) waits until a second
+    #: principal holding the override role approves it.
+    protected_approval: bool = False
+    #: Runners for disconnects and, apart, for reconnects (a stuck disconnect never holds up a reconnect).
+    workers: int = Field(8, ge=1, le=1000)
+    reconnect_workers: int = Field(4, ge=1, le=1000)
 
     @field_validator("timezone")
     @classmethod

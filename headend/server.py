@@ -26,13 +26,14 @@ from headend.api.billing import billing_router
 from headend.api.security import require_roles
 from headend.config import Config, Plan
 from headend.registry import Registry, UnknownMeter
+from headend.scheduler.admission import LinkAdmission
 from headend.scheduler.engine import MeterResult, PlanReport, PollingEngine, single_meter_plan
 from headend.scheduler.gate import Lane
 from headend.scheduler.loop import PlanLoop
 from headend.sessions import SessionFactory
 from headend.storage.pipeline import Pipeline
 from headend.switching.engine import SwitchingEngine
-from headend.switching.journal import CommandJournal
+from headend.switching.journal import CommandJournal, CommandState
 from headend.switching.policy import SwitchingPolicy
 from headend.switching.ratelimit import LinkLimiter
 from headend.switching.runner import CommandRunner
@@ -65,6 +66,16 @@ class Metrics:
                                  ["rule"], registry=self.registry)  # fmt: skip
         self.vee_conflicts = Gauge("headend_vee_conflicting_values", "Stored values replaced by a different one",
                                    registry=self.registry)  # fmt: skip
+        self.commands = Gauge("headend_switching_commands", "Switching commands in the journal by action and state",
+                              ["action", "state"], registry=self.registry)  # fmt: skip
+        self.confirm_seconds = Histogram("headend_switching_confirmation_seconds",
+                                         "From request to confirmed relay read-back", ["action"],
+                                         buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400),
+                                         registry=self.registry)  # fmt: skip
+        self.deferred = Gauge("headend_switching_deferred", "Disconnects waiting for a window",
+                              registry=self.registry)  # fmt: skip
+        self.awaiting = Gauge("headend_switching_awaiting_approval", "Protected disconnects waiting for approval",
+                              registry=self.registry)  # fmt: skip
         self.progress_age = Gauge("headend_engine_progress_age_seconds", "Seconds since a meter was last read",
                                   registry=self.registry)  # fmt: skip
 
@@ -98,15 +109,20 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir)
         await sessions.start()
         registry = Registry(cfg)
-        polling = PollingEngine(registry, pipeline.outbox, sessions)
+        # One admission for polling, on-demand reads, VEE re-reads and switching.
+        admission = LinkAdmission(registry, sessions)
+        polling = PollingEngine(registry, pipeline.outbox, sessions, admission=admission)
         journal = CommandJournal(cfg.state_dir / "journal.sqlite")
         switching = SwitchingEngine(
-            journal, SwitchingPolicy(cfg.switching), registry, sessions,
+            journal, SwitchingPolicy(cfg.switching), registry, admission=admission,
             confirm_timeout=cfg.switching.confirm_timeout.total_seconds(),
             poll_interval=cfg.switching.poll_interval.total_seconds(), attempts=cfg.switching.attempts,
             dry_run=cfg.switching.dry_run, deadline=cfg.switching.deadline.total_seconds(),
         )  # fmt: skip
-        runner = CommandRunner(switching, limiter=LinkLimiter(cfg.switching.disconnects_per_link_per_minute))
+        switching.on_confirmed = lambda c, seconds: metrics.confirm_seconds.labels(c.action.value).observe(seconds)
+        runner = CommandRunner(switching, workers=cfg.switching.workers,
+                               reconnect_workers=cfg.switching.reconnect_workers,
+                               limiter=LinkLimiter(cfg.switching.disconnects_per_link_per_minute))  # fmt: skip
         await runner.start()
         tokens = TokenStore.load(cfg.api.tokens_file) if cfg.api.tokens_file else TokenStore({})
         app = create_app(switching, runner, tokens)
@@ -143,6 +159,11 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             for rule, count in arrival.failing().items():
                 metrics.vee_failing.labels(rule).set(count)
             metrics.vee_conflicts.set(arrival.conflicts)
+            counts = journal.counts()
+            for (action, state), n in counts.items():
+                metrics.commands.labels(action, state).set(n)
+            metrics.deferred.set(sum(n for (_a, s), n in counts.items() if s == CommandState.DEFERRED))
+            metrics.awaiting.set(sum(n for (_a, s), n in counts.items() if s == CommandState.AWAITING_APPROVAL))
             return generate_latest(metrics.registry).decode()
 
         class ReadIn(BaseModel):

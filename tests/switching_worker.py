@@ -58,9 +58,8 @@ async def main(argv: list[str]) -> None:
         command = await engine.execute("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
         print(json.dumps({"state": command.state.value}), flush=True)
     else:
-        print(
-            json.dumps([{"state": c.state.value, "evidence": c.evidence} for c in await engine.recover()]), flush=True
-        )
+        done = [await engine.reconfirm(c) for c in engine.recover()]
+        print(json.dumps([{"state": c.state.value, "evidence": c.evidence} for c in done if c]), flush=True)
     link.close()
 
 

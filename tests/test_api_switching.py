@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     tokens = {
         name: TokenStore.issue(token_file, name, frozenset(roles))
         for name, roles in {"anna": {"operator"}, "chief": {"operator", "override"}, "billing": {"billing"},
-                            "auditor": {"read-only"}}.items()
+                            "auditor": {"read-only"}, "chief2": {"override"}}.items()
     }  # fmt: skip
     app = create_app(engine, runner, TokenStore.load(token_file))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://headend") as client:
@@ -90,7 +90,7 @@ async def test_an_operator_disconnects_and_the_command_is_confirmed(api: Api) ->
     got = (await api.client.get(r.headers["Location"], headers=api.auth("auditor"))).json()
     assert got["state"] == "confirmed" and got["who"] == "anna" and got["why"] == "arrears #4711"
     assert got["evidence"]["relay_after"] == "disconnected"
-    assert [e["state"] for e in got["events"]] == ["requested", "queued", "sent", "confirmed"]
+    assert [e["state"] for e in got["events"]] == ["requested", "queued", "running", "sent", "confirmed"]
     assert not api.sim.meters[1].relay_connected
     listed = (await api.client.get("/commands", params={"meter": "C-1", "state": "confirmed"},
                                    headers=api.auth("auditor"))).json()  # fmt: skip
@@ -116,14 +116,85 @@ async def test_arrears_then_payment_reconnects_at_once(api: Api) -> None:
 async def test_a_protected_customer_needs_override_and_both_are_audited(api: Api) -> None:
     refused = await api.client.post("/meters/H-1/commands", json={"action": "disconnect", "reason": "arrears"},
                                     headers=api.auth("anna"))  # fmt: skip
-    assert refused.json()["state"] == "rejected"
-    allowed = await api.client.post("/meters/H-1/commands", json={"action": "disconnect", "reason": "court order"},
-                                    headers=api.auth("chief"))  # fmt: skip
+    assert refused.status_code == 422 and refused.json()["state"] == "rejected"
+    assert refused.json()["code"] == "protected" and "protected customer (water)" in refused.json()["detail"]
+    role_only = await api.client.post("/meters/H-1/commands", json={"action": "disconnect", "reason": "arrears"},
+                                      headers=api.auth("chief"))  # fmt: skip
+    assert role_only.status_code == 422 and role_only.json()["code"] == "protected", "the role alone is not enough"
+    no_role = await api.client.post("/meters/H-1/commands", headers=api.auth("anna"),
+                                    json={"action": "disconnect", "reason": "arrears", "override": "court order"})
+    assert no_role.status_code == 403 and no_role.json()["code"] == "override_forbidden"
+    allowed = await api.client.post("/meters/H-1/commands", headers=api.auth("chief"),
+                                    json={"action": "disconnect", "reason": "court order", "override": "order 12/26"})
+    assert allowed.status_code == 202
     await api.runner.join()
     audit = (await api.client.get(allowed.headers["Location"], headers=api.auth("auditor"))).json()
-    assert audit["state"] == "confirmed" and audit["override"] and audit["who"] == "chief"
+    assert audit["state"] == "confirmed" and audit["override_reason"] == "order 12/26" and audit["who"] == "chief"
     rejected = (await api.client.get(f"/commands/{refused.json()['id']}", headers=api.auth("auditor"))).json()
     assert "protected customer (water)" in rejected["events"][-1]["reason"]
+
+
+async def test_bulk_never_overrides_implicitly(api: Api) -> None:
+    body = {"commands": [{"meter": m, "action": "disconnect", "reason": "arrears list 12/2026"}
+                         for m in ("C-1", "H-1")]}  # fmt: skip
+    r = await api.client.post("/commands/bulk", json=body, headers=api.auth("chief"))
+    results = {x["meter"]: x for x in r.json()["results"]}
+    assert results["C-1"]["status"] == 202 and results["H-1"]["status"] == 422
+    assert results["H-1"]["code"] == "protected" and "override" in results["H-1"]["reason"]
+    await api.runner.join()
+    assert api.sim.meters[UNITS["H-1"]].relay_writes == 0 and api.sim.meters[UNITS["H-1"]].relay_connected
+
+
+async def test_idempotency_keys_are_scoped_by_principal_meter_and_action(api: Api) -> None:
+    def post(meter: str, who: str, reason: str = "arrears", action: str = "disconnect") -> Awaitable[httpx.Response]:
+        return api.client.post(f"/meters/{meter}/commands", headers=api.auth(who),
+                               json={"action": action, "reason": reason, "idempotency_key": "k-1"})  # fmt: skip
+
+    first = await post("C-1", "anna")
+    assert first.status_code == 202
+    replay = await post("C-1", "anna")
+    assert replay.status_code == 200 and replay.json()["id"] == first.json()["id"]
+    other_meter = await post("C-2", "anna")
+    assert other_meter.status_code == 202 and other_meter.json()["id"] != first.json()["id"]
+    conflict = await post("C-1", "anna", reason="something else")
+    assert conflict.status_code == 409 and conflict.json()["code"] == "idempotency_conflict"
+    await api.runner.join()
+    assert api.sim.meters[UNITS["C-1"]].relay_writes == 1 and api.sim.meters[UNITS["C-2"]].relay_writes == 1
+
+
+async def test_billing_answers_409_or_422_for_what_it_did_not_accept(api: Api) -> None:
+    arrears = {"type": "disconnect_for_arrears", "meter": "H-1", "reference": "INV-7"}
+    r = await api.client.post("/billing/events", json=arrears, headers=api.auth("billing"))
+    assert r.status_code == 422 and r.json()["code"] == "protected" and r.json()["state"] == "rejected"
+    off = await api.client.post("/commands/bulk", headers=api.auth("anna"), json={"commands": [
+        {"meter": "C-1", "action": "disconnect", "reason": "arrears"},
+        {"meter": "C-1", "action": "disconnect", "reason": "arrears again"}]})  # fmt: skip
+    assert [x["status"] for x in off.json()["results"]] == [202, 409]
+    assert off.json()["results"][1]["code"] == "open_command"
+    await api.runner.join()
+
+
+async def test_listing_is_newest_first_with_cursor_paging_and_filters(api: Api) -> None:
+    ids = []
+    for n in range(5):
+        r = await api.client.post("/meters/C-1/commands", headers=api.auth("anna"),
+                                  json={"action": "disconnect" if n % 2 == 0 else "reconnect", "reason": f"step {n}"})
+        ids.append(r.json()["id"])
+        await api.runner.join()
+    seen, cursor = [], None
+    while True:
+        params = {"meter": "C-1", "limit": 2, **({"before": cursor} if cursor else {})}
+        page = (await api.client.get("/commands", params=params, headers=api.auth("auditor"))).json()
+        seen += [c["id"] for c in page["commands"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    by_state = await api.client.get("/commands", params={"state": ["confirmed"], "principal": "anna"},
+                                    headers=api.auth("auditor"))  # fmt: skip
+    assert len(by_state.json()["commands"]) == 5
+    assert (await api.client.get("/commands", params={"principal": "nobody"}, headers=api.auth("auditor"))).json()[
+        "commands"] == []  # fmt: skip
 
 
 async def test_bulk_gives_a_result_per_meter(api: Api) -> None:
@@ -131,7 +202,7 @@ async def test_bulk_gives_a_result_per_meter(api: Api) -> None:
                          {"meter": "NOPE", "action": "disconnect", "reason": "arrears"}]}  # fmt: skip
     r = await api.client.post("/commands/bulk", json=body, headers=api.auth("anna"))
     assert [x["status"] for x in r.json()["results"]] == [202, 404]
-    assert "no meter 'NOPE'" in r.json()["results"][1]["error"]
+    assert "no meter 'NOPE'" in r.json()["results"][1]["detail"]
     await api.runner.join()
 
 
@@ -191,3 +262,27 @@ async def test_the_switch_command_line_talks_to_the_api(
     assert "401" in capsys.readouterr().err
     server.should_exit = True
     await serving
+
+
+async def test_two_person_rule_for_protected_customers(api: Api) -> None:
+    policy = api.runner.engine.policy
+    policy.config = policy.config.model_copy(update={"protected_approval": True})
+    body = {"action": "disconnect", "reason": "court order", "override": "court order 12/26"}
+    asked = await api.client.post("/meters/H-1/commands", json=body, headers=api.auth("chief"))
+    assert asked.status_code == 202 and asked.json()["state"] == "awaiting_approval"
+    approve = f"/commands/{asked.json()['id']}/approve"
+    same = await api.client.post(approve, headers=api.auth("chief"))
+    assert same.status_code == 403 and "different principal" in same.json()["detail"]
+    operator = await api.client.post(approve, headers=api.auth("anna"))
+    assert operator.status_code == 403
+    await api.runner.join()
+    assert api.sim.meters[UNITS["H-1"]].relay_writes == 0, "nothing happens before the second person approves"
+    ok = await api.client.post(approve, headers=api.auth("chief2"))
+    assert ok.status_code == 200 and ok.json()["approved_by"] == "chief2"
+    await api.runner.join()
+    done = (await api.client.get(asked.headers["Location"], headers=api.auth("auditor"))).json()
+    assert done["state"] == "confirmed" and not api.sim.meters[UNITS["H-1"]].relay_connected
+    assert [e["state"] for e in done["events"]][:3] == ["requested", "awaiting_approval", "queued"]
+    assert done["events"][2]["approved_by"] == "chief2"
+    again = await api.client.post(approve, headers=api.auth("chief2"))
+    assert again.status_code == 409

@@ -24,6 +24,7 @@ from headend.commission.run import RegisterConflict, Target, commission, registe
 from headend.config import Config, DlmsSettings, parse_config
 from headend.localservers import MosquittoServer, free_port
 from headend.protocols.modbus_maps import shipped_maps
+from headend.switching.journal import CommandJournal
 from simulators.clock import Clock
 from simulators.dlms_meter import DEFAULT_KEYS, HdlcBus, SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
@@ -137,6 +138,45 @@ async def test_relay_test_opens_closes_and_leaves_the_relay_as_found(
     assert ("M16", "relay_test", "pass") in {(c.meter, c.name, c.status) for c in report.checks}
     assert meters[16].actions == 2 and meters[16].control_state == 1  # opened, closed, connected again
     assert not [c for c in untouched.checks if c.name == "relay_test"]
+
+
+async def test_relay_test_goes_through_the_journal_and_spares_protected_and_swapped_meters(
+    hdlc_site: tuple[dict[int, SimulatedDlmsMeter], int],
+) -> None:
+    meters, port = hdlc_site
+    meters[17].serial, meters[18].serial = "LGZ00018", "LGZ00017"  # swapped on site: identity fails for both
+    cfg = hdlc_config(port, M16={"protected": True, "protection": "hospital"})
+    cfg.meters.append(cfg.meters[0].model_copy(update={"id": "M19", "serial": "LGZ00019", "protected": False,
+                                                       "dlms": cfg.meters[0].dlms.model_copy(update={"physical": 19})}))
+    meters[19] = SimulatedDlmsMeter("H19", Clock(), seed=19, serial="LGZ00019", ct=(200, 5))
+    report = await run(resolve("bus", cfg), cfg, addresses=[16, 17, 18, 19], test_relay=True)
+    tests = {c.meter: c for c in report.checks if c.name == "relay_test"}
+    assert tests["M16"].status == "warn" and "protected customer (hospital)" in tests["M16"].measured
+    assert tests["M17"].status == "warn" and "identity check failed" in tests["M17"].measured
+    assert tests["M18"].status == "warn" and "identity check failed" in tests["M18"].measured
+    assert tests["M19"].status == "pass"
+    assert [meters[a].actions for a in (16, 17, 18, 19)] == [0, 0, 0, 2]
+    journal = CommandJournal(Path("var/state/journal.sqlite"))
+    logged = journal.find()
+    journal.close()
+    assert [(c.meter, c.action.value, c.state.value, c.who, c.why) for c in logged] == [
+        ("M19", "disconnect", "confirmed", "commissioning:Ada", "commissioning test"),
+        ("M19", "reconnect", "confirmed", "commissioning:Ada", "commissioning test"),
+    ]
+    overridden = await run(resolve("bus", cfg), cfg, addresses=[16], test_relay=True, override="new feeder test")
+    assert ("M16", "relay_test", "pass") in {(c.meter, c.name, c.status) for c in overridden.checks}
+    assert meters[16].actions == 2
+
+
+async def test_a_protected_meter_left_ready_for_reconnection_fails_the_relay_test(
+    hdlc_site: tuple[dict[int, SimulatedDlmsMeter], int],
+) -> None:
+    meters, port = hdlc_site
+    meters[16].control_mode = 1  # a reconnect arms the relay; the customer must press the button
+    cfg = hdlc_config(port, M16={"protected": True, "protection": "water"})
+    report = await run(resolve("bus", cfg), cfg, addresses=[16], test_relay=True, override="pump station test")
+    (check,) = [c for c in report.checks if c.meter == "M16" and c.name == "relay_test"]
+    assert check.status == "fail" and "ready_for_reconnection" in check.hint
 
 
 async def test_an_hls_gmac_meter_not_in_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -137,7 +137,7 @@ async def test_disconnect_then_reconnect_confirmed_with_evidence(rig: Rig, tmp_p
     assert isinstance(off.evidence["register_at_switching"], float)
     on = await e.execute("C-1", RelayAction.RECONNECT, who="billing", why="payment received")
     assert on.state == CommandState.CONFIRMED and rig.relay("C-1") == RelayState.CONNECTED
-    assert [ev.state for ev in e.journal.events(off.id)] == ["requested", "queued", "sent", "confirmed"]
+    assert [ev.state for ev in e.journal.events(off.id)] == ["requested", "queued", "running", "sent", "confirmed"]
     assert e.journal.events(off.id)[0].detail["who"] == "op-anna"
     assert rig.operations("C-1") == 2
 
@@ -152,48 +152,69 @@ async def test_a_stuck_relay_ends_failed_with_evidence(rig: Rig, tmp_path: Path)
     assert command.attempts == 2 and rig.relay("C-1") == RelayState.CONNECTED
 
 
-async def test_a_protected_customer_needs_the_override_role(rig: Rig, tmp_path: Path) -> None:
+async def test_a_protected_customer_needs_an_override_in_the_request_and_the_role(rig: Rig, tmp_path: Path) -> None:
     e = engine(rig, tmp_path)
     refused = await e.execute("H-1", RelayAction.DISCONNECT, who="op", why="arrears")
     assert refused.state == CommandState.REJECTED and rig.operations("H-1") == 0
-    assert "protected customer (hospital)" in e.journal.events(refused.id)[-1].detail["reason"]
+    assert refused.reason_code == "protected" and "protected customer (hospital)" in refused.reason
+    role_only = await e.execute("H-1", RelayAction.DISCONNECT, who="chief", why="arrears list",
+                                roles=frozenset({"operator", "override"}))  # fmt: skip
+    assert role_only.state == CommandState.REJECTED and role_only.reason_code == "protected"
+    no_role = await e.execute("H-1", RelayAction.DISCONNECT, who="op", why="arrears", override_reason="court order")
+    assert no_role.state == CommandState.REJECTED and no_role.reason_code == "override_forbidden"
+    assert rig.operations("H-1") == 0
     allowed = await e.execute("H-1", RelayAction.DISCONNECT, who="chief", why="court order 12/26",
-                              roles=frozenset({"operator", "override"}))  # fmt: skip
+                              roles=frozenset({"operator", "override"}), override_reason="court order 12/26")
     assert allowed.state == CommandState.CONFIRMED and allowed.override
-    assert "under override" in e.journal.events(allowed.id)[1].detail["reason"]
+    assert "under override: court order 12/26" in e.journal.events(allowed.id)[1].detail["reason"]
 
 
 async def test_disconnects_only_inside_the_window_reconnects_any_time(rig: Rig, tmp_path: Path) -> None:
     e = engine(rig, tmp_path, now=SATURDAY_10)
-    refused = await e.execute("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
-    assert refused.state == CommandState.REJECTED
-    assert "not allowed at Sat 2026-03-14 10:00" in e.journal.events(refused.id)[-1].detail["reason"]
+    refused = await e.execute("C-1", RelayAction.DISCONNECT, who="op", why="arrears", defer=False)
+    assert refused.state == CommandState.REJECTED and refused.reason_code == "outside_window"
+    assert "not allowed at Sat 2026-03-14 10:00" in refused.reason
+    waiting = await e.execute("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
+    assert waiting.state == CommandState.DEFERRED and rig.operations("C-1") == 0
+    # Monday 9 March is a working day but Tuesday the 10th is a holiday: the next opening is Monday 08:00.
+    assert waiting.not_before_ns == int(datetime(2026, 3, 16, 8, 0, tzinfo=UTC).timestamp() * 1e9)
+    assert "next window opens Mon 2026-03-16 08:00" in waiting.reason
+    paid = await e.execute("C-1", RelayAction.RECONNECT, who="billing", why="paid")
+    assert paid.state == CommandState.CONFIRMED and not paid.evidence["operated"]
+    assert e.journal.get(waiting.id).state == CommandState.CANCELLED, "the payment cancelled the waiting disconnect"
     holiday = engine(rig, tmp_path, now=datetime(2026, 3, 10, 10, 0, tzinfo=UTC))
-    assert holiday.request("C-1", RelayAction.DISCONNECT, who="op", why="x").state == CommandState.REJECTED
-    assert (await e.execute("C-1", RelayAction.RECONNECT, who="billing", why="paid")).state == CommandState.CONFIRMED
+    on_holiday = holiday.request("C-1", RelayAction.DISCONNECT, who="op", why="x", defer=False).command
+    assert on_holiday.state == CommandState.REJECTED and on_holiday.reason_code == "holiday"
+    assert rig.operations("C-1") == 0
 
 
 async def test_idempotency_and_one_open_command_per_meter(rig: Rig, tmp_path: Path) -> None:
     e = engine(rig, tmp_path)
     first = e.request("C-1", RelayAction.DISCONNECT, who="op", why="a", idempotency_key="req-1")
     again = e.request("C-1", RelayAction.DISCONNECT, who="op", why="a", idempotency_key="req-1")
-    assert again.id == first.id and first.state == CommandState.QUEUED
-    other = e.request("C-1", RelayAction.RECONNECT, who="billing", why="paid")
-    assert other.state == CommandState.REJECTED
-    assert f"open command {first.id}" in e.journal.events(other.id)[-1].detail["reason"]
-    assert (await e.run(first.id)).state == CommandState.CONFIRMED
+    assert again.command.id == first.command.id and first.command.state == CommandState.QUEUED and not again.new
+    other = e.request("C-1", RelayAction.DISCONNECT, who="op2", why="arrears").command
+    assert other.state == CommandState.REJECTED and other.reason_code == "open_command"
+    assert f"open command {first.command.id}" in other.reason
+    assert (await e.run(first.command.id)).state == CommandState.CONFIRMED
+    assert (await e.run(first.command.id)).state == CommandState.CONFIRMED, "a second run finds nothing to claim"
+    assert rig.operations("C-1") == 1
 
 
 async def test_after_a_restart_a_sent_command_is_confirmed_by_read_back_not_resent(rig: Rig, tmp_path: Path) -> None:
     e = engine(rig, tmp_path)
-    command = e.request("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
-    # The head-end journaled `sent`, operated the relay, and died before reading it back.
-    e.journal.transition(command.id, CommandState.SENT, {"attempt": 1}, {"relay_before": "connected"}, attempt=True)
+    command = e.request("C-1", RelayAction.DISCONNECT, who="op", why="arrears").command
+    # The head-end claimed and journaled `sent`, operated the relay, and died before reading it back.
+    assert e.journal.claim(command.id, "dead-runner") is not None
+    e.journal.transition(command.id, CommandState.SENT, {"attempt": 1}, {"relay_before": "connected"}, attempt=True,
+                         owner="dead-runner")  # fmt: skip
     async with rig.sessions("C-1") as session:
         await session.operate_relay(RelayAction.DISCONNECT)
     e.journal.close()
     restarted = engine(rig, tmp_path)
-    (recovered,) = await restarted.recover()
+    (found,) = restarted.recover()
+    recovered = await restarted.reconfirm(found)
+    assert recovered is not None
     assert recovered.state == CommandState.CONFIRMED and recovered.evidence["relay_after"] == "disconnected"
     assert rig.operations("C-1") == 1, "the relay was operated once"
 
@@ -265,7 +286,35 @@ async def test_disconnects_are_paced_per_link() -> None:
 async def test_a_command_past_its_deadline_expires_instead_of_running_late(rig: Rig, tmp_path: Path) -> None:
     e = engine(rig, tmp_path)
     e.deadline = 0.0
-    command = e.request("C-1", RelayAction.DISCONNECT, who="op", why="arrears")
+    command = e.request("C-1", RelayAction.DISCONNECT, who="op", why="arrears").command
     expired = await e.run(command.id)
     assert expired.state == CommandState.EXPIRED and rig.operations("C-1") == 0
-    assert "past the 0s deadline" in e.journal.events(command.id)[-1].detail["reason"]
+    assert expired.reason_code == "expired" and "not run before its deadline" in expired.reason
+
+
+def test_a_first_wave_journal_is_migrated_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "journal.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE commands (id TEXT PRIMARY KEY, meter TEXT NOT NULL, action TEXT NOT NULL, who TEXT NOT NULL,
+            why TEXT NOT NULL, idempotency_key TEXT NOT NULL UNIQUE, override INTEGER NOT NULL, state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, created_ns INTEGER NOT NULL, updated_ns INTEGER NOT NULL,
+            evidence TEXT NOT NULL DEFAULT '{}');
+        CREATE INDEX commands_meter_state ON commands (meter, state);
+        CREATE TABLE events (command_id TEXT NOT NULL REFERENCES commands (id), state TEXT NOT NULL,
+            at_ns INTEGER NOT NULL, detail TEXT NOT NULL);
+        INSERT INTO commands VALUES ('c1', 'C-1', 'disconnect', 'op', 'arrears', 'k1', 1, 'confirmed', 1, 1, 2,
+            '{"relay_after": "disconnected"}');
+        INSERT INTO events VALUES ('c1', 'confirmed', 2, '{}');
+    """)
+    db.close()
+    journal = CommandJournal(path)
+    old = journal.get("c1")
+    assert old.state == CommandState.CONFIRMED and old.override and old.evidence["relay_after"] == "disconnected"
+    assert [e.state for e in journal.events("c1")] == ["confirmed"]
+    again = journal.create("C-1", RelayAction.RECONNECT, who="op", why="paid", idempotency_key="k1")
+    assert again.new, "keys are scoped by action now"
+    journal.close()
+    assert CommandJournal(path).get("c1").state == CommandState.CONFIRMED  # opening twice migrates once

@@ -147,9 +147,11 @@ async def test_consumption_while_the_journal_says_the_relay_is_open_is_flagged(
     for action, at in ((RelayAction.DISCONNECT, opened), (RelayAction.RECONNECT, closed)):
         with monkeypatch.context() as clock:  # the journal records this switching at `at`
             clock.setattr(journal_module.time, "time_ns", lambda at=at: to_ns(at))
-            command, _ = journal.create("DEL", action, who="op", why=f"{action.value} for the test")
-            for state in (CommandState.QUEUED, CommandState.SENT, CommandState.CONFIRMED):
-                journal.transition(command.id, state)
+            command = journal.create("DEL", action, who="op", why=f"{action.value} for the test").command
+            journal.transition(command.id, CommandState.QUEUED)
+            assert journal.claim(command.id, "runner") is not None
+            for state in (CommandState.SENT, CommandState.CONFIRMED):
+                journal.transition(command.id, state, owner="runner")
     vee.journal = journal
     await vee.store.write(deltas("DEL", HISTORY + PERIOD))  # the meter kept counting: a bypass?
     result = await vee.validate("DEL", START, END)

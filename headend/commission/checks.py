@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 from headend.commission.report import Check, FoundMeter, Report
-from headend.config import Meter
+from headend.config import Meter, SwitchingConfig
 from headend.model import IMPORT_ENERGY, Obis, RelayAction, RelayState
 from headend.protocols.base import MeterError, MeterSession, Unsupported
 from headend.registry import Registry
+from headend.switching.engine import SwitchingEngine
+from headend.switching.journal import CommandJournal, CommandState
+from headend.switching.policy import OVERRIDE_ROLE, SwitchingPolicy
 from headend.timegrid import floor_to
 
 #: The profile each protocol samples: a DLMS load profile, a concentrator's interval channel.
@@ -37,6 +40,10 @@ class Options:
     addresses: list[int] | None = None
     birth_timeout: float = 10.0
     relay_confirm_s: float = 10.0
+    #: `--override REASON`: the relay test may switch protected customers (journaled).
+    override: str | None = None
+    #: The site's switching rules (protection; the command journal lives in state_dir).
+    switching: SwitchingConfig = field(default_factory=SwitchingConfig)
     #: Where DLMS HLS invocation counters are kept: the server's state_dir, so the meter sees
     #: one increasing counter whichever tool talks to it.
     state_dir: Path = Path("var/state")
@@ -118,13 +125,14 @@ def ratio(report: Report, label: str, programmed: float | None, expected: Meter 
 
 
 async def session_checks(session: MeterSession, report: Report, label: str, opts: Options, *,
-                         profile: Obis = DLMS_PROFILE) -> None:  # fmt: skip
+                         profile: Obis = DLMS_PROFILE, meter: Meter | None = None,
+                         registry: Registry | None = None) -> None:  # fmt: skip
     drift = await _clock(session, report, label, opts)
     relay = await _relay(session, report, label)
     await _energy(session, report, label)
     await _profile(session, report, label, opts, profile, drift)
     if opts.test_relay and relay is not None:
-        await _relay_test(session, report, label, opts, relay)
+        await relay_test(session, report, label, opts, relay, meter, registry)
 
 
 async def _clock(session: MeterSession, report: Report, label: str, opts: Options) -> float:
@@ -208,25 +216,64 @@ async def _profile(session: MeterSession, report: Report, label: str, opts: Opti
     report.add(Check("profile", status, measured, meter=label, expected="100 %"))
 
 
-async def _relay_test(session: MeterSession, report: Report, label: str, opts: Options, original: RelayState) -> None:
-    """Open and close (or close and open) with read-back, ending as it was found."""
+class _Borrowed:
+    """The session commissioning already holds, lent to the switching engine (not closed by it)."""
+
+    def __init__(self, session: MeterSession) -> None:
+        self.session = session
+
+    async def __aenter__(self) -> MeterSession:
+        return self.session
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def relay_test(session: MeterSession, report: Report, label: str, opts: Options, original: RelayState,
+                     meter: Meter | None, registry: Registry | None) -> None:  # fmt: skip
+    """Open and close (or close and open) through the switching journal and policy, ending as
+    it was found. Not for a meter whose identity failed or that the registry does not book (its
+    customer and protection are unknown), nor for a protected customer without --override."""
+    failed = any(c.meter == label and c.name == "identity" and c.status == "fail" for c in report.checks)
+    if meter is None or registry is None or failed:
+        why = "identity check failed" if failed else "not in the registry (customer and protection unknown)"
+        report.add(Check("relay_test", "warn", f"not switched: {why}", meter=label,
+                         hint="sort out the registry entry, then test the relay"))  # fmt: skip
+        return
+    if meter.protected and opts.override is None:
+        report.add(Check("relay_test", "warn", f"not switched: protected customer ({meter.protection})", meter=label,
+                         hint="--override REASON tests it anyway (journaled)"))  # fmt: skip
+        return
+    # A test puts the relay back within seconds: the disconnect windows (there so a customer cut
+    # off for arrears can pay the same day) do not apply; protection and the journal do.
+    policy = SwitchingPolicy(opts.switching, windows=False)
+    journal = CommandJournal(opts.state_dir / "journal.sqlite")
+    engine = SwitchingEngine(journal, policy, registry, lambda _m: _Borrowed(session),  # type: ignore[arg-type,return-value]
+                             confirm_timeout=opts.relay_confirm_s, poll_interval=0.2, attempts=1)  # fmt: skip
     first = RelayAction.DISCONNECT if original == RelayState.CONNECTED else RelayAction.RECONNECT
     second = RelayAction.RECONNECT if first == RelayAction.DISCONNECT else RelayAction.DISCONNECT
+    roles = frozenset({OVERRIDE_ROLE}) if opts.override else frozenset()
+    who = f"commissioning:{opts.engineer or 'engineer'}"
     steps = []
     try:
         for action in (first, second):
             started = time.monotonic()
-            await session.operate_relay(action)
-            target = RelayState.DISCONNECTED if action == RelayAction.DISCONNECT else RelayState.CONNECTED
-            state = await _await_state(session, target, opts.relay_confirm_s)
-            steps.append(f"{action.value}: {state.value} in {time.monotonic() - started:.1f} s")
-            if state != target and not (target == RelayState.CONNECTED and state == RelayState.READY_FOR_RECONNECTION):
-                report.add(Check("relay_test", "fail", "; ".join(steps), meter=label, expected=target.value,
+            command = await engine.execute(meter.id, action, who=who, why="commissioning test", roles=roles,
+                                           override_reason=opts.override, defer=False)  # fmt: skip
+            relay = command.evidence.get("relay_after", "?")
+            steps.append(f"{action.value}: {relay} in {time.monotonic() - started:.1f} s (command {command.id[:8]})")
+            if not command.state.startswith("confirmed"):
+                report.add(Check("relay_test", "fail", "; ".join([*steps, f"{command.state}: {command.reason}"]),
+                                 meter=label, expected=action.value,
                                  hint="the relay did not follow the command: stuck contact or wrong control mode"))
                 return
-    except MeterError as exc:
-        report.add(Check("relay_test", "fail", "; ".join([*steps, error_text(exc)]), meter=label))
-        return
+            if meter.protected and command.state == CommandState.CONFIRMED_READY:
+                report.add(Check("relay_test", "fail", "; ".join(steps), meter=label, expected="connected",
+                                 hint=f"protected customer ({meter.protection}) left ready_for_reconnection: power "
+                                      "stays off until someone presses the button; set the control mode"))  # fmt: skip
+                return
+    finally:
+        journal.close()
     report.add(Check("relay_test", "pass", "; ".join(steps), meter=label, expected=f"back to {original.value}"))
 
 

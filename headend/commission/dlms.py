@@ -152,7 +152,7 @@ async def _meter(link: TcpLink | SerialLink, address: int | None, meter: Meter, 
                 names = [f"{d[0]}={_text(d[1])}" for d in devices if isinstance(d, list | tuple) and len(d) == 2]
                 report.add(Check("logical_devices", "info", ", ".join(names) or "none listed", meter=label))
             ratio(report, label, await _ratio(session), expected, "no transformer ratio objects (1-0:0.4.2/0.4.3)")
-            await session_checks(session, report, label, opts)
+            await session_checks(session, report, label, opts, meter=expected, registry=registry)
     except Refused as exc:
         report.add(Check("handshake", "fail", error_text(exc), meter=label, hint=HINTS["handshake_refused"]))
     except (Timeout, LinkDown) as exc:

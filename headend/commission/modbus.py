@@ -75,7 +75,7 @@ async def commission_modbus(link: TcpLink | SerialLink, registry: Registry | Non
             ct = expected.ct.factor if expected and expected.ct else 1.0
             pt = expected.pt.factor if expected and expected.pt else 1.0
             async with line.session(label, unit, meter_map, ct=ct, pt=pt) as session:
-                await session_checks(session, report, label, opts)
+                await session_checks(session, report, label, opts, meter=expected, registry=registry)
     finally:
         line.close()
 

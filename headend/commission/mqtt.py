@@ -89,6 +89,7 @@ async def _run(observer: ConcentratorLink, link: MqttLink, concentrator: str, re
         ratio(report, label, None, expected, "concentrators do not report the meter's transformer ratio")
         try:
             async with observer.session(meter_id, concentrator) as session:
-                await session_checks(session, report, label, opts, profile=IMPORT_INTERVAL)
+                await session_checks(session, report, label, opts, profile=IMPORT_INTERVAL, meter=expected,
+                                     registry=registry)
         except MeterError as exc:  # one meter's trouble is reported, the rest still get checked
             report.add(Check("session", "fail", error_text(exc), meter=label))

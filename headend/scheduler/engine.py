@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from headend.breaker import CircuitBreaker
-from headend.config import Plan, TcpLink
+from headend.config import Plan
 from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Quality, Reading
 from headend.protocols.base import LinkDown, MeterError, MeterSession, Timeout, Unsupported
 from headend.protocols.modbus_intervals import build_intervals
 from headend.registry import Registry
-from headend.scheduler.gate import Lane, LinkGate
+from headend.scheduler.admission import LinkAdmission
+from headend.scheduler.gate import Lane
 from headend.storage.codec import from_ns, to_ns
 from headend.storage.outbox import Outbox
 from headend.timegrid import boundary_of, floor_to
@@ -83,6 +84,7 @@ class PollingEngine:
         outbox: Outbox,
         sessions: Callable[[str], MeterSession],
         *,
+        admission: LinkAdmission | None = None,
         tcp_sessions: int = 64,
         breaker_threshold: int = 3,
         breaker_cooldown: float = 300.0,
@@ -99,29 +101,11 @@ class PollingEngine:
         self.monotonic = monotonic
         self.sleep = sleep
         self.stats = EngineStats()
-        self._tcp_gate = LinkGate(tcp_sessions)  # direct TCP meters share one global cap
-        self._gates: dict[str, LinkGate] = {}
+        self.admission = admission or LinkAdmission(registry, sessions, tcp_sessions=tcp_sessions)
         self.breakers: dict[str, CircuitBreaker] = {}
         self._boundary_cursors: dict[str, dict[str, int]] = {}
         self._breaker_args = (breaker_threshold, breaker_cooldown)
         self.stopping = False
-
-    def gate(self, meter_id: str) -> tuple[str, LinkGate]:
-        meter = self.registry.meter(meter_id)
-        link = self.registry.link_of(meter_id)
-        if meter.concentrator is not None:
-            key = meter.concentrator
-            capacity = self.registry.concentrator(key).max_sessions
-        elif isinstance(link, TcpLink) and link.protocol != "dlms-hdlc":
-            return link.id, self._tcp_gate if link.max_sessions == 1 else self._gate(link.id, link.max_sessions)
-        else:
-            key, capacity = link.id, 1  # one session at a time on a serial line or an HDLC bus
-        return key, self._gate(key, capacity)
-
-    def _gate(self, key: str, capacity: int) -> LinkGate:
-        if key not in self._gates:
-            self._gates[key] = LinkGate(capacity)
-        return self._gates[key]
 
     def breaker(self, key: str) -> CircuitBreaker:
         if key not in self.breakers:
@@ -173,7 +157,7 @@ class PollingEngine:
         return result
 
     async def _read_meter(self, meter_id: str, plan: Plan, now: datetime, lane: Lane, fresh: bool) -> MeterResult:
-        key, gate = self.gate(meter_id)
+        key, _gate = self.admission.gate(meter_id)
         breaker = self.breaker(key)
         result = MeterResult(meter_id, ok=False)
         deadline = self.monotonic() + plan.window.total_seconds()
@@ -183,11 +167,11 @@ class PollingEngine:
                 return result
             result.attempts = attempt
             try:
-                async with gate.slot(lane):
+                async with self.admission.session(meter_id, lane) as session:
                     if self.stopping:
                         result.error = "server stopping: not read this run"
                         return result
-                    await self._session(meter_id, plan, now, result, fresh)
+                    await self._session(session, meter_id, plan, now, result, fresh)
                 breaker.record(True)
                 result.ok, result.error = True, ""
                 self.stats.last_progress = self.monotonic()
@@ -207,41 +191,41 @@ class PollingEngine:
         log.warning("%s: plan %s failed after %d attempts: %s", meter_id, plan.id, result.attempts, result.error)
         return result
 
-    async def _session(self, meter_id: str, plan: Plan, now: datetime, result: MeterResult, fresh: bool) -> None:
+    async def _session(self, session: MeterSession, meter_id: str, plan: Plan, now: datetime, result: MeterResult,
+                       fresh: bool) -> None:  # fmt: skip
         self.stats.sessions += 1
         readings: list[Reading] = []
         cursors: dict[str, int] = {}
         drifting = False
-        async with self.sessions(meter_id) as session:
-            if "clock" in plan.read:
-                meter_time = await session.read_clock()
-                result.drift_s = (meter_time - now).total_seconds()
-                drifting = abs(result.drift_s) > plan.clock_tolerance.total_seconds()
-                if drifting and plan.sync_clock:
-                    await session.set_clock(now)
-                    result.clock_synced = True
-            if "profile" in plan.read:
-                profile, watermark = await self._profile(session, meter_id, plan, now, result, fresh)
-                readings += profile
-                if not fresh:
-                    cursors[_cursor_key(meter_id, plan)] = to_ns(watermark)
-            if "registers" in plan.read:
-                readings += await session.read_registers(plan.channels)
-            if "events" in plan.read:
-                events_key = f"events:{meter_id}"
-                saved = None if fresh else self.outbox.cursors(events_key).get(events_key)
-                since = from_ns(saved) if saved is not None else now - plan.history
-                # A meter clock running ahead logs events "in the future": read up to its time too.
-                until = now + timedelta(seconds=max(0.0, result.drift_s or 0.0) + 60)
-                try:
-                    events = await session.read_events(since, until)
-                except Unsupported as exc:
-                    result.unsupported.append(f"events: {exc}")
-                else:
-                    readings += events
-                    result.events = len(events)
-                    if events and not fresh:
-                        cursors[events_key] = to_ns(max(e.timestamp for e in events))
+        if "clock" in plan.read:
+            meter_time = await session.read_clock()
+            result.drift_s = (meter_time - now).total_seconds()
+            drifting = abs(result.drift_s) > plan.clock_tolerance.total_seconds()
+            if drifting and plan.sync_clock:
+                await session.set_clock(now)
+                result.clock_synced = True
+        if "profile" in plan.read:
+            profile, watermark = await self._profile(session, meter_id, plan, now, result, fresh)
+            readings += profile
+            if not fresh:
+                cursors[_cursor_key(meter_id, plan)] = to_ns(watermark)
+        if "registers" in plan.read:
+            readings += await session.read_registers(plan.channels)
+        if "events" in plan.read:
+            events_key = f"events:{meter_id}"
+            saved = None if fresh else self.outbox.cursors(events_key).get(events_key)
+            since = from_ns(saved) if saved is not None else now - plan.history
+            # A meter clock running ahead logs events "in the future": read up to its time too.
+            until = now + timedelta(seconds=max(0.0, result.drift_s or 0.0) + 60)
+            try:
+                events = await session.read_events(since, until)
+            except Unsupported as exc:
+                result.unsupported.append(f"events: {exc}")
+            else:
+                readings += events
+                result.events = len(events)
+                if events and not fresh:
+                    cursors[events_key] = to_ns(max(e.timestamp for e in events))
         if drifting:
             readings = [_flag(r, Quality.CLOCK_DRIFT) if r.kind == "interval" else r for r in readings]
         cursors |= self._boundary_cursors.pop(meter_id, {})

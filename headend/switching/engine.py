@@ -1,10 +1,12 @@
-"""The closed switching loop: policy, then send, then read the relay back until it matches.
+"""The closed switching loop: admission, claim, policy again, send, read the relay back.
 
-requested -> rejected (policy, or another open command for the meter) | queued -> sent ->
-confirmed | confirmed_ready_for_reconnection | failed | expired. Each change is committed
-to the journal before the step it announces. A reconnect that leaves the relay
-ready_for_reconnection (DLMS control modes 1, 3, 5) is its own confirmed state. After a
-restart, commands found in `sent` are confirmed by reading the relay, never sent again.
+requested -> rejected | deferred | awaiting_approval | queued; queued -> running (claimed by
+one runner, owner token) -> sent -> confirmed | confirmed_ready_for_reconnection | failed;
+expired and cancelled on the way. Each change is committed to the journal before the step
+it announces. A relay already at the target is confirmed by read-back without operating it.
+A reconnect cancels the meter's disconnects that were not sent yet. After a restart,
+commands found in `sent` are confirmed by reading the relay, never sent again; a read-back
+that cannot reach the meter yet leaves them `sent` to be tried again, never `failed`.
 Evidence kept with each command: the relay before and after, and the import energy register
 at the moment of switching.
 """
@@ -15,22 +17,43 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from headend.model import IMPORT_ENERGY, RelayAction, RelayState
 from headend.protocols.base import MeterError, MeterSession
 from headend.registry import Registry
-from headend.switching.journal import Command, CommandJournal, CommandState
-from headend.switching.policy import OVERRIDE_ROLE, SwitchingPolicy
+from headend.scheduler.admission import LinkAdmission
+from headend.scheduler.gate import Lane
+from headend.switching.journal import Command, CommandJournal, CommandState, NotOwner
+from headend.switching.policy import OVERRIDE_ROLE, Decision, Refusal, SwitchingPolicy
 
 log = logging.getLogger(__name__)
 
-SessionFactory = Callable[[str], MeterSession]
 _TARGETS = {
     RelayAction.DISCONNECT: {RelayState.DISCONNECTED},
     RelayAction.RECONNECT: {RelayState.CONNECTED, RelayState.READY_FOR_RECONNECTION},
 }
+
+
+class ApprovalError(RuntimeError):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Admitted:
+    command: Command
+    #: False when an idempotency key answered an earlier command.
+    new: bool
+    #: Disconnects this reconnect cancelled.
+    cancelled: tuple[Command, ...] = ()
+
+
+def _ns(t: datetime) -> int:
+    return int(t.timestamp() * 1e9)
 
 
 class SwitchingEngine:
@@ -39,8 +62,9 @@ class SwitchingEngine:
         journal: CommandJournal,
         policy: SwitchingPolicy,
         registry: Registry,
-        sessions: SessionFactory,
+        sessions: Callable[[str], MeterSession] | None = None,
         *,
+        admission: LinkAdmission | None = None,
         confirm_timeout: float = 60.0,
         poll_interval: float = 2.0,
         attempts: int = 3,
@@ -48,81 +72,186 @@ class SwitchingEngine:
         deadline: float = 3600.0,
         now: Callable[[], datetime] | None = None,
     ) -> None:
+        if admission is None:
+            if sessions is None:
+                raise ValueError("give the engine a LinkAdmission or a session factory")
+            admission = LinkAdmission(registry, sessions)
         self.journal = journal
         self.policy = policy
         self.registry = registry
-        self.sessions = sessions
+        self.admission = admission
         self.confirm_timeout = confirm_timeout
         self.poll_interval = poll_interval
         self.attempts = attempts
         self.dry_run = dry_run
         self.deadline = deadline
         self.now = now or (lambda: datetime.now(UTC))
+        #: Seconds from request to confirmation, for each confirmed command (metrics).
+        self.on_confirmed: Callable[[Command, float], None] | None = None
 
     # -- requests ----------------------------------------------------------------------
 
     def request(self, meter_id: str, action: RelayAction, *, who: str, why: str, roles: frozenset[str] = frozenset(),
-                idempotency_key: str | None = None) -> Command:  # fmt: skip
-        """Journal a request and decide on it: `queued` or `rejected` with the reason."""
-        meter = self.registry.meter(meter_id)
-        override = OVERRIDE_ROLE in roles
-        command, new = self.journal.create(
-            meter_id, action, who=who, why=why, idempotency_key=idempotency_key, override=override
-        )
-        if not new:
-            return command
-        other = self.journal.open_for(meter_id, excluding=command.id)
-        if other is not None:
-            reason = f"meter {meter_id} has an open command {other.id} ({other.state}, {other.action})"
-            return self.journal.transition(command.id, CommandState.REJECTED, {"reason": reason})
-        decision = self.policy.decide(meter, action, self.now(), roles)
-        detail = {"reason": decision.reason, "who": who, "roles": sorted(roles)}
+                idempotency_key: str | None = None, override_reason: str | None = None,
+                defer: bool = True) -> Admitted:  # fmt: skip
+        """Journal a request and decide on it. A reconnect first cancels the meter's disconnects
+        that have not been sent (same transaction)."""
+        meter = self.registry.meter(meter_id)  # UnknownMeter before anything is journaled
+        cancel = f"cancelled by a reconnect from {who}: {why}" if action == RelayAction.RECONNECT else None
+        created = self.journal.create(meter.id, action, who=who, why=why, idempotency_key=idempotency_key,
+                                      override_reason=override_reason, defer=defer,
+                                      cancel_reason=cancel)  # fmt: skip
+        for gone in created.cancelled:
+            log.info("command %s (%s %s) cancelled by reconnect %s", gone.id, gone.action, gone.meter,
+                     created.command.id)  # fmt: skip
+        if not created.new:
+            return Admitted(created.command, False)
+        return Admitted(self.decide(created.command, roles), True, created.cancelled)
+
+    def decide(self, command: Command, roles: frozenset[str]) -> Command:
+        """requested -> rejected | deferred | awaiting_approval | queued."""
+        other = self.journal.open_for(command.meter, excluding=command.id)
+        if other is not None and not (command.action == RelayAction.RECONNECT and other.state == CommandState.SENT):
+            # A reconnect may follow a disconnect already sent: it runs once that one is done.
+            reason = f"meter {command.meter} has an open command {other.id} ({other.state}, {other.action})"
+            return self._refuse(command, Decision(False, reason, Refusal.OPEN_COMMAND))
+        meter = self.registry.meter(command.meter)
+        decision = self.policy.decide(meter, command.action, self.now(), roles, command.override_reason)
+        detail = {"reason": decision.reason, "roles": sorted(roles)}
+        if not decision.allowed and decision.not_before is not None and command.defer:
+            return self._defer(command, decision, detail)
         if not decision.allowed:
-            log.info("command %s for %s rejected: %s", command.id, meter_id, decision.reason)
-            return self.journal.transition(command.id, CommandState.REJECTED, detail)
-        return self.journal.transition(command.id, CommandState.QUEUED, detail)
+            return self._refuse(command, decision)
+        if meter.protected and command.action == RelayAction.DISCONNECT and self.policy.config.protected_approval:
+            return self.journal.transition(
+                command.id, CommandState.AWAITING_APPROVAL, detail, code="approval",
+                reason="protected customer: waits for a second principal with the override role to approve",
+            )  # fmt: skip
+        return self.journal.transition(command.id, CommandState.QUEUED, detail, reason=decision.reason,
+                                       expires_ns=_ns(self.now()) + int(self.deadline * 1e9))  # fmt: skip
+
+    def approve(self, command_id: str, who: str, roles: frozenset[str]) -> Command:
+        """The second person of the two-person rule: another principal with the override role."""
+        command = self.journal.get(command_id)
+        if command.state != CommandState.AWAITING_APPROVAL:
+            raise ApprovalError(409, f"command {command_id} is {command.state}, not awaiting approval")
+        if OVERRIDE_ROLE not in roles:
+            raise ApprovalError(403, "approving needs the override role")
+        if who == command.who:
+            raise ApprovalError(403, f"{who} requested this command; a different principal must approve it")
+        decision = self.policy.decide(self.registry.meter(command.meter), command.action, self.now(),
+                                      frozenset({OVERRIDE_ROLE}), command.override_reason)  # fmt: skip
+        detail = {"approved_by": who, "reason": decision.reason}
+        if not decision.allowed and decision.not_before is not None and command.defer:
+            return self._defer(command, decision, detail, approved_by=who)
+        if not decision.allowed:
+            return self._refuse(command, decision, approved_by=who)
+        return self.journal.transition(command.id, CommandState.QUEUED, detail, approved_by=who,
+                                       expires_ns=_ns(self.now()) + int(self.deadline * 1e9))  # fmt: skip
+
+    def _defer(self, command: Command, decision: Decision, detail: dict[str, Any], *, owner: str | None = None,
+               approved_by: str | None = None) -> Command:  # fmt: skip
+        assert decision.not_before is not None
+        not_before = _ns(decision.not_before)
+        log.info("command %s for %s deferred: %s", command.id, command.meter, decision.reason)
+        return self.journal.transition(
+            command.id, CommandState.DEFERRED, {**detail, "not_before": decision.not_before.isoformat()},
+            owner=owner, code=decision.code, reason=decision.reason, not_before_ns=not_before,
+            expires_ns=not_before + int(self.deadline * 1e9), approved_by=approved_by,
+        )  # fmt: skip
+
+    def _refuse(self, command: Command, decision: Decision, *, owner: str | None = None,
+                approved_by: str | None = None) -> Command:  # fmt: skip
+        log.info("command %s for %s rejected: %s", command.id, command.meter, decision.reason)
+        return self.journal.transition(command.id, CommandState.REJECTED, {"reason": decision.reason}, owner=owner,
+                                       code=decision.code, reason=decision.reason, approved_by=approved_by)  # fmt: skip
+
+    def release_deferred(self, command_id: str) -> Command:
+        """deferred -> queued when its window opens, or expired past its deadline."""
+        command = self.journal.get(command_id)
+        if command.state != CommandState.DEFERRED:
+            return command
+        if command.expires_ns is not None and _ns(self.now()) >= command.expires_ns:
+            return self._expire(command)
+        return self.journal.transition(command.id, CommandState.QUEUED, {"reason": "the disconnect window opened"})
+
+    def _expire(self, command: Command, owner: str | None = None) -> Command:
+        reason = "not run before its deadline; a disconnect hours late may hit a customer who has paid since"
+        return self.journal.transition(command.id, CommandState.EXPIRED, {"reason": reason}, owner=owner,
+                                       code=Refusal.EXPIRED, reason=reason)  # fmt: skip
 
     async def execute(self, meter_id: str, action: RelayAction, **kwargs: Any) -> Command:
-        command = self.request(meter_id, action, **kwargs)
+        """Request and run at once (tests, tools): the runner's path without its queue."""
+        command = self.request(meter_id, action, **kwargs).command
         if command.state == CommandState.QUEUED:
             return await self.run(command.id)
         return command
 
     # -- the loop ----------------------------------------------------------------------
 
-    async def run(self, command_id: str) -> Command:
-        command = self.journal.get(command_id)
-        if command.state != CommandState.QUEUED:
-            return command
-        waited = (time.time_ns() - command.created_ns) / 1e9
-        if waited > self.deadline:
-            # A disconnect hours late may hit a customer who has paid since: let it lapse.
-            reason = f"waited {waited:.0f}s in the queue, past the {self.deadline:g}s deadline; not sent"
-            return self.journal.transition(command.id, CommandState.EXPIRED, {"reason": reason})
+    async def run(self, command_id: str, owner: str | None = None) -> Command:
+        """Claim a queued command and carry it out. A command that cannot be claimed (not
+        queued, or its meter busy with another) is returned as it is."""
+        owner = owner or f"runner-{id(self):x}-{time.monotonic_ns()}"
+        claimed = self.journal.claim(command_id, owner)
+        if claimed is None:
+            return self.journal.get(command_id)
+        try:
+            return await self._carry_out(claimed, owner)
+        except NotOwner as exc:
+            # Cancelled by a reconnect (or taken over) before anything was sent.
+            log.info("command %s: %s; the relay was not operated", command_id, exc)
+            return self.journal.get(command_id)
+
+    async def _carry_out(self, command: Command, owner: str) -> Command:
+        if command.expires_ns is not None and _ns(self.now()) >= command.expires_ns:
+            return self._expire(command, owner)
         targets = _TARGETS[command.action]
         last_error = ""
         for attempt in range(1, self.attempts + 1):
             try:
-                async with self.sessions(command.meter) as session:
+                async with self.admission.session(command.meter, Lane.SWITCHING) as session:
                     before = await session.read_relay()
                     register = await _register(session)
+                    # Policy again, now that the link is ours: windows close, registries change.
+                    decision = self._recheck(command)
+                    if not decision.allowed:
+                        return self._refused_at_run(command, decision, owner)
                     evidence = {"relay_before": before.value, "register_at_switching": register}
+                    if before in targets:
+                        log.info("command %s: %s relay already %s; not operated", command.id, command.meter,
+                                 before.value)  # fmt: skip
+                        return self._confirmed(command, before, register, owner, operated=False, evidence=evidence)
                     command = self.journal.transition(
-                        command.id, CommandState.SENT, {"attempt": attempt, "dry_run": self.dry_run},
-                        evidence, attempt=True,
+                        command.id, CommandState.SENT, {"attempt": attempt, "dry_run": self.dry_run}, evidence,
+                        attempt=True, owner=owner,
                     )  # fmt: skip
-                    if before not in targets and not self.dry_run:
+                    if not self.dry_run:
                         await session.operate_relay(command.action)
                     state = await self._read_back(session, targets)
                     if state in targets or self.dry_run:
-                        return self._confirmed(command, state, await _register(session))
+                        return self._confirmed(command, state, await _register(session), owner)
                     last_error = f"relay still {state.value} {self.confirm_timeout:g}s after the command"
             except MeterError as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
                 if not exc.retryable:
                     break
             log.warning("command %s for %s, attempt %d: %s", command.id, command.meter, attempt, last_error)
-        return self._fail(command, last_error)
+        return self._fail(command, last_error, owner)
+
+    def _recheck(self, command: Command) -> Decision:
+        roles = frozenset({OVERRIDE_ROLE}) if command.override else frozenset()  # checked at request
+        return self.policy.decide(self.registry.meter(command.meter), command.action, self.now(), roles,
+                                  command.override_reason)  # fmt: skip
+
+    def _refused_at_run(self, command: Command, decision: Decision, owner: str) -> Command:
+        if command.state == CommandState.SENT:
+            # Sent once already and the retry is no longer allowed: stop here.
+            return self._fail(command, f"not retried: {decision.reason}", owner)
+        detail = {"reason": decision.reason, "at": "before operating the relay"}
+        if decision.not_before is not None and command.defer:
+            return self._defer(command, decision, detail, owner=owner)
+        return self._refuse(command, decision, owner=owner)
 
     async def _read_back(self, session: MeterSession, targets: set[RelayState]) -> RelayState:
         loop = asyncio.get_running_loop()
@@ -133,36 +262,55 @@ class SwitchingEngine:
                 return state
             await asyncio.sleep(self.poll_interval)  # the relay needs time to move; we poll the meter
 
-    def _confirmed(self, command: Command, state: RelayState, register: Any) -> Command:
+    def _confirmed(self, command: Command, state: RelayState, register: Any, owner: str | None, *,
+                   operated: bool = True, evidence: dict[str, Any] | None = None) -> Command:  # fmt: skip
         final = CommandState.CONFIRMED_READY if state == RelayState.READY_FOR_RECONNECTION else CommandState.CONFIRMED
-        evidence = {"relay_after": state.value, "register_after": register, "confirmed_at": self.now().isoformat()}
+        evidence = {**(evidence or {}), "relay_after": state.value, "register_after": register,
+                    "confirmed_at": self.now().isoformat(), "operated": operated and not self.dry_run}  # fmt: skip
         log.info("command %s: %s %s confirmed (%s)", command.id, command.meter, command.action, state.value)
-        return self.journal.transition(command.id, final, {"relay": state.value}, evidence)
+        done = self.journal.transition(command.id, final, {"relay": state.value, "operated": evidence["operated"]},
+                                       evidence, owner=owner)  # fmt: skip
+        if self.on_confirmed is not None:
+            self.on_confirmed(done, (done.updated_ns - done.created_ns) / 1e9)
+        return done
 
-    def _fail(self, command: Command, reason: str) -> Command:
+    def _fail(self, command: Command, reason: str, owner: str | None) -> Command:
         log.warning("command %s for %s failed: %s", command.id, command.meter, reason)
-        return self.journal.transition(command.id, CommandState.FAILED, {"reason": reason}, {"error": reason})
+        return self.journal.transition(command.id, CommandState.FAILED, {"reason": reason}, {"error": reason},
+                                       owner=owner, code="failed", reason=reason)  # fmt: skip
 
     # -- after a restart ------------------------------------------------------------------
 
-    async def recover(self) -> list[Command]:
-        """Confirm commands left in `sent` by reading the relay (never resend); run queued ones."""
-        done = []
-        for command in self.journal.find(state=CommandState.SENT):
-            targets = _TARGETS[command.action]
-            try:
-                async with self.sessions(command.meter) as session:
-                    state = await session.read_relay()
-                    if state in targets:
-                        done.append(self._confirmed(command, state, await _register(session)))
-                        continue
-                    reason = f"after a restart the relay reads {state.value}; not sent again"
-            except MeterError as exc:
-                reason = f"after a restart the relay could not be read ({exc}); not sent again"
-            done.append(self.journal.transition(command.id, CommandState.FAILED, {"reason": reason}, {"error": reason}))
-        for command in self.journal.find(state=CommandState.QUEUED):
-            done.append(await self.run(command.id))
-        return done
+    def recover(self) -> list[Command]:
+        """What a restart finds in the journal, made ready for the runner (no I/O here):
+        requested ones are decided, ones claimed by the dead process go back to the queue
+        (`sent` is journaled before the relay is operated, so `running` was never sent).
+        Returns every open command, for the runner to take on."""
+        for command in self.journal.find(state=CommandState.REQUESTED, limit=1_000_000):
+            self.decide(command, frozenset({OVERRIDE_ROLE}) if command.override else frozenset())
+        for command in self.journal.find(state=CommandState.RUNNING, limit=1_000_000):
+            self.journal.release(command.id, command.owner or "",
+                                 {"reason": "claimed by a process that stopped before sending; queued again"})
+        return [c for state in (CommandState.SENT, CommandState.QUEUED, CommandState.DEFERRED)
+                for c in self.journal.find(state=state, limit=1_000_000)]  # fmt: skip
+
+    async def reconfirm(self, command: Command) -> Command | None:
+        """A `sent` command whose outcome a restart lost: read the relay (never resend). None
+        when the meter cannot be reached yet: it stays `sent`, to be tried again."""
+        targets = _TARGETS[command.action]
+        try:
+            async with self.admission.session(command.meter, Lane.SWITCHING) as session:
+                state = await session.read_relay()
+                if state in targets:
+                    return self._confirmed(command, state, await _register(session), command.owner)
+        except MeterError as exc:
+            if exc.retryable:
+                log.info("command %s: relay of %s not readable yet (%s); will try again", command.id,
+                         command.meter, exc)  # fmt: skip
+                return None
+            reason = f"after a restart the relay could not be read ({exc}); not sent again"
+            return self._fail(command, reason, command.owner)
+        return self._fail(command, f"after a restart the relay reads {state.value}; not sent again", command.owner)
 
 
 async def _register(session: MeterSession) -> float | str | None:
@@ -171,3 +319,4 @@ async def _register(session: MeterSession) -> float | str | None:
     except MeterError as exc:
         return f"unavailable: {exc}"
     return reading.value
+

@@ -22,20 +22,24 @@ class TokenBucket:
         self.stamp = monotonic()
         self._lock = asyncio.Lock()
 
+    def take(self) -> float:
+        """Take one token if there is one (0.0); else the seconds until there will be, taking nothing."""
+        now = self.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.refill)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.refill
+
     async def acquire(self) -> float:
         """Take one token, waiting for it if need be; return the seconds waited."""
         waited = 0.0
         async with self._lock:
-            while True:
-                now = self.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.refill)
-                self.stamp = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return waited
-                pause = (1 - self.tokens) / self.refill
+            while (pause := self.take()) > 0:
                 waited += pause
                 await self.sleep(pause)
+            return waited
 
 
 class LinkLimiter:
@@ -44,7 +48,14 @@ class LinkLimiter:
         self.kwargs = kwargs
         self._buckets: dict[str, TokenBucket] = {}
 
-    async def acquire(self, link: str) -> float:
+    def bucket(self, link: str) -> TokenBucket:
         if link not in self._buckets:
             self._buckets[link] = TokenBucket(self.rate, 60.0, **self.kwargs)  # type: ignore[arg-type]
-        return await self._buckets[link].acquire()
+        return self._buckets[link]
+
+    async def acquire(self, link: str) -> float:
+        return await self.bucket(link).acquire()
+
+    def take(self, link: str) -> float:
+        """A start on `link` now (0.0), or the seconds to wait for one (nothing taken)."""
+        return self.bucket(link).take()

@@ -1,60 +1,258 @@
-"""Runs queued switching commands: reconnects go ahead of disconnects."""
+"""Runs switching commands: reconnects first, disconnects paced per link, deferred ones at
+their window, and whatever a restart left in the journal.
+
+- Reconnects have workers of their own: a disconnect stuck on a dead meter never holds one up.
+- Disconnects wait for their link's pacing in a per-link line, not in a worker.
+- A command is handed to the engine, which claims it in the journal before any I/O; a
+  command whose meter is busy with another waits until that one is done.
+- After a restart (`start`), `sent` commands are confirmed by read-back (retried while the
+  meter or concentrator cannot be reached yet, never failed for it), claimed ones go back
+  to the queue, queued and deferred ones are taken on like new ones. `start` returns at
+  once; recovery runs beside the API.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import heapq
 import itertools
 import logging
+import time
+import uuid
+from collections.abc import Callable
 
 from headend.model import RelayAction
-from headend.switching.engine import SwitchingEngine
+from headend.switching.engine import SwitchingEngine, _ns
 from headend.switching.journal import Command, CommandState
 from headend.switching.ratelimit import LinkLimiter
 
 log = logging.getLogger(__name__)
 
+_FINISHED = frozenset({
+    CommandState.REJECTED, CommandState.CONFIRMED, CommandState.CONFIRMED_READY, CommandState.FAILED,
+    CommandState.EXPIRED, CommandState.CANCELLED, CommandState.AWAITING_APPROVAL,
+})  # fmt: skip
+
 
 class CommandRunner:
-    def __init__(self, engine: SwitchingEngine, *, workers: int = 8, limiter: LinkLimiter | None = None) -> None:
+    def __init__(self, engine: SwitchingEngine, *, workers: int = 8, reconnect_workers: int = 4,
+                 limiter: LinkLimiter | None = None, tick: float = 1.0, busy_retry: float = 5.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.engine = engine
         self.workers = workers
+        self.reconnect_workers = reconnect_workers
         self.limiter = limiter
-        self._queue: asyncio.PriorityQueue[tuple[int, int, str]] = asyncio.PriorityQueue()
+        #: Longest sleep of the timer: wall-clock steps (deferred commands) are seen this soon.
+        self.tick = tick
+        self.busy_retry = busy_retry
+        self.monotonic = monotonic
+        self.owner = f"runner-{uuid.uuid4().hex[:12]}"
+        self._reconnects: asyncio.Queue[str] = asyncio.Queue()
+        self._disconnects: asyncio.Queue[str] = asyncio.Queue()
+        self._paced: dict[str, collections.deque[str]] = {}
+        self._pacing: set[str] = set()  # links with a release scheduled
+        self._timers: list[tuple[float, int, str, str]] = []  # (monotonic due, n, kind, id)
+        self._deferred: list[tuple[int, int, str]] = []  # (wall ns not_before, n, id)
         self._order = itertools.count()
+        self._tracked: set[str] = set()
+        self._waiting_deferred: set[str] = set()
+        self._blocked: dict[str, list[str]] = {}  # meter -> commands waiting for it
+        self._blocked_ids: set[str] = set()
+        self._recovery: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._side: set[asyncio.Task[None]] = set()
+
+    # -- taking commands on -----------------------------------------------------------
 
     def submit(self, command: Command) -> None:
+        """Take a command on, whatever state the journal has it in; the same command twice is one."""
+        if command.id in self._tracked:
+            return
         if command.state == CommandState.QUEUED:
-            priority = 0 if command.action == RelayAction.RECONNECT else 1
-            self._queue.put_nowait((priority, next(self._order), command.id))
+            self._track(command.id)
+            self._enqueue(command)
+        elif command.state == CommandState.DEFERRED:
+            self._track(command.id, deferred=True)
+            heapq.heappush(self._deferred, (command.not_before_ns or 0, next(self._order), command.id))
+            self._wake.set()
+        elif command.state == CommandState.SENT:
+            self._track(command.id)
+            self._spawn(self._reconfirm(command))
 
-    async def _work(self) -> None:
+    def _enqueue(self, command: Command) -> None:
+        if command.action == RelayAction.RECONNECT:
+            self._reconnects.put_nowait(command.id)  # never paced
+        elif self.limiter is None:
+            self._disconnects.put_nowait(command.id)
+        else:
+            link = self.engine.registry.link_of(command.meter).id
+            self._paced.setdefault(link, collections.deque()).append(command.id)
+            self._release(link)
+
+    def _release(self, link: str) -> None:
+        """Move disconnects of `link` to the workers as fast as its pacing allows."""
+        assert self.limiter is not None
+        line = self._paced.get(link)
+        while line:
+            wait = self.limiter.take(link)
+            if wait > 0:
+                if link not in self._pacing:
+                    self._pacing.add(link)
+                    self._timer(wait, "pace", link)
+                return
+            self._disconnects.put_nowait(line.popleft())
+
+    def _timer(self, delay: float, kind: str, key: str) -> None:
+        heapq.heappush(self._timers, (self.monotonic() + delay, next(self._order), kind, key))
+        self._wake.set()
+
+    def _track(self, command_id: str, *, deferred: bool = False) -> None:
+        self._tracked.add(command_id)
+        if deferred:
+            self._waiting_deferred.add(command_id)
+        self._update_idle()
+
+    def _untrack(self, command_id: str) -> None:
+        self._tracked.discard(command_id)
+        self._blocked_ids.discard(command_id)
+        self._waiting_deferred.discard(command_id)
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if len(self._tracked) > len(self._waiting_deferred):
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    def clock_changed(self) -> None:
+        """Look at deferred commands now (a simulated or stepped wall clock)."""
+        self._wake.set()
+
+    # -- the tasks -----------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
         while True:
-            priority, _n, command_id = await self._queue.get()
+            now_wall = _ns(self.engine.now())
+            while self._deferred and self._deferred[0][0] <= now_wall:
+                _due, _n, command_id = heapq.heappop(self._deferred)
+                self._waiting_deferred.discard(command_id)
+                self._tracked.discard(command_id)
+                self._after(self.engine.release_deferred(command_id))
+            now = self.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _due, _n, kind, key = heapq.heappop(self._timers)
+                if kind == "pace":
+                    self._pacing.discard(key)
+                    self._release(key)
+                elif key in self._blocked_ids:  # "retry": a command whose meter was busy
+                    self._unblock(key)
+            delay = self.tick
+            if self._timers:
+                delay = min(delay, max(0.0, self._timers[0][0] - self.monotonic()))
+            if self._deferred:
+                delay = min(delay, max(0.0, (self._deferred[0][0] - _ns(self.engine.now())) / 1e9))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _work(self, queue: asyncio.Queue[str], name: str) -> None:
+        owner = f"{self.owner}/{name}"
+        while True:
+            command_id = await queue.get()
             try:
-                if priority > 0 and self.limiter is not None:
-                    command = self.engine.journal.get(command_id)
-                    await self.limiter.acquire(self.engine.registry.link_of(command.meter).id)
-                await self.engine.run(command_id)
+                self._after(await self.engine.run(command_id, owner))
             except Exception:  # one command's bug must not stop the others
                 log.exception("switching command %s crashed", command_id)
-            finally:
-                self._queue.task_done()
+                self._untrack(command_id)
+
+    def _after(self, command: Command) -> None:
+        """Route a command by the state a run (or release) left it in."""
+        if command.state == CommandState.QUEUED:
+            if command.id in self._tracked:
+                # Not claimed: another command of the meter is running or sent. Try again when
+                # that one is done here, or after `busy_retry` if it runs elsewhere.
+                self._blocked.setdefault(command.meter, []).append(command.id)
+                self._blocked_ids.add(command.id)
+                self._timer(self.busy_retry, "retry", command.id)
+                return
+            self.submit(command)
+            return
+        self._untrack(command.id)
+        if command.state == CommandState.DEFERRED:
+            self.submit(command)
+        elif command.state in _FINISHED:
+            self._meter_free(command.meter)
+
+    def _meter_free(self, meter: str) -> None:
+        for waiting in self._blocked.pop(meter, []):
+            if waiting in self._blocked_ids:
+                self._unblock(waiting)
+
+    def _unblock(self, command_id: str) -> None:
+        self._blocked_ids.discard(command_id)
+        self._tracked.discard(command_id)
+        self.submit(self.engine.journal.get(command_id))
+
+    async def _reconfirm(self, command: Command) -> None:
+        pause = 0.5
+        while True:
+            try:
+                done = await self.engine.reconfirm(command)
+            except Exception:
+                log.exception("re-confirming command %s crashed", command.id)
+                done = None
+            if done is not None:
+                self._untrack(command.id)
+                self._meter_free(command.meter)
+                return
+            await asyncio.sleep(pause)  # the meter or its concentrator is not reachable yet
+            pause = min(pause * 2, 5.0)
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
+    async def _recover(self) -> None:
+        recovered = self.engine.recover()
+        for command in recovered:
+            log.info("after a restart: command %s (%s %s) is %s", command.id, command.action, command.meter,
+                     command.state)  # fmt: skip
+            self.submit(command)
+        if recovered:
+            log.info("after a restart: %d open switching commands taken on", len(recovered))
+
+    # -- life ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for command in await self.engine.recover():
-            log.info("recovered command %s: %s", command.id, command.state)
-        self._tasks = [asyncio.create_task(self._work(), name=f"switching-{i}") for i in range(self.workers)]
+        """Start the workers and take on what the journal holds; returns at once."""
+        self._tasks = [asyncio.create_task(self._work(self._disconnects, f"d{i}"), name=f"switching-d{i}")
+                       for i in range(self.workers)]  # fmt: skip
+        self._tasks += [asyncio.create_task(self._work(self._reconnects, f"r{i}"), name=f"switching-r{i}")
+                        for i in range(self.reconnect_workers)]  # fmt: skip
+        self._tasks.append(asyncio.create_task(self._timer_loop(), name="switching-timers"))
+        self._recovery = asyncio.create_task(self._recover(), name="switching-recovery")
 
     async def join(self) -> None:
-        """Wait until every submitted command has run (tests, shutdown)."""
-        await self._queue.join()
+        """Wait until every command taken on has run (deferred ones excepted): tests, tools."""
+        if self._recovery is not None:
+            await self._recovery
+        await self._idle.wait()
+
+    @property
+    def deferred(self) -> int:
+        return len(self._waiting_deferred)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._side, *([self._recovery] if self._recovery else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
