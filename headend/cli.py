@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -36,7 +37,10 @@ async def run_drain(storage: StorageConfig) -> int:
     return 0
 
 
-TERMINAL = {"confirmed", "confirmed_ready_for_reconnection", "failed", "expired", "rejected"}
+TERMINAL = {"confirmed", "confirmed_ready_for_reconnection", "failed", "expired", "rejected", "cancelled"}
+#: Taken on, waiting for a window or a second person: not done, not refused.
+PENDING = {"deferred", "awaiting_approval"}
+EXIT_PENDING = 3
 
 
 def api_client(args: argparse.Namespace, transport: httpx.BaseTransport | None = None,
@@ -109,8 +113,23 @@ def run_read(args: argparse.Namespace, transport: httpx.BaseTransport | None = N
     return 0
 
 
+def _when(iso: str | None) -> str:
+    return "" if not iso else iso[:19].replace("T", " ")
+
+
+def _show_command(command: dict[str, Any], what: str, meter: str) -> None:
+    console.print(f"{what} {meter}: [bold]{command['state']}[/] (command {command['id']})")
+    if command.get("code") or command.get("reason"):
+        console.print(f"  {command.get('code') or 'reason'}: {command.get('reason') or command.get('detail')}")
+    if command.get("not_before"):
+        console.print(f"  not before: {_when(command['not_before'])}")
+    for key, value in command.get("evidence", {}).items():
+        console.print(f"  {key}: {value}")
+
+
 def run_switch(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
-    """`headend switch ...`: exit 0 when confirmed, 1 when failed or rejected, 2 on bad use."""
+    """`headend switch ...`: exit 0 when confirmed, 1 when refused or failed, 3 when taken on
+    but waiting (deferred to a window, awaiting approval), 2 on bad use."""
     client = api_client(args, transport)
     if client is None:
         return EXIT_CONFIG
@@ -120,30 +139,39 @@ def run_switch(args: argparse.Namespace, transport: httpx.BaseTransport | None =
             if r.status_code != 200:
                 print(f"headend: {r.status_code} {r.text}", file=sys.stderr)
                 return 1
-            table = Table(title=f"Relay commands of {args.meter}")
-            for col in ("id", "action", "state", "who", "why"):
-                table.add_column(col)
+            table = Table(title=f"Relay commands of {args.meter} (newest first)")
+            for col in ("id", "action", "state", "requested", "updated", "who", "why", "reason"):
+                table.add_column(col, overflow="fold", no_wrap=col in ("id", "state"))
             for c in r.json()["commands"]:
-                table.add_row(c["id"][:8], c["action"], c["state"], c["who"], c["why"])
+                reason = " ".join(x for x in (c.get("code"), c.get("reason")) if x)
+                table.add_row(c["id"][:8], c["action"], c["state"], _when(c.get("created")), _when(c.get("updated")),
+                              c["who"], c["why"], reason)  # fmt: skip
             console.print(table)
             return 0
-        if not args.reason:
-            print("headend: --reason is required (it goes into the audit trail)", file=sys.stderr)
-            return EXIT_CONFIG
-        body = {"action": args.what, "reason": args.reason, "idempotency_key": args.key}
-        r = client.post(f"/meters/{args.meter}/commands", json={k: v for k, v in body.items() if v is not None})
-        if r.status_code != 202:
-            print(f"headend: {r.status_code} {r.text}", file=sys.stderr)
+        if args.what == "approve":
+            r = client.post(f"/commands/{args.meter}/approve")
+        else:
+            if not args.reason:
+                print("headend: --reason is required (it goes into the audit trail)", file=sys.stderr)
+                return EXIT_CONFIG
+            body = {"action": args.what, "reason": args.reason, "idempotency_key": args.key,
+                    "override": args.override, "defer": not args.no_defer}  # fmt: skip
+            r = client.post(f"/meters/{args.meter}/commands", json={k: v for k, v in body.items() if v is not None})
+        if r.status_code not in (200, 202):
+            answer = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            reason = answer.get("detail") or r.text
+            code = f" ({answer['code']})" if answer.get("code") else ""
+            print(f"headend: {args.what} {args.meter} refused{code}: {r.status_code} {reason}", file=sys.stderr)
             return 1
         command = r.json()
         deadline = time.monotonic() + args.wait
-        while command["state"] not in TERMINAL and time.monotonic() < deadline:
+        while command["state"] not in TERMINAL | PENDING and time.monotonic() < deadline:
             time.sleep(0.2)  # polling the API for the outcome the operator is waiting for
             command = client.get(command["href"]).json()
-        console.print(f"{args.what} {args.meter}: [bold]{command['state']}[/] (command {command['id']})")
-        for key, value in command.get("evidence", {}).items():
-            console.print(f"  {key}: {value}")
-        return 0 if command["state"].startswith("confirmed") else 1
+        _show_command(command, args.what, command["meter"])
+        if command["state"].startswith("confirmed"):
+            return 0
+        return EXIT_PENDING if command["state"] in PENDING else 1
 
 
 def _numbers(text: str) -> list[int]:
@@ -215,10 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain", help="write everything left in the outbox to the store, then exit")
     drain.add_argument("--config", required=True)
 
-    switch = sub.add_parser("switch", help="disconnect, reconnect or show a meter's relay commands (via the API)")
-    switch.add_argument("what", choices=["disconnect", "reconnect", "status"])
-    switch.add_argument("meter")
+    switch = sub.add_parser("switch", help="disconnect, reconnect, approve or show a meter's relay commands (via the "
+                            "API); exit 0 confirmed, 1 refused or failed, 3 deferred or awaiting approval")  # fmt: skip
+    switch.add_argument("what", choices=["disconnect", "reconnect", "status", "approve"])
+    switch.add_argument("meter", help="meter id (for approve: the command id)")
     switch.add_argument("--reason", help="why (required for disconnect and reconnect)")
+    switch.add_argument("--override", metavar="REASON",
+                        help="disconnect a protected customer (needs the override role)")  # fmt: skip
+    switch.add_argument("--no-defer", action="store_true",
+                        help="outside a disconnect window, refuse instead of waiting")  # fmt: skip
     switch.add_argument("--key", help="idempotency key (a retry with the same key returns the same command)")
     switch.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the outcome (0: do not wait)")
 

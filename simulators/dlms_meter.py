@@ -564,7 +564,12 @@ class HdlcBus:
         self.meters = meters
         self.max_info = max_info
         self.bad_frames = 0
-        self._links: dict[tuple[bytes, int], _HdlcLink] = {}
+        #: Associations open at once on this bus, at most (a bus carries one: more is a head-end bug).
+        self.most_connected = 0
+        #: Physical addresses in the order their associations opened (SNRM).
+        self.sessions: list[int] = []
+        # Per connection (a serial line is one): an association never outlives its connection.
+        self._links: dict[tuple[int, bytes, int], _HdlcLink] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -605,6 +610,7 @@ class HdlcBus:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        connection = id(writer)
         try:
             while True:
                 try:
@@ -623,11 +629,17 @@ class HdlcBus:
                 if found is None:
                     continue  # nobody on the line has this address: silence, as on a real bus
                 physical, meter = found
-                key = (frame.source, physical)
+                key = (connection, frame.source, physical)
                 link = self._links.setdefault(key, _HdlcLink(Association(meter)))
+                if frame.control == hdlc.SNRM:
+                    self.sessions.append(physical)
                 if not await self._on_frame(frame, link, meter, writer, reader):
                     return
+                connected = sum(1 for item in self._links.values() if item.connected)
+                self.most_connected = max(self.most_connected, connected)
         finally:
+            for key in [k for k in self._links if k[0] == connection]:
+                del self._links[key]
             self._writers.discard(writer)
             writer.close()
 

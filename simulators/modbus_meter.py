@@ -268,6 +268,8 @@ async def _main(args: argparse.Namespace) -> None:
     meter_map = find_map(args.map)
     clock = Clock()
     sim = ModbusSimulator([SimulatedMeter(u, meter_map, clock) for u in _units(args.units)])
+    for unit in _units(args.disconnected) if args.disconnected else []:
+        sim.meters[unit].set_relay(False)  # customers already cut off (reconnect scenarios)
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         await sim.start_tcp(host or "127.0.0.1", int(port))
@@ -286,6 +288,7 @@ def main() -> None:
     where.add_argument("--tcp", help="HOST:PORT to listen on")
     where.add_argument("--serial", help="serial port (RTU)")
     p.add_argument("--baudrate", type=int, default=9600)
+    p.add_argument("--disconnected", help="unit ids whose relay starts open, e.g. 1-100")
     asyncio.run(_main(p.parse_args()))
 
 

@@ -56,6 +56,8 @@ class ConcentratorFaults:
     stuck_relays: set[str] = field(default_factory=set)
     clock_drift_s: float = 0.0
     ignore_commands: bool = False
+    #: Operate relays but lose the answer (a head-end killed or cut off before it arrives).
+    mute_relay_answers: bool = False
 
 
 class SimulatedConcentrator:
@@ -243,6 +245,8 @@ class SimulatedConcentrator:
             if self.faults.ignore_commands:
                 continue
             response = await self._answer(name, command)
+            if name == "relay" and self.faults.mute_relay_answers:
+                continue
             props = None
             if self.protocol == aiomqtt.ProtocolVersion.V5:
                 props = Properties(PacketTypes.PUBLISH)

@@ -255,8 +255,13 @@ async def test_the_switch_command_line_talks_to_the_api(
     assert code == 0
     assert "disconnect C-1: confirmed" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["switch", "status", "C-1", "--api", url]) == 0
-    assert "confirmed" in capsys.readouterr().out
+    status = capsys.readouterr().out
+    assert "confirmed" in status and "newest first" in status
     assert await asyncio.to_thread(main, ["switch", "disconnect", "C-2", "--api", url]) == 2  # no reason given
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["switch", "disconnect", "H-1", "--reason", "arrears", "--api", url]) == 1
+    err = capsys.readouterr().err
+    assert "disconnect H-1 refused (protected): 422 protected customer (water)" in err
     monkeypatch.setenv("HEADEND_TOKEN", "wrong")
     assert await asyncio.to_thread(main, ["switch", "reconnect", "C-1", "--reason", "paid", "--api", url]) == 1
     assert "401" in capsys.readouterr().err

@@ -24,11 +24,13 @@ from headend.protocols.modbus import ModbusLink
 from headend.protocols.modbus_maps import shipped_maps
 from headend.protocols.mqtt import ConcentratorLink
 from headend.registry import Registry
+from headend.scheduler.gate import Lane
 from headend.storage.outbox import Outbox
 from headend.switching.engine import SwitchingEngine
 from headend.switching.journal import CommandJournal, CommandState
 from headend.switching.policy import SwitchingPolicy
 from headend.switching.ratelimit import LinkLimiter
+from headend.switching.runner import CommandRunner
 from simulators.clock import ManualClock
 from simulators.dlms_meter import SimulatedDlmsMeter
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
@@ -318,3 +320,73 @@ def test_a_first_wave_journal_is_migrated_in_place(tmp_path: Path) -> None:
     assert again.new, "keys are scoped by action now"
     journal.close()
     assert CommandJournal(path).get("c1").state == CommandState.CONFIRMED  # opening twice migrates once
+
+
+async def test_the_window_closes_while_disconnects_are_queued_and_they_wait_for_the_next(tmp_path: Path) -> None:
+    """30 disconnects queued behind a busy link when the window closes (simulated wall clock):
+    none is sent after the close; each is deferred to the next opening and runs then."""
+    meter_map = shipped_maps()["sim-relay-meter"]
+    sim = ModbusSimulator([SimulatedMeter(u, meter_map, ManualClock(MONDAY_10)) for u in range(1, 31)])
+    port = free_port()
+    await sim.start_tcp("127.0.0.1", port)
+    link = ModbusLink.tcp("127.0.0.1", port, timeout=1)
+    cfg = parse_config({
+        "links": [{"id": "rs485", "kind": "serial", "protocol": "modbus-rtu", "device": "/dev/null"}],
+        "meters": [{"id": f"C{u}", "link": "rs485", "address": u, "map": "sim-relay-meter"} for u in range(1, 31)],
+        "switching": {"holidays": ["2026-03-10"]},
+    })  # fmt: skip
+    wall = [datetime(2026, 3, 9, 14, 59, 50, tzinfo=UTC)]  # ten seconds before the 15:00 close
+    e = SwitchingEngine(
+        CommandJournal(tmp_path / "journal.sqlite"), SwitchingPolicy(cfg.switching), Registry(cfg),
+        lambda m: link.session(m, int(m[1:]), meter_map), confirm_timeout=0.5, poll_interval=0.05,
+        now=lambda: wall[0], deadline=24 * 3600,
+    )  # fmt: skip
+    runner = CommandRunner(e)
+    await runner.start()
+    _key, gate = e.admission.gate("C1")
+    try:
+        async with gate.slot(Lane.BULK):  # a long read holds the line
+            ids = [e.request(f"C{u}", RelayAction.DISCONNECT, who="op", why="arrears").command.id for u in range(1, 31)]
+            for cid in ids:
+                runner.submit(e.journal.get(cid))
+            await asyncio.sleep(0)
+            assert all(e.journal.get(c).state in ("queued", "running") for c in ids)
+            wall[0] = datetime(2026, 3, 9, 15, 0, 1, tzinfo=UTC)  # the window closes while they wait
+        await runner.join()
+        states = {e.journal.get(c).state for c in ids}
+        assert states == {CommandState.DEFERRED}
+        assert sum(m.relay_writes for m in sim.meters.values()) == 0, "nothing sent after the close"
+        deferred = e.journal.get(ids[0])
+        assert deferred.not_before_ns == int(datetime(2026, 3, 11, 8, 0, tzinfo=UTC).timestamp() * 1e9)
+        assert deferred.reason_code == "outside_window" and "next window opens Wed 2026-03-11 08:00" in deferred.reason
+        assert runner.deferred == 30
+        wall[0] = datetime(2026, 3, 11, 8, 0, 5, tzinfo=UTC)  # Tuesday the 10th is a holiday: Wednesday 08:00
+        runner.clock_changed()
+        async with asyncio.timeout(30):
+            while runner.deferred:  # noqa: ASYNC110 - the runner's timer sees the new wall time
+                await asyncio.sleep(0.01)
+        await runner.join()
+        assert {e.journal.get(c).state for c in ids} == {CommandState.CONFIRMED}
+        assert all(m.relay_writes == 1 and not m.relay_connected for m in sim.meters.values())
+        assert [ev.state for ev in e.journal.events(ids[0])] == [
+            "requested", "queued", "running", "deferred", "queued", "running", "sent", "confirmed"]
+    finally:
+        await runner.stop()
+        link.close()
+        await sim.stop()
+
+
+async def test_a_request_interrupted_before_its_decision_is_decided_on_its_own_roles(
+    rig: Rig, tmp_path: Path
+) -> None:
+    e = engine(rig, tmp_path)
+    # Killed between journaling the request and deciding on it: an override without the role.
+    sneaky = e.journal.create("H-1", RelayAction.DISCONNECT, who="op", why="arrears", override_reason="I say so",
+                              roles=frozenset({"operator"})).command  # fmt: skip
+    honest = e.journal.create("C-1", RelayAction.DISCONNECT, who="op", why="arrears",
+                              roles=frozenset({"operator"})).command  # fmt: skip
+    found = {c.id: c for c in e.recover()}
+    assert e.journal.get(sneaky.id).state == CommandState.REJECTED
+    assert e.journal.get(sneaky.id).reason_code == "override_forbidden"
+    assert found[honest.id].state == CommandState.QUEUED
+    assert (await e.run(honest.id)).state == CommandState.CONFIRMED and rig.operations("H-1") == 0

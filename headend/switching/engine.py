@@ -99,17 +99,19 @@ class SwitchingEngine:
         meter = self.registry.meter(meter_id)  # UnknownMeter before anything is journaled
         cancel = f"cancelled by a reconnect from {who}: {why}" if action == RelayAction.RECONNECT else None
         created = self.journal.create(meter.id, action, who=who, why=why, idempotency_key=idempotency_key,
-                                      override_reason=override_reason, defer=defer,
+                                      override_reason=override_reason, defer=defer, roles=roles,
                                       cancel_reason=cancel)  # fmt: skip
         for gone in created.cancelled:
             log.info("command %s (%s %s) cancelled by reconnect %s", gone.id, gone.action, gone.meter,
                      created.command.id)  # fmt: skip
         if not created.new:
             return Admitted(created.command, False)
-        return Admitted(self.decide(created.command, roles), True, created.cancelled)
+        return Admitted(self.decide(created.command), True, created.cancelled)
 
-    def decide(self, command: Command, roles: frozenset[str]) -> Command:
-        """requested -> rejected | deferred | awaiting_approval | queued."""
+    def decide(self, command: Command) -> Command:
+        """requested -> rejected | deferred | awaiting_approval | queued, on the roles the
+        requester held when it asked."""
+        roles = command.roles
         other = self.journal.open_for(command.meter, excluding=command.id)
         if other is not None and not (command.action == RelayAction.RECONNECT and other.state == CommandState.SENT):
             # A reconnect may follow a disconnect already sent: it runs once that one is done.
@@ -240,8 +242,7 @@ class SwitchingEngine:
         return self._fail(command, last_error, owner)
 
     def _recheck(self, command: Command) -> Decision:
-        roles = frozenset({OVERRIDE_ROLE}) if command.override else frozenset()  # checked at request
-        return self.policy.decide(self.registry.meter(command.meter), command.action, self.now(), roles,
+        return self.policy.decide(self.registry.meter(command.meter), command.action, self.now(), command.roles,
                                   command.override_reason)  # fmt: skip
 
     def _refused_at_run(self, command: Command, decision: Decision, owner: str) -> Command:
@@ -287,7 +288,7 @@ class SwitchingEngine:
         (`sent` is journaled before the relay is operated, so `running` was never sent).
         Returns every open command, for the runner to take on."""
         for command in self.journal.find(state=CommandState.REQUESTED, limit=1_000_000):
-            self.decide(command, frozenset({OVERRIDE_ROLE}) if command.override else frozenset())
+            self.decide(command)
         for command in self.journal.find(state=CommandState.RUNNING, limit=1_000_000):
             self.journal.release(command.id, command.owner or "",
                                  {"reason": "claimed by a process that stopped before sending; queued again"})

@@ -103,6 +103,8 @@ class Command:
     idempotency_key: str
     #: The override reason given with the request (None: no override asked for).
     override_reason: str | None
+    #: The requester's roles when it asked (what policy is decided on, then and later).
+    roles: frozenset[str]
     #: Defer when outside a window (else reject).
     defer: bool
     state: CommandState
@@ -152,6 +154,7 @@ CREATE TABLE IF NOT EXISTS commands (
     idempotency_key TEXT NOT NULL,
     request_hash TEXT NOT NULL DEFAULT '',
     override_reason TEXT,
+    roles TEXT NOT NULL DEFAULT '[]',
     defer INTEGER NOT NULL DEFAULT 1,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -184,24 +187,26 @@ ALTER TABLE commands RENAME TO commands_v1;
 DROP INDEX IF EXISTS commands_meter_state;
 """
 _COPY_FROM_1 = """
-INSERT INTO commands (id, meter, action, who, why, idempotency_key, override_reason, state, attempts, created_ns,
-                      updated_ns, evidence)
+INSERT INTO commands (id, meter, action, who, why, idempotency_key, override_reason, roles, state, attempts,
+                      created_ns, updated_ns, evidence)
 SELECT id, meter, action, who, why, idempotency_key, CASE WHEN override THEN 'override role (journal v1)' END,
-       state, attempts, created_ns, updated_ns, evidence FROM commands_v1;
+       CASE WHEN override THEN '["override"]' ELSE '[]' END, state, attempts, created_ns, updated_ns, evidence
+FROM commands_v1;
 DROP TABLE commands_v1;
 """
 _EVENT = "INSERT INTO events VALUES (?, ?, ?, ?)"
 _MAX_NS = 2**63 - 1
-_COLUMNS = ("id, meter, action, who, why, idempotency_key, override_reason, defer, state, attempts, created_ns, "
-            "updated_ns, not_before_ns, expires_ns, owner, reason_code, reason, approved_by, evidence")  # fmt: skip
+_COLUMNS = ("id, meter, action, who, why, idempotency_key, override_reason, roles, defer, state, attempts, "
+            "created_ns, updated_ns, not_before_ns, expires_ns, owner, reason_code, reason, approved_by, evidence")
 
 
 def _command(row: tuple[Any, ...]) -> Command:
-    (cid, meter, action, who, why, key, override_reason, defer, state, attempts, created, updated, not_before,
+    (cid, meter, action, who, why, key, override_reason, roles, defer, state, attempts, created, updated, not_before,
      expires, owner, code, reason, approved_by, evidence) = row  # fmt: skip
     return Command(
-        cid, meter, RelayAction(action), who, why, key, override_reason, bool(defer), CommandState(state), attempts,
-        created, updated, not_before, expires, owner, code, reason, approved_by, json.loads(evidence),
+        cid, meter, RelayAction(action), who, why, key, override_reason, frozenset(json.loads(roles)), bool(defer),
+        CommandState(state), attempts, created, updated, not_before, expires, owner, code, reason, approved_by,
+        json.loads(evidence),
     )  # fmt: skip
 
 
@@ -244,7 +249,7 @@ class CommandJournal(DurableStore):
     # -- requests ------------------------------------------------------------------------
 
     def create(self, meter: str, action: RelayAction, *, who: str, why: str, idempotency_key: str | None = None,
-               override_reason: str | None = None, defer: bool = True,
+               override_reason: str | None = None, defer: bool = True, roles: frozenset[str] = frozenset(),
                cancel_reason: str | None = None) -> Created:  # fmt: skip
         """Record a new command in `requested`, or answer the command its key already made.
 
@@ -266,9 +271,9 @@ class CommandJournal(DurableStore):
             cid = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO commands (id, meter, action, who, why, idempotency_key, request_hash, override_reason, "
-                "defer, state, created_ns, updated_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (cid, meter, action.value, who, why, key, digest, override_reason, int(defer),
-                 CommandState.REQUESTED.value, now, now),
+                "roles, defer, state, created_ns, updated_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cid, meter, action.value, who, why, key, digest, override_reason, json.dumps(sorted(roles)),
+                 int(defer), CommandState.REQUESTED.value, now, now),
             )  # fmt: skip
             detail = {"who": who, "why": why, "override": override_reason, "action": action.value,
                       "idempotency_key": key}  # fmt: skip

@@ -7,8 +7,8 @@ their window, and whatever a restart left in the journal.
   command whose meter is busy with another waits until that one is done.
 - After a restart (`start`), `sent` commands are confirmed by read-back (retried while the
   meter or concentrator cannot be reached yet, never failed for it), claimed ones go back
-  to the queue, queued and deferred ones are taken on like new ones. `start` returns at
-  once; recovery runs beside the API.
+  to the queue, queued and deferred ones are taken on like new ones (paced, reconnects
+  first). `start` returns at once; the read-backs run beside the API.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ class CommandRunner:
         self._waiting_deferred: set[str] = set()
         self._blocked: dict[str, list[str]] = {}  # meter -> commands waiting for it
         self._blocked_ids: set[str] = set()
-        self._recovery: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -158,7 +157,8 @@ class CommandRunner:
                 delay = min(delay, max(0.0, (self._deferred[0][0] - _ns(self.engine.now())) / 1e9))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     async def _work(self, queue: asyncio.Queue[str], name: str) -> None:
         owner = f"{self.owner}/{name}"
@@ -218,7 +218,8 @@ class CommandRunner:
         self._side.add(task)
         task.add_done_callback(self._side.discard)
 
-    async def _recover(self) -> None:
+    def _recover(self) -> None:
+        """The journal's side of a restart (no I/O: fast); read-backs run as tasks."""
         recovered = self.engine.recover()
         for command in recovered:
             log.info("after a restart: command %s (%s %s) is %s", command.id, command.action, command.meter,
@@ -230,18 +231,18 @@ class CommandRunner:
     # -- life ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the workers and take on what the journal holds; returns at once."""
+        """Take on what the journal holds and start the workers; returns at once (read-backs
+        of commands a restart found `sent` go on beside). Recovery comes first: a command the
+        new workers claim is never mistaken for one a dead process left."""
+        self._recover()
         self._tasks = [asyncio.create_task(self._work(self._disconnects, f"d{i}"), name=f"switching-d{i}")
                        for i in range(self.workers)]  # fmt: skip
         self._tasks += [asyncio.create_task(self._work(self._reconnects, f"r{i}"), name=f"switching-r{i}")
                         for i in range(self.reconnect_workers)]  # fmt: skip
         self._tasks.append(asyncio.create_task(self._timer_loop(), name="switching-timers"))
-        self._recovery = asyncio.create_task(self._recover(), name="switching-recovery")
 
     async def join(self) -> None:
         """Wait until every command taken on has run (deferred ones excepted): tests, tools."""
-        if self._recovery is not None:
-            await self._recovery
         await self._idle.wait()
 
     @property
@@ -249,7 +250,7 @@ class CommandRunner:
         return len(self._waiting_deferred)
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._side, *([self._recovery] if self._recovery else [])]
+        tasks = [*self._tasks, *self._side]
         for task in tasks:
             task.cancel()
         for task in tasks:
