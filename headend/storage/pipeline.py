@@ -10,7 +10,6 @@ from types import TracebackType
 
 from headend.config import StorageConfig
 from headend.storage.base import ReadingStore
-from headend.storage.influx import InfluxStore
 from headend.storage.outbox import Outbox
 from headend.storage.sqlite import SqliteStore
 from headend.storage.writer import BatchWriter
@@ -33,6 +32,10 @@ def build_store(cfg: StorageConfig, env: Mapping[str, str] | None = None) -> Rea
     env = os.environ if env is None else env
     if cfg.backend == "sqlite":
         return SqliteStore(cfg.sqlite.path)
+    # Imported here: influxdb-client costs 0.15 s of start-up that an SQLite site never needs,
+    # and a restart should answer its API at once.
+    from headend.storage.influx import InfluxStore
+
     influx = cfg.influx
     assert influx is not None  # the config model guarantees it
     return InfluxStore(
