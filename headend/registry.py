@@ -22,6 +22,9 @@ class Registry:
     def meters(self) -> list[Meter]:
         return list(self._meters.values())
 
+    def has(self, meter_id: str) -> bool:
+        return meter_id in self._meters
+
     def meter(self, meter_id: str) -> Meter:
         try:
             return self._meters[meter_id]

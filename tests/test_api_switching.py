@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -291,3 +292,30 @@ async def test_two_person_rule_for_protected_customers(api: Api) -> None:
     assert done["events"][2]["approved_by"] == "chief2"
     again = await api.client.post(approve, headers=api.auth("chief2"))
     assert again.status_code == 409
+
+
+async def test_two_person_rule_holds_outside_the_window_too(api: Api) -> None:
+    """Requested at night: the approval comes first; the window opening later never stands in for it."""
+    engine = api.runner.engine
+    engine.policy.config = engine.policy.config.model_copy(update={"protected_approval": True})
+    engine.now = lambda: MONDAY_10.replace(hour=20)
+    body = {"action": "disconnect", "reason": "court order", "override": "court order 12/26"}
+    asked = await api.client.post("/meters/H-1/commands", json=body, headers=api.auth("chief"))
+    assert asked.json()["state"] == "awaiting_approval"
+    engine.now = lambda: MONDAY_10 + timedelta(days=1)  # Tuesday 10:00: the window is open
+    api.runner.clock_changed()
+    await api.runner.join()
+    assert (await api.client.get(asked.headers["Location"], headers=api.auth("auditor"))).json()["state"] == (
+        "awaiting_approval")  # fmt: skip
+    assert api.sim.meters[UNITS["H-1"]].relay_writes == 0
+
+
+@pytest.mark.parametrize("body", [
+    '{"action": "disconnect", "reason": "arr\\ud800ears"}',
+    '{"action": "disconnect", "reason": "arrears", "idempotency_key": "\\udfff"}',
+    '{"action": "disconnect", "reason": "arrears", "override": "x\\ud800y"}',
+])  # fmt: skip
+async def test_text_that_is_not_unicode_gets_a_422_not_a_500(api: Api, body: str) -> None:
+    r = await api.client.post("/meters/C-1/commands", content=body,
+                              headers={**api.auth("chief"), "content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 422 and "valid Unicode" in r.text

@@ -390,3 +390,27 @@ async def test_a_request_interrupted_before_its_decision_is_decided_on_its_own_r
     assert e.journal.get(sneaky.id).reason_code == "override_forbidden"
     assert found[honest.id].state == CommandState.QUEUED
     assert (await e.run(honest.id)).state == CommandState.CONFIRMED and rig.operations("H-1") == 0
+
+
+async def test_a_meter_removed_from_the_registry_ends_its_commands_and_stalls_nothing(
+    rig: Rig, tmp_path: Path
+) -> None:
+    e = engine(rig, tmp_path, now=SATURDAY_10)
+    gone = e.request("H-1", RelayAction.RECONNECT, who="op", why="paid").command
+    waiting = e.request("C-1", RelayAction.DISCONNECT, who="op", why="arrears").command
+    assert waiting.state == CommandState.DEFERRED
+    e.journal.close()
+    cfg = parse_config({"links": [{"id": "direct", "kind": "tcp", "protocol": "dlms-wrapper", "host": "127.0.0.1",
+                                   "port": 1}], "meters": [{"id": "C-1", "link": "direct"}]})  # H-1 decommissioned
+    restarted = SwitchingEngine(CommandJournal(tmp_path / "journal.sqlite"), SwitchingPolicy(cfg.switching),
+                                Registry(cfg), rig.sessions, confirm_timeout=0.5, poll_interval=0.05,
+                                now=lambda: datetime(2026, 3, 16, 8, 30, tzinfo=UTC))  # fmt: skip
+    runner = CommandRunner(restarted)
+    await runner.start()
+    await runner.join()
+    assert restarted.journal.get(gone.id).state == CommandState.CANCELLED
+    assert restarted.journal.get(gone.id).reason_code == "unknown_meter"
+    async with asyncio.timeout(10):
+        while restarted.journal.get(waiting.id).state != CommandState.CONFIRMED:  # noqa: ASYNC110 - the runner's timer
+            await asyncio.sleep(0.01)
+    await runner.stop()

@@ -4,12 +4,14 @@ Every call needs `Authorization: Bearer <token>`; roles decide what it may do. B
 gets a 4xx with a reason (422 lists the fields), never a 500.
 """
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, status
-from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from headend.api.auth import Principal, TokenStore
 from headend.api.security import authenticated, require_roles
@@ -20,8 +22,20 @@ from headend.switching.journal import Command, CommandState, IdempotencyConflict
 from headend.switching.policy import Refusal
 from headend.switching.runner import CommandRunner
 
-Reason = Annotated[str, Field(min_length=3, max_length=500)]
-Key = Annotated[str, Field(min_length=1, max_length=100)]
+
+def _utf8(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they are not text and cannot be journaled.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+Reason = Annotated[Text, Field(min_length=3, max_length=500)]
+Key = Annotated[Text, Field(min_length=1, max_length=100)]
+MeterId = Annotated[Text, Field(min_length=1, max_length=200)]
 #: HTTP status of a request the head-end did not accept, by refusal code (else 422).
 _REFUSAL_STATUS = {Refusal.OVERRIDE_FORBIDDEN: 403, Refusal.OPEN_COMMAND: 409}
 
@@ -41,7 +55,7 @@ class CommandIn(Body):
 
 
 class BulkItem(CommandIn):
-    meter: str
+    meter: MeterId
 
 
 class BulkIn(Body):
@@ -50,7 +64,7 @@ class BulkIn(Body):
 
 class BillingEvent(Body):
     type: Literal["disconnect_for_arrears", "payment_received"]
-    meter: str
+    meter: MeterId
     reference: Key
 
 
@@ -93,8 +107,18 @@ def admitted_status(admitted: Admitted) -> int:
     return 202 if admitted.new else 200
 
 
+async def invalid_request(_request: Request, exc: Exception) -> Response:
+    """422 listing what is wrong, without echoing the input: an echo of text that is not
+    valid Unicode (a lone surrogate) cannot be encoded, and a huge input need not come back."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    body = json.dumps({"detail": errors}, ensure_ascii=True)
+    return Response(body, status_code=422, media_type="application/json")
+
+
 def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStore) -> FastAPI:
     app = FastAPI(title="headend", version="0.1.0")
+    app.add_exception_handler(RequestValidationError, invalid_request)
     Operator = Annotated[Principal, Depends(require_roles(tokens, "operator", "override"))]
     Overrider = Annotated[Principal, Depends(require_roles(tokens, "override"))]
     Billing = Annotated[Principal, Depends(require_roles(tokens, "billing"))]

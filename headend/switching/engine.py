@@ -120,17 +120,24 @@ class SwitchingEngine:
         meter = self.registry.meter(command.meter)
         decision = self.policy.decide(meter, command.action, self.now(), roles, command.override_reason)
         detail = {"reason": decision.reason, "roles": sorted(roles)}
-        if not decision.allowed and decision.not_before is not None and command.defer:
-            return self._defer(command, decision, detail)
-        if not decision.allowed:
-            return self._refuse(command, decision)
-        if meter.protected and command.action == RelayAction.DISCONNECT and self.policy.config.protected_approval:
+        waits_for_window = not decision.allowed and decision.not_before is not None
+        if self._needs_approval(command) and (decision.allowed or waits_for_window):
+            # The second person first: a window opening later must not stand in for the approval.
             return self.journal.transition(
                 command.id, CommandState.AWAITING_APPROVAL, detail, code="approval",
                 reason="protected customer: waits for a second principal with the override role to approve",
             )  # fmt: skip
+        if waits_for_window and command.defer:
+            return self._defer(command, decision, detail)
+        if not decision.allowed:
+            return self._refuse(command, decision)
         return self.journal.transition(command.id, CommandState.QUEUED, detail, reason=decision.reason,
                                        expires_ns=_ns(self.now()) + int(self.deadline * 1e9))  # fmt: skip
+
+    def _needs_approval(self, command: Command) -> bool:
+        meter = self.registry.meter(command.meter)
+        return (meter.protected and command.action == RelayAction.DISCONNECT
+                and self.policy.config.protected_approval)  # fmt: skip
 
     def approve(self, command_id: str, who: str, roles: frozenset[str]) -> Command:
         """The second person of the two-person rule: another principal with the override role."""
@@ -242,6 +249,8 @@ class SwitchingEngine:
         return self._fail(command, last_error, owner)
 
     def _recheck(self, command: Command) -> Decision:
+        if self._needs_approval(command) and command.approved_by is None:
+            return Decision(False, "protected customer: not approved by a second principal", "approval")
         return self.policy.decide(self.registry.meter(command.meter), command.action, self.now(), command.roles,
                                   command.override_reason)  # fmt: skip
 
@@ -284,9 +293,15 @@ class SwitchingEngine:
 
     def recover(self) -> list[Command]:
         """What a restart finds in the journal, made ready for the runner (no I/O here):
-        requested ones are decided, ones claimed by the dead process go back to the queue
-        (`sent` is journaled before the relay is operated, so `running` was never sent).
-        Returns every open command, for the runner to take on."""
+        commands of meters no longer in the registry end (cancelled; `failed` if already
+        sent: nobody can read that relay back now); requested ones are decided; ones claimed
+        by the dead process go back to the queue (`sent` is journaled before the relay is
+        operated, so `running` was never sent). Returns every open command, for the runner."""
+        for state in (CommandState.REQUESTED, CommandState.AWAITING_APPROVAL, CommandState.DEFERRED,
+                      CommandState.QUEUED, CommandState.RUNNING, CommandState.SENT):  # fmt: skip
+            for command in self.journal.find(state=state, limit=1_000_000):
+                if not self.registry.has(command.meter):
+                    self._drop_unknown(command)
         for command in self.journal.find(state=CommandState.REQUESTED, limit=1_000_000):
             self.decide(command)
         for command in self.journal.find(state=CommandState.RUNNING, limit=1_000_000):
@@ -294,6 +309,17 @@ class SwitchingEngine:
                                  {"reason": "claimed by a process that stopped before sending; queued again"})
         return [c for state in (CommandState.SENT, CommandState.QUEUED, CommandState.DEFERRED)
                 for c in self.journal.find(state=state, limit=1_000_000)]  # fmt: skip
+
+    def _drop_unknown(self, command: Command) -> None:
+        reason = f"meter {command.meter} is no longer in the registry"
+        if command.state == CommandState.SENT:
+            self._fail(command, f"{reason}; its relay cannot be read back", command.owner)
+            return
+        if command.state == CommandState.RUNNING:
+            command = self.journal.release(command.id, command.owner or "", {"reason": "restart"})
+        log.warning("command %s (%s %s) cancelled: %s", command.id, command.action, command.meter, reason)
+        self.journal.transition(command.id, CommandState.CANCELLED, {"reason": reason}, code="unknown_meter",
+                                reason=reason)  # fmt: skip
 
     async def reconfirm(self, command: Command) -> Command | None:
         """A `sent` command whose outcome a restart lost: read the relay (never resend). None

@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from headend.model import RelayAction
 from headend.switching.engine import SwitchingEngine, _ns
@@ -141,15 +141,17 @@ class CommandRunner:
                 _due, _n, command_id = heapq.heappop(self._deferred)
                 self._waiting_deferred.discard(command_id)
                 self._tracked.discard(command_id)
-                self._after(self.engine.release_deferred(command_id))
+                with self._guard(command_id):
+                    self._after(self.engine.release_deferred(command_id))
             now = self.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _due, _n, kind, key = heapq.heappop(self._timers)
-                if kind == "pace":
-                    self._pacing.discard(key)
-                    self._release(key)
-                elif key in self._blocked_ids:  # "retry": a command whose meter was busy
-                    self._unblock(key)
+                with self._guard(key):
+                    if kind == "pace":
+                        self._pacing.discard(key)
+                        self._release(key)
+                    elif key in self._blocked_ids:  # "retry": a command whose meter was busy
+                        self._unblock(key)
             delay = self.tick
             if self._timers:
                 delay = min(delay, max(0.0, self._timers[0][0] - self.monotonic()))
@@ -212,6 +214,15 @@ class CommandRunner:
                 return
             await asyncio.sleep(pause)  # the meter or its concentrator is not reachable yet
             pause = min(pause * 2, 5.0)
+
+    @contextlib.contextmanager
+    def _guard(self, key: str) -> Iterator[None]:
+        """One command's (or link's) bug is logged and never stops the timer for the rest."""
+        try:
+            yield
+        except Exception:
+            log.exception("switching: handling %s failed", key)
+            self._untrack(key)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
