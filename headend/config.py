@@ -206,6 +206,11 @@ class MqttLink(Strict):
     tls: bool = False
     ca_file: Path | None = None
     timeout: Duration = timedelta(seconds=30)
+    #: A data seq further than this past the highest seen is quarantined, not taken for a gap.
+    max_seq_gap: int = Field(10_000, ge=1, le=10_000_000)
+    #: The head-end's MQTT client id; default "headend-<installation id>" (state_dir), unique
+    #: per installation so two head-ends never take each other's persistent session.
+    client_id: str | None = Field(None, min_length=1, max_length=200)
 
     @model_validator(mode="after")
     def _ca(self) -> MqttLink:

@@ -169,16 +169,29 @@ class MosquittoServer(LocalServer):
 
     name = "mosquitto"
 
-    def __init__(self, workdir: str | Path, *, tls: tuple[Path, Path] | None = None) -> None:
-        """`tls`: (certificate, key) PEM files: the listener speaks MQTT over TLS only."""
+    def __init__(self, workdir: str | Path, *, tls: tuple[Path, Path] | None = None, acl_file: Path | None = None,
+                 users: dict[str, str] | None = None) -> None:  # fmt: skip
+        """`tls`: (certificate, key) PEM files: the listener speaks MQTT over TLS only.
+        `users` (name -> password): no anonymous clients; with `acl_file`, that ACL applies."""
         super().__init__(workdir)
         self.binary = find_binary("mosquitto")
         self.port = free_port()
         self.config_path = self.workdir / "mosquitto.conf"
         tls_lines = f"certfile {tls[0]}\nkeyfile {tls[1]}\n" if tls else ""
+        auth = "allow_anonymous true\n"
+        if users:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            passwords = self.workdir / "passwd"
+            passwords.touch(mode=0o600)
+            tool = find_binary("mosquitto_passwd")
+            for name, password in users.items():
+                subprocess.run([tool, "-b", str(passwords), name, password], check=True, capture_output=True)
+            auth = f"allow_anonymous false\npassword_file {passwords}\n"
+        if acl_file is not None:
+            auth += f"acl_file {acl_file}\n"
         self.config_path.write_text(
             f"""listener {self.port} 127.0.0.1
-{tls_lines}allow_anonymous true
+{tls_lines}{auth}
 persistence true
 persistence_location {self.workdir}/
 # Mosquitto drops QoS 1 messages beyond 1000 queued per client by default: a head-end that

@@ -25,6 +25,7 @@ from headend.api.auth import Principal, TokenStore
 from headend.api.billing import billing_router
 from headend.api.security import require_roles
 from headend.config import Config, Plan
+from headend.installation import installation_id
 from headend.registry import Registry, UnknownMeter
 from headend.scheduler.admission import LinkAdmission
 from headend.scheduler.engine import MeterResult, PlanReport, PollingEngine, single_meter_plan
@@ -104,9 +105,10 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    headend_id = installation_id(cfg.state_dir)  # before any state file of this start exists
     metrics = Metrics()
     async with Pipeline(cfg.storage, flush_timeout=5) as pipeline:
-        sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir)
+        sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir, headend_id=headend_id)
         await sessions.start()
         registry = Registry(cfg)
         # One admission for polling, on-demand reads, VEE re-reads and switching.

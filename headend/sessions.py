@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from headend.config import Config, MqttLink, SerialLink, TcpLink
+from headend.installation import installation_id
 from headend.protocols.base import MeterSession, Unsupported
 from headend.protocols.dlms.security import InvocationCounters
 from headend.protocols.modbus import ModbusLink
@@ -25,7 +26,7 @@ from headend.storage.outbox import Outbox
 
 class SessionFactory:
     def __init__(self, config: Config, outbox: Outbox, *, state_dir: Path, env: Mapping[str, str] | None = None,
-                 headend_id: str = "headend") -> None:  # fmt: skip
+                 headend_id: str | None = None) -> None:  # fmt: skip
         self.config = config
         self.registry = Registry(config)
         self.outbox = outbox
@@ -33,7 +34,7 @@ class SessionFactory:
         self.counters = InvocationCounters(state_dir / "invocation_counters.sqlite")
         self.modbus: dict[str, ModbusLink] = {}
         self.mqtt: dict[str, ConcentratorLink] = {}
-        self.headend_id = headend_id
+        self.headend_id = headend_id or installation_id(state_dir)
 
     async def start(self) -> None:
         """Connect to every MQTT broker that has concentrators (reads arrive by themselves)."""

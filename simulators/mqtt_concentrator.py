@@ -76,8 +76,12 @@ class SimulatedConcentrator:
         meters_per_message: int = 1000,
         backlog: timedelta = timedelta(0),
         tls: ssl.SSLContext | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.tls = tls
+        self.username = username
+        self.password = password
         self.id = concentrator_id
         self.meters_per_message = meters_per_message
         self.host = host
@@ -122,7 +126,7 @@ class SimulatedConcentrator:
         will = aiomqtt.Will(state_topic(self.id), self._state("offline"), qos=1, retain=True)
         self._client = aiomqtt.Client(
             self.host, self.port, identifier=f"dc-{self.id}", will=will, protocol=self.protocol, keepalive=5,
-            tls_context=self.tls,
+            tls_context=self.tls, username=self.username, password=self.password,
         )
         await self._client.__aenter__()
         await self._client.subscribe(command_topic(self.id, "+"), qos=1)
@@ -265,10 +269,11 @@ class SimulatedConcentrator:
 
     async def _answer(self, name: str, c: Command) -> Response:
         def ok(**result: Any) -> Response:
-            return Response(correlation_id=c.correlation_id, status="ok", result=result)
+            return Response(correlation_id=c.correlation_id, meter=c.meter, command=name, status="ok", result=result)
 
         def error(code: str, message: str) -> Response:
-            return Response(correlation_id=c.correlation_id, status="error", error=code, message=message)
+            return Response(correlation_id=c.correlation_id, meter=c.meter, command=name, status="error", error=code,
+                            message=message)  # fmt: skip
 
         if name == "backfill" and "seq_from" in c.args:
             first, last = int(c.args["seq_from"]), int(c.args.get("seq_to", c.args["seq_from"]))

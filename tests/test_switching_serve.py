@@ -216,7 +216,7 @@ id = "{dc_id}"
 link = "broker"
 max_sessions = 6
 """ + "".join(f'[[meters]]\nid = "{m}"\nconcentrator = "{dc_id}"\n' for m in meters)
-    served = await serve(tmp_path, spawn, body)
+    served = await serve(tmp_path, spawn, body, "workers = 12")  # six disconnects in flight on one concentrator
     try:
         hrefs = []
         for m in meters:

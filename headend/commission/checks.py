@@ -16,7 +16,7 @@ from headend.config import Meter, SwitchingConfig
 from headend.model import IMPORT_ENERGY, Obis, RelayAction, RelayState
 from headend.protocols.base import MeterError, MeterSession, Unsupported
 from headend.registry import Registry
-from headend.switching.engine import SwitchingEngine
+from headend.switching.engine import COMMISSIONING, SwitchingEngine
 from headend.switching.journal import CommandJournal, CommandState
 from headend.switching.policy import OVERRIDE_ROLE, SwitchingPolicy
 from headend.timegrid import floor_to
@@ -253,7 +253,7 @@ async def relay_test(session: MeterSession, report: Report, label: str, opts: Op
     first = RelayAction.DISCONNECT if original == RelayState.CONNECTED else RelayAction.RECONNECT
     second = RelayAction.RECONNECT if first == RelayAction.DISCONNECT else RelayAction.DISCONNECT
     roles = frozenset({OVERRIDE_ROLE}) if opts.override else frozenset()
-    who = f"commissioning:{opts.engineer or 'engineer'}"
+    who = f"{COMMISSIONING}{opts.engineer or 'engineer'}"
     steps = []
     try:
         for action in (first, second):

@@ -12,7 +12,11 @@
 - Concentrator online/offline comes from retained birth/death (Last Will) state messages;
   a death older than the current birth (bdseq) is ignored.
 - Commands go out with MQTT 5 response topic + correlation data (and the same in the
-  payload for v3.1.1), and are answered on this head-end's response topic.
+  payload for v3.1.1), and are answered on the commanded concentrator's own response topic.
+  An answer counts only from that topic and only for the commanded meter and command (with
+  a broker ACL, nobody else can publish there: config/mosquitto/). Relay answers are held
+  for `answer_grace` seconds: a second, different answer to the same command means someone
+  else is answering for the concentrator, and neither is believed.
 - Broker gone: reconnect with exponential backoff and jitter, forever.
 """
 
@@ -43,6 +47,7 @@ from headend.model import InvalidReading, Obis, Reading, ReadingKind, RelayActio
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.mqtt_schema import (
     DATA_FILTER,
+    RESPONSE_FILTER,
     STATE_FILTER,
     Block,
     Command,
@@ -70,45 +75,87 @@ _ERRORS: dict[str, type[MeterError]] = {
 
 
 @dataclass
+class Gap:
+    """Seqs first..last not received yet, noticed at `since` (monotonic)."""
+
+    first: int
+    last: int
+    since: float
+    requested: bool = False
+
+
+#: Gaps kept per concentrator at most; beyond, the oldest is given up (logged as lost).
+MAX_GAPS = 1000
+
+
+@dataclass
 class ConcentratorState:
     id: str
     online: bool = False
     bdseq: int = -1
     firmware: str | None = None
     meters: dict[str, InventoryMeter] = field(default_factory=dict)
-    #: All seqs <= watermark have been received; `highest` is the largest seen.
-    watermark: int = -1
-    highest: int = -1
-    received_above: set[int] = field(default_factory=set)
-    #: Missing seq -> monotonic time it was first noticed; requested ones are not asked again.
-    missing_since: dict[int, float] = field(default_factory=dict)
-    requested: set[int] = field(default_factory=set)
+    #: The largest seq seen; every seq up to it was received except those in `gaps`. Memory
+    #: is bounded by the number of gaps (ranges), not by the size of a jump. None until the
+    #: concentrator's birth (or the stored cursors) says where counting starts: data before
+    #: that is taken, but its seq is not trusted to set the count.
+    highest: int | None = None
+    gaps: list[Gap] = field(default_factory=list)
+
+    @property
+    def watermark(self) -> int:
+        """All seqs <= watermark have been received."""
+        if self.highest is None:
+            return -1
+        return self.gaps[0].first - 1 if self.gaps else self.highest
+
+    def seen(self, seq: int) -> bool:
+        if self.highest is None:
+            return False
+        return seq <= self.highest and not any(g.first <= seq <= g.last for g in self.gaps)
 
     def note(self, seq: int, now: float) -> bool:
         """Record a data seq; return False if it was already received."""
-        if seq <= self.watermark or seq in self.received_above:
+        if self.highest is None:
+            return True
+        if self.seen(seq):
             return False
-        for gap in range(max(self.highest, self.watermark) + 1, seq):
-            self.missing_since.setdefault(gap, now)
-        self.highest = max(self.highest, seq)
-        self.received_above.add(seq)
-        self.missing_since.pop(seq, None)
-        self.requested.discard(seq)
-        while self.watermark + 1 in self.received_above:
-            self.watermark += 1
-            self.received_above.discard(self.watermark)
+        if seq > self.highest:
+            if seq > self.highest + 1:
+                self._open(self.highest + 1, seq - 1, now)
+            self.highest = seq
+            return True
+        for i, gap in enumerate(self.gaps):  # a late arrival fills (part of) a gap
+            if gap.first <= seq <= gap.last:
+                parts = [Gap(a, b, gap.since, gap.requested) for a, b in ((gap.first, seq - 1), (seq + 1, gap.last))
+                         if a <= b]  # fmt: skip
+                self.gaps[i : i + 1] = parts
+                break
         return True
 
-    def overdue(self, now: float, grace: float) -> list[tuple[int, int]]:
-        """Missing seq ranges older than `grace` not yet asked for, as (first, last)."""
-        due = sorted(s for s, t in self.missing_since.items() if now - t >= grace and s not in self.requested)
-        ranges: list[tuple[int, int]] = []
-        for s in due:
-            if ranges and ranges[-1][1] == s - 1:
-                ranges[-1] = (ranges[-1][0], s)
-            else:
-                ranges.append((s, s))
-        return ranges
+    def expect(self, upto: int, now: float) -> None:
+        """The concentrator says it published up to `upto` (its birth): the rest is missing."""
+        if self.highest is None:
+            self.highest = upto
+        elif upto > self.highest:
+            self._open(self.highest + 1, upto, now)
+            self.highest = upto
+
+    def _open(self, first: int, last: int, now: float) -> None:
+        self.gaps.append(Gap(first, last, now))
+        if len(self.gaps) > MAX_GAPS:
+            lost = self.gaps.pop(0)
+            log.error("%s: more than %d seq gaps; seqs %d..%d given up as lost", self.id, MAX_GAPS, lost.first,
+                      lost.last)  # fmt: skip
+
+    def restore(self, watermark: int, highest: int, now: float) -> None:
+        """After a restart: anything between the stored watermark and highest may be lost."""
+        self.highest = max(highest, watermark)
+        self.gaps = [Gap(watermark + 1, highest, now)] if highest > watermark else []
+
+    def overdue(self, now: float, grace: float) -> list[Gap]:
+        """Gaps older than `grace` not yet asked for."""
+        return [g for g in self.gaps if now - g.since >= grace and not g.requested]
 
 
 @dataclass
@@ -120,6 +167,24 @@ class LinkStats:
     gaps: int = 0
     backfills: int = 0
     connects: int = 0
+    #: Answers refused: on another concentrator's topic, for another meter or command, or
+    #: contradicting an earlier answer to the same command (forged or misrouted).
+    refused_answers: int = 0
+    #: State messages of concentrators this link does not have.
+    refused_messages: int = 0
+
+
+#: Commands whose answers say what a relay did: held for `answer_grace` against a contradiction.
+RELAY_COMMANDS = frozenset({"relay", "relay_state"})
+
+
+@dataclass
+class _Pending:
+    concentrator: str
+    meter: str | None
+    name: str
+    future: asyncio.Future[Response]
+    conflict: str | None = None
 
 
 def _cursor_keys(concentrator: str) -> tuple[str, str]:
@@ -155,7 +220,8 @@ class ConcentratorLink:
         username: str | None = None,
         password: str | None = None,
         multipliers: Mapping[str, float] | None = None,
-        known_meters: set[str] | None = None,
+        meters_of: Mapping[str, set[str]] | None = None,
+        max_seq_gap: int = 10_000,
         max_batch: int = 500,
         command_timeout: float = 10.0,
         gap_grace: float = 5.0,
@@ -165,11 +231,15 @@ class ConcentratorLink:
         monotonic: Callable[[], float] = time.monotonic,
         observer: bool = False,
         tls: ssl.SSLContext | None = None,
+        answer_grace: float = 0.5,
+        client_id: str | None = None,
     ) -> None:
         """`observer`: states and command answers only, no data and no session kept on the
         broker (commissioning tools: they must not take the head-end's data)."""
         self.observer = observer
         self.tls = tls
+        self.answer_grace = answer_grace
+        self.client_id = client_id or f"headend-{headend_id}"
         self.host = host
         self.port = port
         self.outbox = outbox
@@ -177,8 +247,12 @@ class ConcentratorLink:
         self.username = username
         self.password = password
         self.multipliers = dict(multipliers or {})
-        #: The registry's meters; data for any other meter is refused (quarantined). None: no check.
-        self.known_meters = known_meters
+        #: The registry's concentrators of this link and the meters behind each: data from any
+        #: other concentrator, or for a meter not behind the one sending it, is refused
+        #: (quarantined). None: no check (tools).
+        self.meters_of = {k: set(v) for k, v in meters_of.items()} if meters_of is not None else None
+        #: A seq further than this past the highest seen is refused, not taken for a gap.
+        self.max_seq_gap = max_seq_gap
         self.max_batch = max_batch
         self.command_timeout = command_timeout
         self.gap_grace = gap_grace
@@ -190,7 +264,7 @@ class ConcentratorLink:
         self.concentrators: dict[str, ConcentratorState] = {}
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
-        self._pending: dict[str, asyncio.Future[Response]] = {}
+        self._pending: dict[str, _Pending] = {}
         self._changed = asyncio.Condition()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -207,15 +281,23 @@ class ConcentratorLink:
             if link.password_env not in env:
                 raise LinkDown(f"link {link.id}: password variable {link.password_env} is not set")
             password = env[link.password_env]
+            if not link.tls:
+                log.warning("link %s: a broker password without TLS crosses the network in clear; set tls = true",
+                            link.id)  # fmt: skip
         concentrators = {c.id for c in config.concentrators if c.link == link.id}
         meters = [m for m in config.meters if m.concentrator in concentrators]
+        meters_of: dict[str, set[str]] = {c: set() for c in concentrators}
+        for m in meters:
+            meters_of[m.concentrator or ""].add(m.id)
         return cls(
             link.host,
             link.port,
             outbox,
             username=link.username,
             password=password,
-            known_meters={m.id for m in meters},
+            meters_of=meters_of,
+            max_seq_gap=link.max_seq_gap,
+            client_id=link.client_id,
             multipliers={m.id: m.multiplier for m in meters},
             command_timeout=link.timeout.total_seconds(),
             tls=link.tls_context(),
@@ -250,7 +332,7 @@ class ConcentratorLink:
         client = aiomqtt.Client(
             self.host,
             self.port,
-            identifier=f"headend-{self.headend_id}",
+            identifier=self.client_id,
             username=self.username,
             password=self.password,
             protocol=self.protocol,
@@ -278,7 +360,7 @@ class ConcentratorLink:
                     await client.subscribe(STATE_FILTER, qos=1)
                     if not self.observer:
                         await client.subscribe(DATA_FILTER, qos=1)
-                    await client.subscribe(response_topic(self.headend_id), qos=1)
+                    await client.subscribe(RESPONSE_FILTER, qos=1)
                     self.connected.set()
                     backoff = self.reconnect_min
                     log.info("connected to MQTT broker %s:%d (%s)", self.host, self.port, self.protocol.name)
@@ -314,23 +396,20 @@ class ConcentratorLink:
             backoff = min(backoff * 2, self.reconnect_max)
 
     def _load_cursors(self) -> None:
+        stored: dict[str, dict[str, int]] = {}
         for key, value in self.outbox.cursors("mqtt:").items():
             _, concentrator, name = key.split(":", 2)
-            state = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
-            if name == "watermark":
-                state.watermark = value
-            elif name == "highest":
-                state.highest = value
+            stored.setdefault(concentrator, {})[name] = value
         now = self.monotonic()
-        for state in self.concentrators.values():
-            # Anything between the watermark and the highest seq may have been lost in the crash.
-            for seq in range(state.watermark + 1, state.highest + 1):
-                state.missing_since.setdefault(seq, now)
+        for concentrator, values in stored.items():
+            state = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
+            watermark = values.get("watermark", -1)
+            state.restore(watermark, values.get("highest", watermark), now)
 
     def _fail_pending(self, error: MeterError) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
         self._pending.clear()
 
     # -- incoming ----------------------------------------------------------------------
@@ -353,22 +432,23 @@ class ConcentratorLink:
             topic = str(message.topic)
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             try:
-                if topic == response_topic(self.headend_id):
-                    self._on_response(Response.model_validate_json(payload))
+                if topic.endswith("/resp"):
+                    self._on_response(concentrator_of(topic), Response.model_validate_json(payload))
                 elif topic.endswith("/state"):
                     self._on_state(concentrator_of(topic), State.model_validate_json(payload))
                 elif topic.endswith("/data"):
                     concentrator = concentrator_of(topic)
-                    readings += await self._on_data(concentrator, topic, Data.model_validate_json(payload))
+                    readings += await self._on_data(concentrator, topic, payload, Data.model_validate_json(payload))
                     touched.add(concentrator)
             except (ValidationError, ValueError, InvalidReading) as exc:
                 await self._bad(topic, payload, str(exc))
         if touched:
             cursors: dict[str, int] = {}
             for concentrator in touched:
-                c = self.concentrators[concentrator]
-                watermark_key, highest_key = _cursor_keys(concentrator)
-                cursors |= {watermark_key: c.watermark, highest_key: c.highest}
+                c = self.concentrators.get(concentrator)
+                if c is not None and c.highest is not None:
+                    watermark_key, highest_key = _cursor_keys(concentrator)
+                    cursors |= {watermark_key: c.watermark, highest_key: c.highest}
             await self.outbox.accept(readings, cursors=cursors)
             self.stats.accepted_readings += len(readings)
 
@@ -380,44 +460,65 @@ class ConcentratorLink:
         self.stats.bad_messages += 1  # counted once it is durably kept
 
     def _on_state(self, concentrator: str, state: State) -> None:
+        if not self._configured(concentrator):
+            log.warning("state of %s refused: not a concentrator of this link", concentrator)
+            self.stats.refused_messages += 1
+            return
         c = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
-        if state.bdseq < c.bdseq:
-            log.info("%s: stale %s (bdseq %d < %d) ignored", concentrator, state.status, state.bdseq, c.bdseq)
+        # A birth is the concentrator's own word and always counts; a death counts only for
+        # the birth it belongs to (same bdseq), so a stale Will or a forged retained
+        # "offline" with a huge bdseq cannot hold a concentrator offline.
+        if state.status == "offline" and c.online and state.bdseq != c.bdseq:
+            log.info("%s: offline for bdseq %d ignored (current birth %d)", concentrator, state.bdseq, c.bdseq)
             return
         c.bdseq = state.bdseq
         c.online = state.status == "online"
         if state.status == "online":
             c.firmware = state.firmware
             c.meters = {m.id: m for m in state.meters}
-            if state.seq is not None and c.highest < 0 and c.watermark < 0:
+            if state.seq is not None and c.highest is None:
                 # First contact: start counting from here, do not ask for the concentrator's history.
-                c.watermark = c.highest = state.seq
-            elif state.seq is not None:
-                now = self.monotonic()
-                for gap in range(max(c.highest, c.watermark) + 1, state.seq + 1):
-                    c.missing_since.setdefault(gap, now)
+                c.highest = state.seq
+            elif state.seq is not None and c.highest is not None:
+                if state.seq > c.highest + self.max_seq_gap:
+                    log.error("%s: birth says seq %d, %d past the highest seen: not treated as a gap (max_seq_gap "
+                              "%d)", concentrator, state.seq, state.seq - c.highest, self.max_seq_gap)  # fmt: skip
+                else:
+                    c.expect(state.seq, self.monotonic())
         log.info("%s is %s (bdseq %d, %d meters)", concentrator, state.status, state.bdseq, len(c.meters))
 
-    async def _on_data(self, concentrator: str, topic: str, data: Data) -> list[Reading]:
+    def _configured(self, concentrator: str) -> bool:
+        return self.meters_of is None or concentrator in self.meters_of
+
+    async def _on_data(self, concentrator: str, topic: str, payload: bytes, data: Data) -> list[Reading]:
+        if not self._configured(concentrator):
+            await self._bad(topic, payload, f"{concentrator} is not a concentrator of this link")
+            return []
         c = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
-        if data.seq <= c.watermark or data.seq in c.received_above:
+        if c.seen(data.seq):
             self.stats.duplicates += 1
             return []
+        if c.highest is not None and data.seq > c.highest + self.max_seq_gap:
+            # Not a gap to fill: a forged or broken seq would make us ask for millions.
+            await self._bad(topic, payload, f"seq {data.seq} is {data.seq - c.highest} past the highest seen "
+                                            f"({c.highest}); more than max_seq_gap {self.max_seq_gap}")  # fmt: skip
+            return []
+        own = self.meters_of[concentrator] if self.meters_of is not None else None
         readings: list[Reading] = []
         for block in data.blocks:
-            unknown = (c.meters and block.meter not in c.meters) or (
-                self.known_meters is not None and block.meter not in self.known_meters
-            )
+            unknown = (c.meters and block.meter not in c.meters) or (own is not None and block.meter not in own)
             if unknown:
-                reason = f"unknown meter {block.meter!r} (not in {concentrator}'s inventory or the registry)"
+                reason = f"meter {block.meter!r} is not behind {concentrator} (its inventory or the registry)"
                 await self._bad(topic, block.model_dump_json().encode(), reason)
                 continue
             readings += self._readings(concentrator, block)
-        before = len(c.missing_since)
+        if not readings:
+            return []  # nothing taken: the seq stays free for the genuine message
+        gaps = len(c.gaps)
         c.note(data.seq, self.monotonic())
-        if len(c.missing_since) > before:
+        if len(c.gaps) > gaps:
             self.stats.gaps += 1
-            log.warning("%s: seq gap before %d (%d missing)", concentrator, data.seq, len(c.missing_since))
+            log.warning("%s: seq gap before %d (%d gaps open)", concentrator, data.seq, len(c.gaps))
         return readings
 
     def _readings(self, concentrator: str, block: Block) -> list[Reading]:
@@ -426,12 +527,25 @@ class ConcentratorLink:
         m, ch, kind, unit = block.meter, block.channel, block.kind, block.unit
         return [point_reading(m, ch, kind, unit, p, multiplier, source) for p in block.readings]
 
-    def _on_response(self, response: Response) -> None:
-        future = self._pending.pop(response.correlation_id, None)
-        if future is None:
+    def _on_response(self, concentrator: str, response: Response) -> None:
+        pending = self._pending.get(response.correlation_id)
+        if pending is None:
             log.info("response %s matches no pending command (late or duplicate)", response.correlation_id)
-        elif not future.done():
-            future.set_result(response)
+            return
+        asked = (pending.concentrator, pending.meter, pending.name)
+        if (concentrator, response.meter, response.command) != asked:
+            self.stats.refused_answers += 1
+            log.error("answer to command %s refused: it came on %s's topic for meter %s, command %s; the command "
+                      "went to %s for meter %s, command %s (forged or misrouted)", response.correlation_id,
+                      concentrator, response.meter, response.command, *asked)  # fmt: skip
+            return
+        if not pending.future.done():
+            pending.future.set_result(response)
+        elif pending.future.result() != response and pending.conflict is None:
+            self.stats.refused_answers += 1
+            pending.conflict = f"{pending.future.result().result} and then {response.result}"
+            log.error("%s: two different answers to %s %s for %s: %s; someone else answers for the concentrator",
+                      concentrator, pending.name, response.correlation_id, pending.meter, pending.conflict)  # fmt: skip
 
     async def _watch_gaps(self) -> None:
         while True:
@@ -439,20 +553,20 @@ class ConcentratorLink:
             for c in list(self.concentrators.values()):
                 if not c.online:
                     continue
-                for first, last in c.overdue(now, self.gap_grace):
-                    c.requested.update(range(first, last + 1))
+                for gap in c.overdue(now, self.gap_grace):
+                    gap.requested = True
                     self.stats.backfills += 1
-                    log.warning("%s: seq %d..%d still missing, asking for a backfill", c.id, first, last)
-                    asyncio.create_task(self._backfill(c.id, first, last))  # noqa: RUF006 - fire and log
+                    log.warning("%s: seq %d..%d still missing, asking for a backfill", c.id, gap.first, gap.last)
+                    asyncio.create_task(self._backfill(c.id, gap))  # noqa: RUF006 - fire and log
             await asyncio.sleep(self.gap_grace / 4)  # a periodic check, not a wait for an event
 
-    async def _backfill(self, concentrator: str, first: int, last: int) -> None:
+    async def _backfill(self, concentrator: str, gap: Gap) -> None:
+        first, last = gap.first, gap.last
         try:
             await self.command(concentrator, "backfill", args={"seq_from": first, "seq_to": last})
         except MeterError as exc:
             log.warning("%s: backfill %d..%d failed (%s); will ask again", concentrator, first, last, exc)
-            c = self.concentrators[concentrator]
-            c.requested.difference_update(range(first, last + 1))
+            gap.requested = False
 
     # -- outgoing ----------------------------------------------------------------------
 
@@ -473,18 +587,20 @@ class ConcentratorLink:
         if state is None or not state.online:
             raise LinkDown(f"concentrator {concentrator} is offline", meter=meter)
         correlation = uuid.uuid4().hex
-        reply_to = response_topic(self.headend_id)
+        reply_to = response_topic(concentrator)
         body = Command(correlation_id=correlation, reply_to=reply_to, meter=meter, args=dict(args or {}))
         props = None
         if self.protocol == aiomqtt.ProtocolVersion.V5:
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = reply_to
             props.CorrelationData = correlation.encode()
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self._pending[correlation] = future
+        pending = _Pending(concentrator, meter, name, asyncio.get_running_loop().create_future())
+        self._pending[correlation] = pending
         try:
             await client.publish(command_topic(concentrator, name), body.model_dump_json(), qos=1, properties=props)
-            response = await asyncio.wait_for(future, timeout or self.command_timeout)
+            response = await asyncio.wait_for(asyncio.shield(pending.future), timeout or self.command_timeout)
+            if name in RELAY_COMMANDS:
+                await asyncio.sleep(self.answer_grace)  # room for a contradicting second answer
         except TimeoutError:
             raise Timeout(
                 f"{concentrator} did not answer {name} within {timeout or self.command_timeout}s", meter=meter
@@ -493,6 +609,10 @@ class ConcentratorLink:
             raise LinkDown(f"publishing {name} to {concentrator}: {exc}", meter=meter) from exc
         finally:
             self._pending.pop(correlation, None)
+        if pending.conflict is not None:
+            raise BadFrame(f"{concentrator} {name}: contradicting answers ({pending.conflict}); another client on the "
+                           "broker answers for this concentrator: not trusted (see docs/mqtt.md, Security)",
+                           meter=meter)  # fmt: skip
         if response.status == "error":
             error = _ERRORS.get(response.error or "", Refused)
             raise error(f"{concentrator} {name}: {response.error}: {response.message or ''}".rstrip(": "), meter=meter)

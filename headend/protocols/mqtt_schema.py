@@ -28,12 +28,15 @@ def command_topic(concentrator: str, command: str) -> str:
     return f"{ROOT}/dc/{concentrator}/cmd/{command}"
 
 
-def response_topic(headend: str) -> str:
-    return f"{ROOT}/he/{headend}/resp"
+def response_topic(concentrator: str) -> str:
+    """Where a concentrator answers commands: under its own topics, so a broker ACL can let
+    only that concentrator publish there (an answer is trusted only from the device asked)."""
+    return f"{ROOT}/dc/{concentrator}/resp"
 
 
 STATE_FILTER = f"{ROOT}/dc/+/state"
 DATA_FILTER = f"{ROOT}/dc/+/data"
+RESPONSE_FILTER = f"{ROOT}/dc/+/resp"
 COMMAND_NAMES = ("read", "profile", "backfill", "events", "clock", "clock_sync", "relay", "relay_state")
 
 
@@ -107,6 +110,9 @@ class Command(Payload):
 
 class Response(Payload):
     correlation_id: str
+    #: The command's meter and name, echoed: an answer is matched on all three.
+    meter: str | None = None
+    command: str | None = None
     status: Literal["ok", "error"]
     #: On error: unknown_meter, meter_timeout, refused, unsupported, bad_request.
     error: str | None = None

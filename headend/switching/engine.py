@@ -31,6 +31,8 @@ from headend.switching.policy import OVERRIDE_ROLE, Decision, Refusal, Switching
 
 log = logging.getLogger(__name__)
 
+#: Principal prefix of commissioning relay tests (headend commission --test-relay).
+COMMISSIONING = "commissioning:"
 _TARGETS = {
     RelayAction.DISCONNECT: {RelayState.DISCONNECTED},
     RelayAction.RECONNECT: {RelayState.CONNECTED, RelayState.READY_FOR_RECONNECTION},
@@ -123,16 +125,25 @@ class SwitchingEngine:
         waits_for_window = not decision.allowed and decision.not_before is not None
         if self._needs_approval(command) and (decision.allowed or waits_for_window):
             # The second person first: a window opening later must not stand in for the approval.
+            # Unapproved for `max_defer`, it expires rather than run on a stale request.
             return self.journal.transition(
                 command.id, CommandState.AWAITING_APPROVAL, detail, code="approval",
                 reason="protected customer: waits for a second principal with the override role to approve",
+                expires_ns=_ns(self.now() + self.policy.config.max_defer),
             )  # fmt: skip
         if waits_for_window and command.defer:
             return self._defer(command, decision, detail)
         if not decision.allowed:
             return self._refuse(command, decision)
         return self.journal.transition(command.id, CommandState.QUEUED, detail, reason=decision.reason,
-                                       expires_ns=_ns(self.now()) + int(self.deadline * 1e9))  # fmt: skip
+                                       expires_ns=self._expiry(command))  # fmt: skip
+
+    def _expiry(self, command: Command) -> int | None:
+        """A disconnect hours late may hit a customer who has paid since: it expires. A
+        reconnect never does: late is still better than a paying customer left dark."""
+        if command.action == RelayAction.RECONNECT:
+            return None
+        return _ns(self.now()) + int(self.deadline * 1e9)
 
     def _needs_approval(self, command: Command) -> bool:
         meter = self.registry.meter(command.meter)
@@ -148,6 +159,9 @@ class SwitchingEngine:
             raise ApprovalError(403, "approving needs the override role")
         if who == command.who:
             raise ApprovalError(403, f"{who} requested this command; a different principal must approve it")
+        if command.expires_ns is not None and _ns(self.now()) >= command.expires_ns:
+            self._expire(command)
+            raise ApprovalError(409, f"command {command_id} waited too long for approval and expired")
         decision = self.policy.decide(self.registry.meter(command.meter), command.action, self.now(),
                                       frozenset({OVERRIDE_ROLE}), command.override_reason)  # fmt: skip
         detail = {"approved_by": who, "reason": decision.reason}
@@ -156,7 +170,7 @@ class SwitchingEngine:
         if not decision.allowed:
             return self._refuse(command, decision, approved_by=who)
         return self.journal.transition(command.id, CommandState.QUEUED, detail, approved_by=who,
-                                       expires_ns=_ns(self.now()) + int(self.deadline * 1e9))  # fmt: skip
+                                       expires_ns=self._expiry(command))  # fmt: skip
 
     def _defer(self, command: Command, decision: Decision, detail: dict[str, Any], *, owner: str | None = None,
                approved_by: str | None = None) -> Command:  # fmt: skip
@@ -175,14 +189,18 @@ class SwitchingEngine:
         return self.journal.transition(command.id, CommandState.REJECTED, {"reason": decision.reason}, owner=owner,
                                        code=decision.code, reason=decision.reason, approved_by=approved_by)  # fmt: skip
 
-    def release_deferred(self, command_id: str) -> Command:
-        """deferred -> queued when its window opens, or expired past its deadline."""
+    def release_waiting(self, command_id: str) -> Command:
+        """When its time comes: deferred -> queued (its window opened) or expired (past its
+        deadline); awaiting_approval -> expired (past its deadline)."""
         command = self.journal.get(command_id)
-        if command.state != CommandState.DEFERRED:
-            return command
-        if command.expires_ns is not None and _ns(self.now()) >= command.expires_ns:
+        late = command.expires_ns is not None and _ns(self.now()) >= command.expires_ns
+        if command.state == CommandState.DEFERRED:
+            if late:
+                return self._expire(command)
+            return self.journal.transition(command.id, CommandState.QUEUED, {"reason": "the disconnect window opened"})
+        if command.state == CommandState.AWAITING_APPROVAL and late:
             return self._expire(command)
-        return self.journal.transition(command.id, CommandState.QUEUED, {"reason": "the disconnect window opened"})
+        return command
 
     def _expire(self, command: Command, owner: str | None = None) -> Command:
         reason = "not run before its deadline; a disconnect hours late may hit a customer who has paid since"
@@ -251,6 +269,11 @@ class SwitchingEngine:
     def _recheck(self, command: Command) -> Decision:
         if self._needs_approval(command) and command.approved_by is None:
             return Decision(False, "protected customer: not approved by a second principal", "approval")
+        if command.action == RelayAction.DISCONNECT:
+            waiting = self.journal.open_for(command.meter, excluding=command.id)
+            if waiting is not None and waiting.action == RelayAction.RECONNECT:
+                # A payment arrived while this disconnect was sent: no further attempt.
+                return Decision(False, f"reconnect {waiting.id} of this meter is waiting", "reconnect")
         return self.policy.decide(self.registry.meter(command.meter), command.action, self.now(), command.roles,
                                   command.override_reason)  # fmt: skip
 
@@ -302,13 +325,25 @@ class SwitchingEngine:
             for command in self.journal.find(state=state, limit=1_000_000):
                 if not self.registry.has(command.meter):
                     self._drop_unknown(command)
+                elif command.who.startswith(COMMISSIONING) and state != CommandState.SENT:
+                    self._drop_commissioning(command)
         for command in self.journal.find(state=CommandState.REQUESTED, limit=1_000_000):
             self.decide(command)
         for command in self.journal.find(state=CommandState.RUNNING, limit=1_000_000):
             self.journal.release(command.id, command.owner or "",
                                  {"reason": "claimed by a process that stopped before sending; queued again"})
-        return [c for state in (CommandState.SENT, CommandState.QUEUED, CommandState.DEFERRED)
-                for c in self.journal.find(state=state, limit=1_000_000)]  # fmt: skip
+        waiting = (CommandState.SENT, CommandState.QUEUED, CommandState.DEFERRED, CommandState.AWAITING_APPROVAL)
+        return [c for state in waiting for c in self.journal.find(state=state, limit=1_000_000)]
+
+    def _drop_commissioning(self, command: Command) -> None:
+        """A commissioning relay test runs in its own process and puts the relay back itself;
+        the server never takes its commands over (a live test would lose its claim, a dead
+        one would leave a customer switched by a test nobody finishes)."""
+        reason = "a commissioning relay test's command: not taken over by the server"
+        if command.state == CommandState.RUNNING:
+            command = self.journal.release(command.id, command.owner or "", {"reason": "restart"})
+        self.journal.transition(command.id, CommandState.CANCELLED, {"reason": reason}, code="commissioning",
+                                reason=reason)  # fmt: skip
 
     def _drop_unknown(self, command: Command) -> None:
         reason = f"meter {command.meter} is no longer in the registry"
@@ -330,6 +365,14 @@ class SwitchingEngine:
                 state = await session.read_relay()
                 if state in targets:
                     return self._confirmed(command, state, await _register(session), command.owner)
+                if command.action == RelayAction.RECONNECT and not self.dry_run:
+                    # Unlike a disconnect, a reconnect is safe to send again: the customer paid.
+                    self.journal.transition(command.id, CommandState.SENT, {"attempt": "after a restart"},
+                                            attempt=True, owner=command.owner)  # fmt: skip
+                    await session.operate_relay(command.action)
+                    state = await self._read_back(session, targets)
+                    if state in targets:
+                        return self._confirmed(command, state, await _register(session), command.owner)
         except MeterError as exc:
             if exc.retryable:
                 log.info("command %s: relay of %s not readable yet (%s); will try again", command.id,

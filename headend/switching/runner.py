@@ -52,6 +52,9 @@ class CommandRunner:
         self._reconnects: asyncio.Queue[str] = asyncio.Queue()
         self._disconnects: asyncio.Queue[str] = asyncio.Queue()
         self._paced: dict[str, collections.deque[str]] = {}
+        self._links: dict[str, str] = {}  # disconnect handed to a worker -> its link
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._capacity: dict[str, int] = {}
         self._pacing: set[str] = set()  # links with a release scheduled
         self._timers: list[tuple[float, int, str, str]] = []  # (monotonic due, n, kind, id)
         self._deferred: list[tuple[int, int, str]] = []  # (wall ns not_before, n, id)
@@ -70,6 +73,9 @@ class CommandRunner:
 
     def submit(self, command: Command) -> None:
         """Take a command on, whatever state the journal has it in; the same command twice is one."""
+        waiting = (CommandState.DEFERRED, CommandState.AWAITING_APPROVAL)
+        if command.id in self._waiting_deferred and command.state not in waiting:
+            self._untrack(command.id)  # its wait is over (approved): its timer entry goes stale
         if command.id in self._tracked:
             return
         if command.state == CommandState.QUEUED:
@@ -79,6 +85,10 @@ class CommandRunner:
             self._track(command.id, deferred=True)
             heapq.heappush(self._deferred, (command.not_before_ns or 0, next(self._order), command.id))
             self._wake.set()
+        elif command.state == CommandState.AWAITING_APPROVAL and command.expires_ns is not None:
+            self._track(command.id, deferred=True)  # to expire it if nobody approves in time
+            heapq.heappush(self._deferred, (command.expires_ns, next(self._order), command.id))
+            self._wake.set()
         elif command.state == CommandState.SENT:
             self._track(command.id)
             self._spawn(self._reconfirm(command))
@@ -86,25 +96,35 @@ class CommandRunner:
     def _enqueue(self, command: Command) -> None:
         if command.action == RelayAction.RECONNECT:
             self._reconnects.put_nowait(command.id)  # never paced
-        elif self.limiter is None:
-            self._disconnects.put_nowait(command.id)
-        else:
-            link = self.engine.registry.link_of(command.meter).id
-            self._paced.setdefault(link, collections.deque()).append(command.id)
-            self._release(link)
+            return
+        link, gate = self.engine.admission.gate(command.meter)
+        self._links[command.id] = link
+        # No link may hold more than half the workers: one whose relays hang (each command
+        # held for attempts x confirm_timeout) leaves the rest to the other links.
+        self._capacity[link] = min(gate.capacity, max(1, self.workers // 2))
+        self._paced.setdefault(link, collections.deque()).append(command.id)
+        self._release(link)
 
     def _release(self, link: str) -> None:
-        """Move disconnects of `link` to the workers as fast as its pacing allows."""
-        assert self.limiter is not None
+        """Move disconnects of `link` (a line, bus or concentrator) to the workers as fast as its
+        pacing allows, and no more at once than the link carries: the others wait in its line,
+        not in a worker, so a link whose relays hang never starves the other links."""
         line = self._paced.get(link)
-        while line:
-            wait = self.limiter.take(link)
+        while line and self._in_flight[link] < self._capacity[link]:
+            wait = self.limiter.take(link) if self.limiter is not None else 0.0
             if wait > 0:
                 if link not in self._pacing:
                     self._pacing.add(link)
                     self._timer(wait, "pace", link)
                 return
+            self._in_flight[link] += 1
             self._disconnects.put_nowait(line.popleft())
+
+    def _dispatched_done(self, command_id: str) -> None:
+        link = self._links.pop(command_id, None)
+        if link is not None:
+            self._in_flight[link] -= 1
+            self._release(link)
 
     def _timer(self, delay: float, kind: str, key: str) -> None:
         heapq.heappush(self._timers, (self.monotonic() + delay, next(self._order), kind, key))
@@ -139,10 +159,12 @@ class CommandRunner:
             now_wall = _ns(self.engine.now())
             while self._deferred and self._deferred[0][0] <= now_wall:
                 _due, _n, command_id = heapq.heappop(self._deferred)
+                if command_id not in self._waiting_deferred:
+                    continue  # stale: approved or taken on again since
                 self._waiting_deferred.discard(command_id)
                 self._tracked.discard(command_id)
                 with self._guard(command_id):
-                    self._after(self.engine.release_deferred(command_id))
+                    self._after(self.engine.release_waiting(command_id))
             now = self.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _due, _n, kind, key = heapq.heappop(self._timers)
@@ -167,9 +189,12 @@ class CommandRunner:
         while True:
             command_id = await queue.get()
             try:
-                self._after(await self.engine.run(command_id, owner))
+                command = await self.engine.run(command_id, owner)
+                self._dispatched_done(command_id)
+                self._after(command)
             except Exception:  # one command's bug must not stop the others
                 log.exception("switching command %s crashed", command_id)
+                self._dispatched_done(command_id)
                 self._untrack(command_id)
 
     def _after(self, command: Command) -> None:
@@ -185,7 +210,7 @@ class CommandRunner:
             self.submit(command)
             return
         self._untrack(command.id)
-        if command.state == CommandState.DEFERRED:
+        if command.state in (CommandState.DEFERRED, CommandState.AWAITING_APPROVAL):
             self.submit(command)
         elif command.state in _FINISHED:
             self._meter_free(command.meter)

@@ -1,0 +1,168 @@
+"""Regressions from the attacker's pass on switching (issue #13): a paid customer always ends
+connected (a reconnect lost in a crash is sent again, reconnects never expire, a disconnect
+is never retried once a payment waits), the server never takes over a commissioning test's
+command, an unapproved protected disconnect expires, and a link whose relays hang never
+starves the other links."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from headend.config import Config, parse_config
+from headend.localservers import free_port
+from headend.model import RelayAction
+from headend.protocols.modbus import ModbusLink
+from headend.protocols.modbus_maps import shipped_maps
+from headend.registry import Registry
+from headend.switching.engine import SwitchingEngine
+from headend.switching.journal import CommandJournal, CommandState
+from headend.switching.policy import SwitchingPolicy
+from headend.switching.runner import CommandRunner
+from simulators.clock import ManualClock
+from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
+
+MONDAY_10 = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)
+MAP = shipped_maps()["sim-relay-meter"]
+
+
+@dataclass
+class Line:
+    sim: ModbusSimulator
+    link: ModbusLink
+
+    def meter(self, unit: int) -> SimulatedMeter:
+        return self.sim.meters[unit]
+
+
+@pytest.fixture
+async def lines() -> AsyncIterator[dict[str, Line]]:
+    """Two Modbus lines, A (units 1-8) and B (unit 1)."""
+    out = {}
+    for name, units in (("A", 8), ("B", 1)):
+        sim = ModbusSimulator([SimulatedMeter(u, MAP, ManualClock(MONDAY_10)) for u in range(1, units + 1)])
+        port = free_port()
+        await sim.start_tcp("127.0.0.1", port)
+        out[name] = Line(sim, ModbusLink.tcp("127.0.0.1", port, timeout=1))
+    yield out
+    for line in out.values():
+        line.link.close()
+        await line.sim.stop()
+
+
+def site(lines: dict[str, Line], **switching: object) -> Config:
+    return parse_config({
+        "links": [{"id": n, "kind": "tcp", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": 1} for n in lines],
+        "meters": [{"id": f"{n}-{u}", "link": n, "address": u, "map": "sim-relay-meter",
+                    **({"protected": True, "protection": "hospital"} if (n, u) == ("A", 8) else {})}
+                   for n, line in lines.items() for u in line.sim.meters],
+        "switching": switching,
+    })  # fmt: skip
+
+
+def engine(lines: dict[str, Line], tmp_path: Path, cfg: Config | None = None, **kwargs: object) -> SwitchingEngine:
+    cfg = cfg or site(lines)
+
+    def session(meter: str) -> object:
+        name, unit = meter.split("-")
+        return lines[name].link.session(meter, int(unit), MAP)
+
+    options: dict[str, object] = {"confirm_timeout": 0.5, "poll_interval": 0.05, "now": lambda: MONDAY_10, **kwargs}
+    return SwitchingEngine(CommandJournal(tmp_path / "journal.sqlite"), SwitchingPolicy(cfg.switching),
+                           Registry(cfg), session, **options)  # type: ignore[arg-type]  # fmt: skip
+
+
+async def test_a_payment_lost_in_a_crash_after_sent_is_sent_again(lines: dict[str, Line], tmp_path: Path) -> None:
+    lines["A"].meter(1).set_relay(False)  # cut off earlier for arrears
+    e = engine(lines, tmp_path)
+    paid = e.request("A-1", RelayAction.RECONNECT, who="billing", why="payment_received PAY-1").command
+    assert e.journal.claim(paid.id, "dead") is not None
+    e.journal.transition(paid.id, CommandState.SENT, {"attempt": 1}, attempt=True, owner="dead")  # then killed
+    e.journal.close()
+    restarted = engine(lines, tmp_path)
+    (found,) = restarted.recover()
+    done = await restarted.reconfirm(found)
+    assert done is not None and done.state == CommandState.CONFIRMED
+    assert lines["A"].meter(1).relay_connected and lines["A"].meter(1).relay_writes == 1
+
+
+async def test_reconnects_never_expire(lines: dict[str, Line], tmp_path: Path) -> None:
+    e = engine(lines, tmp_path, deadline=0.0)
+    lines["A"].meter(2).set_relay(False)
+    paid = e.request("A-2", RelayAction.RECONNECT, who="billing", why="paid").command
+    assert paid.expires_ns is None
+    assert (await e.run(paid.id)).state == CommandState.CONFIRMED and lines["A"].meter(2).relay_connected
+
+
+async def test_a_disconnect_is_not_retried_once_a_payment_waits(lines: dict[str, Line], tmp_path: Path) -> None:
+    e = engine(lines, tmp_path, attempts=3)
+    meter = lines["A"].meter(3)
+    meter.faults.stuck_relay = True  # the first write does not move the contact (yet)
+    off = e.request("A-3", RelayAction.DISCONNECT, who="anna", why="arrears").command
+    running = asyncio.create_task(e.run(off.id))
+    async with asyncio.timeout(10):
+        while e.journal.get(off.id).state != CommandState.SENT:  # noqa: ASYNC110 - watching the journal
+            await asyncio.sleep(0.01)
+    paid = e.request("A-3", RelayAction.RECONNECT, who="billing", why="paid").command
+    assert paid.state == CommandState.QUEUED
+    meter.faults.stuck_relay = False
+    done = await running
+    assert done.state == CommandState.FAILED and done.reason_code == "failed" and "reconnect" in done.reason
+    assert done.attempts == 1 and meter.relay_writes == 1, "no second disconnect after the payment"
+    assert (await e.run(paid.id)).state == CommandState.CONFIRMED and meter.relay_connected
+
+
+async def test_the_server_never_takes_over_a_commissioning_test(lines: dict[str, Line], tmp_path: Path) -> None:
+    e = engine(lines, tmp_path)
+    test = e.request("A-4", RelayAction.DISCONNECT, who="commissioning:eve", why="commissioning test").command
+    assert e.journal.claim(test.id, "commissioning-process") is not None  # the test is under way elsewhere
+    e.journal.close()
+    server = engine(lines, tmp_path)
+    assert server.recover() == []
+    gone = server.journal.get(test.id)
+    assert gone.state == CommandState.CANCELLED and gone.reason_code == "commissioning"
+    assert lines["A"].meter(4).relay_writes == 0
+
+
+async def test_an_unapproved_protected_disconnect_expires(lines: dict[str, Line], tmp_path: Path) -> None:
+    now = [MONDAY_10]
+    cfg = site(lines, protected_approval=True, max_defer="2d")
+    e = engine(lines, tmp_path, cfg, now=lambda: now[0])
+    asked = e.request("A-8", RelayAction.DISCONNECT, who="chief", why="court order", override_reason="order 7",
+                      roles=frozenset({"override"})).command  # fmt: skip
+    assert asked.state == CommandState.AWAITING_APPROVAL
+    runner = CommandRunner(e)
+    await runner.start()
+    runner.submit(asked)
+    now[0] = MONDAY_10 + timedelta(days=3)
+    runner.clock_changed()
+    async with asyncio.timeout(10):
+        while e.journal.get(asked.id).state != CommandState.EXPIRED:  # noqa: ASYNC110 - the runner's timer
+            await asyncio.sleep(0.01)
+    await runner.stop()
+    again = e.request("A-8", RelayAction.DISCONNECT, who="chief", why="court order", override_reason="order 7",
+                      roles=frozenset({"override"})).command  # fmt: skip
+    assert again.state == CommandState.AWAITING_APPROVAL, "the meter is not blocked by the stale request"
+    assert lines["A"].meter(8).relay_writes == 0
+
+
+async def test_a_link_whose_relays_hang_does_not_starve_the_others(lines: dict[str, Line], tmp_path: Path) -> None:
+    for unit in range(1, 8):
+        lines["A"].meter(unit).faults.stuck_relay = True
+    e = engine(lines, tmp_path, confirm_timeout=1.0, attempts=2)
+    runner = CommandRunner(e, workers=2)
+    await runner.start()
+    for unit in range(1, 8):
+        runner.submit(e.request(f"A-{unit}", RelayAction.DISCONNECT, who="anna", why="arrears").command)
+    healthy = e.request("B-1", RelayAction.DISCONNECT, who="anna", why="arrears").command
+    runner.submit(healthy)
+    async with asyncio.timeout(5):  # well before line A's seven commands (2 x 1 s each) are through
+        while e.journal.get(healthy.id).state != CommandState.CONFIRMED:  # noqa: ASYNC110 - watching the journal
+            await asyncio.sleep(0.01)
+    assert not lines["B"].meter(1).relay_connected
+    await runner.stop()
