@@ -173,6 +173,8 @@ class TcpLink(Strict):
     port: Port
     max_sessions: int = Field(1, ge=1, le=1000)
     timeout: Duration = timedelta(seconds=10)
+    #: A whole DLMS session (association to release) on this link may take this long at most.
+    session_deadline: Duration = timedelta(minutes=10)
 
 
 class SerialLink(Strict):
@@ -185,6 +187,8 @@ class SerialLink(Strict):
     bytesize: Literal[7, 8] = 8
     stopbits: Literal[1, 2] = 1
     timeout: Duration = timedelta(seconds=5)
+    #: A whole DLMS session (association to release) on this line may take this long at most.
+    session_deadline: Duration = timedelta(minutes=10)
 
     @field_validator("baudrate")
     @classmethod
@@ -445,6 +449,15 @@ class ApiConfig(Strict):
     #: HTTP, which only belongs on loopback: bearer tokens would cross the network in clear.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Request bodies larger than this are refused (413) before they are read.
+    max_body: int = Field(1_048_576, ge=1024, le=1_073_741_824)
+    #: A client must send its request headers within this, and its body within `body_timeout`.
+    header_timeout: Duration = timedelta(seconds=10)
+    body_timeout: Duration = timedelta(seconds=30)
+    #: Requests served at once; more get 503 at once instead of queueing without bound.
+    max_concurrency: int = Field(200, ge=1, le=100_000)
+    #: /metrics only with a valid token (for a Prometheus with a bearer token).
+    metrics_auth: bool = False
 
     @model_validator(mode="after")
     def _tls(self) -> ApiConfig:
@@ -509,8 +522,16 @@ class VeeConfig(Strict):
         return rules
 
 
+class DlmsClientConfig(Strict):
+    #: This head-end's DLMS system title (16 hex digits: 8 bytes, conventionally a 3-letter
+    #: manufacturer id and a serial). Default: one made at random for this installation and
+    #: kept in state_dir, so two head-ends sharing meter keys never reuse AES-GCM nonces.
+    system_title: Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{16}$")] | None = None
+
+
 class Config(Strict):
     storage: StorageConfig = StorageConfig()
+    dlms: DlmsClientConfig = DlmsClientConfig()
     vee: VeeConfig = VeeConfig()
     api: ApiConfig = ApiConfig()
     links: list[Link] = []

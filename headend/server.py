@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from headend.api.app import create_app
 from headend.api.auth import Principal, TokenStore
 from headend.api.billing import billing_router
-from headend.api.security import require_roles
+from headend.api.limits import GuardedH11Protocol, RequestLimits
+from headend.api.security import authenticated, require_roles
 from headend.config import Config, Plan
 from headend.installation import installation_id
 from headend.registry import Registry, UnknownMeter
@@ -197,7 +198,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
                     "missing": [t.isoformat() for t in result.missing]}  # fmt: skip
 
         @app.get("/status")
-        async def status() -> dict[str, object]:
+        async def status(_who: Annotated[Principal, Depends(authenticated(tokens))]) -> dict[str, object]:
             return {
                 "outbox_depth": pipeline.outbox.depth(),
                 "writer": {"healthy": pipeline.writer.stats.healthy, "written": pipeline.writer.stats.written},
@@ -211,8 +212,16 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         if not tls and cfg.api.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("API on %s without TLS: bearer tokens cross the network in clear; set api.tls_cert "
                         "and api.tls_key", cfg.api.host)  # fmt: skip
-        server = uvicorn.Server(uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_level="warning",
-                                               **tls))  # type: ignore[arg-type]  # fmt: skip
+        public = {"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+        if not cfg.api.metrics_auth:
+            public.add("/metrics")
+        guarded = RequestLimits(app, tokens, public=public, max_body=cfg.api.max_body,
+                                body_timeout=cfg.api.body_timeout.total_seconds())  # fmt: skip
+        protocol = type("SiteH11Protocol", (GuardedH11Protocol,),
+                        {"header_timeout": cfg.api.header_timeout.total_seconds()})  # fmt: skip
+        server = uvicorn.Server(uvicorn.Config(guarded, host=cfg.api.host, port=cfg.api.port, log_level="warning",
+                                               http=protocol, limit_concurrency=cfg.api.max_concurrency,
+                                               timeout_keep_alive=5, **tls))  # type: ignore[arg-type]  # fmt: skip
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
         tasks = [asyncio.create_task(metrics.watch(p, polling).run(stop), name=f"plan-{p.id}") for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from headend.config import Config, MqttLink, SerialLink, TcpLink
-from headend.installation import installation_id
+from headend.installation import dlms_system_title, installation_id
 from headend.protocols.base import MeterSession, Unsupported
 from headend.protocols.dlms.security import InvocationCounters
 from headend.protocols.modbus import ModbusLink
@@ -35,6 +35,7 @@ class SessionFactory:
         self.modbus: dict[str, ModbusLink] = {}
         self.mqtt: dict[str, ConcentratorLink] = {}
         self.headend_id = headend_id or installation_id(state_dir)
+        self.system_title = dlms_system_title(state_dir, config.dlms.system_title)
 
     async def start(self) -> None:
         """Connect to every MQTT broker that has concentrators (reads arrive by themselves)."""
@@ -74,7 +75,8 @@ class SessionFactory:
             # site without DLMS meters never needs, and a restart should answer its API at once.
             from headend.protocols.dlms.client import DlmsSession
 
-            return DlmsSession.from_config(meter, link, self.env, counters=self.counters)
+            return DlmsSession.from_config(meter, link, self.env, counters=self.counters,
+                                           system_title=self.system_title)  # fmt: skip
         if meter.map is None or meter.address is None:
             raise Unsupported("a Modbus meter needs a map and an address (unit id)", meter=meter_id)
         if link.id not in self.modbus:

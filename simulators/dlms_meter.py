@@ -75,6 +75,8 @@ class DlmsFaults:
     clock_offset_s: float = 0.0
     missing_intervals: set[datetime] = field(default_factory=set)
     stuck_relay: bool = False
+    #: Every GET is answered in blocks that never end (a meter that never stops talking).
+    endless_blocks: bool = False
 
 
 @dataclass
@@ -374,6 +376,10 @@ class SimulatedDlmsMeter:
             request = xdlms.parse_request(apdu)
         except (xdlms.XdlmsError, ValueError):
             return xdlms.ExceptionResult(2, 1).to_bytes(), []
+        if isinstance(request, xdlms.GetRequestNext) and self.faults.endless_blocks:
+            n = request.block_number + 1
+            return xdlms.GetResult(request.invoke_id, data=bytes(self.block_size), block_number=n,
+                                   last_block=False).to_bytes(), [b""]  # fmt: skip
         if isinstance(request, xdlms.GetRequestNext):
             if not blocks or request.block_number > len(blocks) or request.block_number < 1:
                 return xdlms.GetResult(request.invoke_id, error=16, block_number=request.block_number).to_bytes(), []
@@ -387,6 +393,9 @@ class SimulatedDlmsMeter:
             if type(value) is int:  # get() answers values as Typed/bytes/str/...; a bare int is an error
                 return xdlms.GetResult(request.invoke_id, error=value).to_bytes(), []
             data = axdr.encode(value)
+            if self.faults.endless_blocks:
+                head = data[: self.block_size]
+                return xdlms.GetResult(request.invoke_id, data=head, block_number=1, last_block=False).to_bytes(), [b""]
             if len(data) <= self.block_size:
                 return xdlms.GetResult(request.invoke_id, data=data).to_bytes(), []
             chunks = [data[i : i + self.block_size] for i in range(0, len(data), self.block_size)]

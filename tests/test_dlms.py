@@ -3,6 +3,7 @@ real pty pair (every test runs on both)."""
 
 from __future__ import annotations
 
+import resource
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -253,3 +254,38 @@ def hls_session(
     meter: SimulatedDlmsMeter, clock: ManualClock, counters: InvocationCounters, keys: codec.Keys
 ) -> DlmsSession:
     return session(meter, clock, authentication="hls-gmac", password=None, keys=keys, counters=counters)
+
+
+async def test_a_meter_that_never_stops_sending_blocks_is_cut_off(
+    meter: SimulatedDlmsMeter, clock: ManualClock
+) -> None:
+    """Memory stays bounded by the byte cap, time by the session deadline; both end the session
+    with a clear error, and the meter still answers a fresh session afterwards."""
+    meter.faults.endless_blocks = True
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BadFrame, match="no end in sight"):
+        async with session(meter, clock, max_get_bytes=256 * 1024) as s:
+            await s.read_clock()
+    with pytest.raises(Timeout, match=r"session deadline \(0.5 s\) passed"):
+        async with session(meter, clock, session_deadline=0.5) as s:
+            await s.read_clock()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50_000  # KiB
+    meter.faults.endless_blocks = False
+    async with session(meter, clock) as s:
+        assert await s.read_clock() == NOW
+
+
+async def test_invocation_counters_belong_to_a_system_title_and_key(tmp_path: Path) -> None:
+    from headend.installation import dlms_system_title
+
+    title = dlms_system_title(tmp_path / "state")
+    assert len(title) == 8 and title.startswith(b"HED") and dlms_system_title(tmp_path / "state") == title
+    assert dlms_system_title(tmp_path / "other") != title, "another installation has its own"
+    assert dlms_system_title(tmp_path / "state", "4142434445464748") == b"ABCDEFGH"
+    counters = InvocationCounters(tmp_path / "ic.sqlite")
+    shared = counters.scope(title, b"k" * 32)
+    first, second = counters.reserve(shared), counters.reserve(shared)  # two meters with the same global keys
+    assert second == first + 1, "one sequence per (system title, key): no nonce twice under a key"
+    other = counters.reserve(counters.scope(title, b"q" * 32))
+    assert other > second, "a new sequence starts above every counter handed out before"
+    counters.close()

@@ -126,7 +126,8 @@ async def test_serve_reads_switches_and_stops_cleanly(
         await wait_for_metric(client, 'headend_meter_reads_total{plan="dlms-profile",result="ok"}')
         assert "headend_outbox_depth" in body and "headend_meter_read_seconds_bucket" in body
         assert (await client.get("/health")).json() == {"status": "ok"}
-        status = (await client.get("/status")).json()
+        assert (await client.get("/status")).status_code == 401  # the site's state is not for everyone
+        status = (await client.get("/status", headers={"Authorization": f"Bearer {token}"})).json()
         assert status["writer"]["healthy"] and status["links"]["modbus-gw"] == "up"
         assert set(status["vee"]) == {"validated_on_arrival", "conflicting_values", "failing_intervals"}
         r = await client.post("/meters/R1/commands", json={"action": "disconnect", "reason": "arrears"},

@@ -1,7 +1,8 @@
-"""Bearer tokens with roles. Only SHA-256 hashes of tokens are stored (a TOML file).
+"""Bearer tokens with roles. Only SHA-256 hashes of tokens are stored (a TOML file, 0600).
 
 Roles: operator (switching), override (may disconnect protected customers), billing
-(arrears and payment events), engineer, read-only (reads only).
+(arrears and payment events), engineer, read-only (reads only). The file is read again
+when it changes: a token removed from it stops working without a restart.
 """
 
 from __future__ import annotations
@@ -9,12 +10,37 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import os
 import secrets
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = frozenset({"operator", "override", "billing", "engineer", "read-only"})
+
+
+log = logging.getLogger(__name__)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _read(path: Path) -> dict[str, Principal]:
+    data = tomllib.loads(path.read_text()) if path.exists() else {}
+    entries = {}
+    for i, item in enumerate(data.get("tokens", [])):
+        roles = frozenset(item.get("roles", []))
+        unknown = roles - ROLES
+        if unknown or not isinstance(item.get("sha256"), str) or len(item["sha256"]) != 64:
+            raise ValueError(f"{path}: tokens[{i}]: needs sha256 (64 hex) and roles from {sorted(ROLES)}")
+        entries[item["sha256"]] = Principal(str(item.get("name", f"token{i}")), roles)
+    return entries
 
 
 @dataclass(frozen=True)
@@ -28,20 +54,30 @@ def hash_token(token: str) -> str:
 
 
 class TokenStore:
-    def __init__(self, entries: dict[str, Principal]) -> None:
+    def __init__(self, entries: dict[str, Principal], path: Path | None = None) -> None:
         self._by_hash = entries
+        self.path = path
+        self._seen = _stamp(path) if path is not None else None
 
     @classmethod
     def load(cls, path: str | Path) -> TokenStore:
-        data = tomllib.loads(Path(path).read_text()) if Path(path).exists() else {}
-        entries = {}
-        for i, item in enumerate(data.get("tokens", [])):
-            roles = frozenset(item.get("roles", []))
-            unknown = roles - ROLES
-            if unknown or not isinstance(item.get("sha256"), str) or len(item["sha256"]) != 64:
-                raise ValueError(f"{path}: tokens[{i}]: needs sha256 (64 hex) and roles from {sorted(ROLES)}")
-            entries[item["sha256"]] = Principal(str(item.get("name", f"token{i}")), roles)
-        return cls(entries)
+        return cls(_read(Path(path)), Path(path))
+
+    def _refresh(self) -> None:
+        """Read the file again if it changed since it was read; a file that does not parse
+        (half written) keeps the tokens as they were until it does."""
+        if self.path is None:
+            return
+        stamp = _stamp(self.path)
+        if stamp == self._seen:
+            return
+        try:
+            self._by_hash = _read(self.path)
+        except (ValueError, OSError) as exc:
+            log.error("%s changed but cannot be read (%s); keeping the tokens read before", self.path, exc)
+            return
+        self._seen = stamp
+        log.info("%s changed: %d tokens now", self.path, len(self._by_hash))
 
     @classmethod
     def issue(cls, path: str | Path, name: str, roles: frozenset[str]) -> str:
@@ -51,11 +87,14 @@ class TokenStore:
         token = secrets.token_urlsafe(32)
         roles_toml = ", ".join(f'"{r}"' for r in sorted(roles))
         entry = f'\n[[tokens]]\nname = {json.dumps(name)}\nsha256 = "{hash_token(token)}"\nroles = [{roles_toml}]\n'
-        with open(path, "a", encoding="utf-8") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # also a file made before by other means: hashes are nobody else's business
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(entry)
         return token
 
     def authenticate(self, token: str) -> Principal | None:
+        self._refresh()
         digest = hash_token(token)
         found = None
         for stored, principal in self._by_hash.items():

@@ -8,6 +8,7 @@ import time
 from headend.commission.checks import Options, Progress, error_text, identity, ratio, session_checks, time_boxed
 from headend.commission.report import Check, FoundMeter, Report
 from headend.config import DlmsSettings, Meter, SerialLink, TcpLink
+from headend.installation import dlms_system_title
 from headend.model import Obis
 from headend.protocols.base import LinkDown, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.dlms.client import DlmsSession
@@ -116,7 +117,8 @@ async def _scan(link: TcpLink | SerialLink, addresses: list[int], registered: di
     for address in time_boxed(addresses, "HDLC addresses", opts, report, progress):
         meter = registered.get(address) or _stranger(link, address, auth)
         try:
-            async with DlmsSession.from_config(meter, link, timeout=opts.probe_timeout, counters=counters):
+            async with DlmsSession.from_config(meter, link, timeout=opts.probe_timeout, counters=counters,
+                                               system_title=dlms_system_title(opts.state_dir)):
                 pass
             found.append(address)
         except (Refused, Unsupported):
@@ -138,7 +140,8 @@ async def _meter(link: TcpLink | SerialLink, address: int | None, meter: Meter, 
     report.meters.append(found)
     started = time.monotonic()
     try:
-        session = DlmsSession.from_config(meter, link, counters=counters)
+        title = dlms_system_title(opts.state_dir)
+        session = DlmsSession.from_config(meter, link, counters=counters, system_title=title)
         async with session:
             auth = (meter.dlms or DlmsSettings()).authentication
             took = (time.monotonic() - started) * 1000

@@ -7,6 +7,7 @@ the meter and the raw bytes). Keys and passwords are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -56,7 +57,14 @@ class DlmsSession:
         ct: float = 1.0,
         pt: float = 1.0,
         now: Callable[[], datetime] | None = None,
+        session_deadline: float = 600.0,
+        max_get_bytes: int = 16 * 1024 * 1024,
+        max_get_blocks: int = 20_000,
     ) -> None:
+        """`session_deadline`: seconds a whole session (association to release) may take;
+        `max_get_bytes`/`max_get_blocks`: what one GET may bring in blocks. A meter that keeps
+        talking past any of them gets its session closed with a clear error, and memory stays
+        bounded whatever it sends."""
         if authentication == codec.AUTH_HLS_GMAC and (keys is None or counters is None):
             raise ValueError("HLS-GMAC needs the global keys and a durable invocation counter store")
         if len(system_title) != 8:
@@ -75,6 +83,10 @@ class DlmsSession:
         self.source = f"dlms/{transport.where}"
         self._invoke = 0
         self._scalers: dict[Obis, tuple[int, int]] = {}
+        self.session_deadline = session_deadline
+        self.max_get_bytes = max_get_bytes
+        self.max_get_blocks = max_get_blocks
+        self._deadline = float("inf")
 
     @classmethod
     def tcp_wrapper(cls, host: str, port: int, meter: str, *, authentication: str = codec.AUTH_NONE,
@@ -134,6 +146,7 @@ class DlmsSession:
             "password": password.encode() if password is not None else None,
             "client_sap": settings.client_sap,
             "timeout": link.timeout.total_seconds(), "ct": meter.ct.factor if meter.ct else 1.0,
+            "session_deadline": link.session_deadline.total_seconds(),
             "pt": meter.pt.factor if meter.pt else 1.0, **kwargs,
         }  # fmt: skip
         if link.protocol == "dlms-wrapper" and isinstance(link, TcpLink):
@@ -151,6 +164,7 @@ class DlmsSession:
     # -- association -----------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        self._deadline = asyncio.get_running_loop().time() + self.session_deadline
         await self.transport.open()
         try:
             if self.authentication == codec.AUTH_HLS_GMAC:
@@ -172,8 +186,9 @@ class DlmsSession:
             raise self.transport.bad(str(exc), reply) from None
 
     def _next_counter(self) -> int:
-        assert self.counters is not None
-        return self.counters.reserve(self.meter)
+        assert self.counters is not None and self.keys is not None
+        keys = self.keys.encryption + self.keys.authentication
+        return self.counters.reserve(self.counters.scope(self.system_title, keys))
 
     async def _associate_hls_gmac(self) -> None:
         """AARQ/AARE with ciphered initiate, then the HLS passes 3 and 4 (GMAC over the challenges)."""
@@ -217,6 +232,9 @@ class DlmsSession:
         await self.transport.close()
 
     async def _service(self, request_bytes: bytes) -> xdlms.GetResult | xdlms.SetResult | xdlms.ActionResult:
+        if asyncio.get_running_loop().time() > self._deadline:
+            await self._close()
+            raise Timeout(f"session deadline ({self.session_deadline:g} s) passed", meter=self.meter)
         if self.protection is not None:
             request_bytes = self.protection.wrap(request_bytes)
         reply = await self.transport.exchange(request_bytes)
@@ -254,6 +272,10 @@ class DlmsSession:
             data += response.data or b""
             if response.block_number is None or response.last_block:
                 break
+            if len(data) > self.max_get_bytes or response.block_number >= self.max_get_blocks:
+                await self._close()
+                raise self._bad(f"GET {class_id}/{obis}/{attribute}: more than {self.max_get_bytes} bytes or "
+                                f"{self.max_get_blocks} blocks and no end in sight", bytes(data[:64]))  # fmt: skip
             response = await self._service(xdlms.GetRequestNext(invoke, response.block_number).to_bytes())
         try:
             return axdr.decode(bytes(data))

@@ -9,6 +9,7 @@ at 0 is fine).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,20 +89,34 @@ def hls_check(value: bytes, title: bytes, keys: codec.Keys, challenge: bytes) ->
 
 
 class InvocationCounters:
-    """Durable per-meter invocation counters of this client: reserved before use, never reused."""
+    """Durable invocation counters of this client: reserved before use, never reused.
+
+    An AES-GCM nonce is the sender's system title and its invocation counter, so a counter
+    sequence belongs to a (system title, key) pair: meters that share global keys share one
+    sequence (each sees it increase, with gaps), and no nonce is ever used twice under a
+    key. A new sequence starts above every counter this store has handed out before, so a
+    meter never sees a counter go back (upgrades from per-meter counters included).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self._db = connect_durable(Path(path))
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (meter TEXT PRIMARY KEY, next INTEGER NOT NULL)")
         self._lock = threading.Lock()
 
-    def reserve(self, meter: str) -> int:
+    @staticmethod
+    def scope(system_title: bytes, keys: bytes) -> str:
+        return f"{system_title.hex()}:{hashlib.sha256(keys).hexdigest()[:16]}"
+
+    def reserve(self, scope: str) -> int:
         with self._lock, write_transaction(self._db) as db:
-            row = db.execute("SELECT next FROM counters WHERE meter = ?", (meter,)).fetchone()
-            value = row[0] if row else 1
+            row = db.execute("SELECT next FROM counters WHERE meter = ?", (scope,)).fetchone()
+            if row is not None:
+                value = row[0]
+            else:
+                value = db.execute("SELECT coalesce(max(next), 1) FROM counters").fetchone()[0]
             if value > 0xFFFFFFFF:
-                raise ProtectionError(f"{meter}: invocation counter exhausted; the global keys must be changed")
-            db.execute("INSERT OR REPLACE INTO counters (meter, next) VALUES (?, ?)", (meter, value + 1))
+                raise ProtectionError(f"{scope}: invocation counter exhausted; the global keys must be changed")
+            db.execute("INSERT OR REPLACE INTO counters (meter, next) VALUES (?, ?)", (scope, value + 1))
         return int(value)
 
     def close(self) -> None:
