@@ -34,6 +34,7 @@ from headend.scheduler.gate import Lane
 from headend.scheduler.loop import PlanLoop
 from headend.sessions import SessionFactory
 from headend.storage.pipeline import Pipeline
+from headend.supervisor import Supervisor
 from headend.switching.engine import SwitchingEngine
 from headend.switching.journal import CommandJournal, CommandState
 from headend.switching.policy import SwitchingPolicy
@@ -68,6 +69,12 @@ class Metrics:
                                  ["rule"], registry=self.registry)  # fmt: skip
         self.vee_conflicts = Gauge("headend_vee_conflicting_values", "Stored values replaced by a different one",
                                    registry=self.registry)  # fmt: skip
+        self.task_restarts = Counter("headend_task_restarts", "Long-lived tasks restarted after an error",
+                                     ["task"], registry=self.registry)  # fmt: skip
+        self.hook_failures = Gauge("headend_writer_hook_failures", "Writer hooks (VEE) that raised, since start",
+                                   registry=self.registry)  # fmt: skip
+        self.outbox_failures = Gauge("headend_outbox_failures", "Outbox database errors seen by the writer "
+                                     "(disk full, I/O), since start", registry=self.registry)  # fmt: skip
         self.commands = Gauge("headend_switching_commands", "Switching commands in the journal by action and state",
                               ["action", "state"], registry=self.registry)  # fmt: skip
         self.confirm_seconds = Histogram("headend_switching_confirmation_seconds",
@@ -108,8 +115,10 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     headend_id = installation_id(cfg.state_dir)  # before any state file of this start exists
     metrics = Metrics()
-    async with Pipeline(cfg.storage, flush_timeout=5) as pipeline:
-        sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir, headend_id=headend_id)
+    supervisor = Supervisor(on_restart=lambda task: metrics.task_restarts.labels(task).inc())
+    async with Pipeline(cfg.storage, flush_timeout=5, supervisor=supervisor) as pipeline:
+        sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir, headend_id=headend_id,
+                                  supervisor=supervisor)  # fmt: skip
         await sessions.start()
         registry = Registry(cfg)
         # One admission for polling, on-demand reads, VEE re-reads and switching.
@@ -154,6 +163,8 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         @app.get("/metrics", response_class=PlainTextResponse)
         async def metrics_endpoint() -> str:
             metrics.outbox_depth.set(pipeline.outbox.depth())
+            metrics.hook_failures.set(pipeline.writer.stats.hook_failures)
+            metrics.outbox_failures.set(pipeline.writer.stats.outbox_failures)
             for link_id, state in sessions.link_states().items():
                 metrics.link_up.labels(link_id).set(1 if state == "up" else 0)
             for link_id, breaker in polling.breakers.items():
@@ -225,7 +236,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
         tasks = [asyncio.create_task(metrics.watch(p, polling).run(stop), name=f"plan-{p.id}") for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")
-        tasks.append(asyncio.create_task(arrival.run(stop), name="vee-on-arrival"))
+        tasks.append(supervisor.start("vee-on-arrival", lambda: arrival.run(stop)))
         if ready is not None:
             ready.set()
         log.info("headend serving %d meters, %d plans, API on %s:%d", len(cfg.meters), len(cfg.plans),

@@ -22,11 +22,13 @@ from headend.protocols.modbus_maps import find_map
 from headend.protocols.mqtt import ConcentratorLink
 from headend.registry import Registry
 from headend.storage.outbox import Outbox
+from headend.supervisor import Supervisor
 
 
 class SessionFactory:
     def __init__(self, config: Config, outbox: Outbox, *, state_dir: Path, env: Mapping[str, str] | None = None,
-                 headend_id: str | None = None) -> None:  # fmt: skip
+                 headend_id: str | None = None, supervisor: Supervisor | None = None) -> None:  # fmt: skip
+        self.supervisor = supervisor
         self.config = config
         self.registry = Registry(config)
         self.outbox = outbox
@@ -42,7 +44,7 @@ class SessionFactory:
         for link in self.config.links:
             if isinstance(link, MqttLink) and any(c.link == link.id for c in self.config.concentrators):
                 mqtt = ConcentratorLink.from_config(link, self.outbox, self.config, self.env,
-                                                    headend_id=self.headend_id)  # fmt: skip
+                                                    headend_id=self.headend_id, supervisor=self.supervisor)  # fmt: skip
                 await mqtt.__aenter__()
                 self.mqtt[link.id] = mqtt
                 # Subscribed before anything else starts; a broker that is down is retried in the background.

@@ -61,6 +61,7 @@ from headend.protocols.mqtt_schema import (
     response_topic,
 )
 from headend.storage.outbox import Outbox
+from headend.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +234,14 @@ class ConcentratorLink:
         tls: ssl.SSLContext | None = None,
         answer_grace: float = 0.5,
         client_id: str | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         """`observer`: states and command answers only, no data and no session kept on the
         broker (commissioning tools: they must not take the head-end's data)."""
         self.observer = observer
         self.tls = tls
         self.answer_grace = answer_grace
+        self.supervisor = supervisor or Supervisor()
         self.client_id = client_id or f"headend-{headend_id}"
         self.host = host
         self.port = port
@@ -307,7 +310,9 @@ class ConcentratorLink:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self.run(), name=f"mqtt-link-{self.host}:{self.port}")
+        # Supervised: MqttError is the loop's own business (reconnect); anything else (a bug,
+        # the outbox failing) restarts the link instead of ending ingest for good.
+        self._task = self.supervisor.start(f"mqtt-link-{self.host}:{self.port}", self.run)
         return self
 
     async def __aexit__(
@@ -401,6 +406,10 @@ class ConcentratorLink:
             _, concentrator, name = key.split(":", 2)
             stored.setdefault(concentrator, {})[name] = value
         now = self.monotonic()
+        # What was committed is the truth: a (re)start after a failure between noting a seq
+        # and committing its readings must not take the redelivered message for a duplicate.
+        for state in self.concentrators.values():
+            state.highest, state.gaps = None, []
         for concentrator, values in stored.items():
             state = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
             watermark = values.get("watermark", -1)

@@ -13,6 +13,7 @@ from headend.storage.base import ReadingStore
 from headend.storage.outbox import Outbox
 from headend.storage.sqlite import SqliteStore
 from headend.storage.writer import BatchWriter
+from headend.supervisor import Supervisor
 
 
 class MissingSecret(RuntimeError):
@@ -58,8 +59,10 @@ class Pipeline:
     outbox for the next start.
     """
 
-    def __init__(self, cfg: StorageConfig, *, store: ReadingStore | None = None, flush_timeout: float = 10.0) -> None:
+    def __init__(self, cfg: StorageConfig, *, store: ReadingStore | None = None, flush_timeout: float = 10.0,
+                 supervisor: Supervisor | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        self.supervisor = supervisor or Supervisor()
         self.store = store or build_store(cfg)
         self.outbox = Outbox(cfg.outbox)
         self.writer = BatchWriter(
@@ -75,7 +78,7 @@ class Pipeline:
     async def __aenter__(self) -> Pipeline:
         self.outbox.lock_for_writer()
         await self.store.open()
-        self._task = asyncio.create_task(self.writer.run(), name="outbox-writer")
+        self._task = self.supervisor.start("outbox-writer", self.writer.run)
         return self
 
     async def __aexit__(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,10 @@ class WriterStats:
     last_error: str | None = None
     depth: int = 0
     healthy: bool = True
+    #: A before/after-write hook (VEE) raised: logged and counted, the batch is written anyway.
+    hook_failures: int = 0
+    #: The outbox itself failed (disk full, I/O error): the writer backs off and goes on.
+    outbox_failures: int = 0
 
 
 class BatchWriter:
@@ -58,8 +63,8 @@ class BatchWriter:
         self.poll_interval = poll_interval
         self.warn_depth = warn_depth
         #: Called with each batch before it is written (e.g. VEE noting values it will replace)
-        #: and after the store confirmed it (e.g. VEE validating what arrived). An error in
-        #: `before_write` counts as the store being unavailable: the batch waits and is retried.
+        #: and after the store confirmed it (e.g. VEE validating what arrived). A hook's error
+        #: is logged and counted and never holds the data back: storing it is what matters.
         self.before_write = before_write
         self.after_write = after_write
         self.stats = WriterStats()
@@ -72,7 +77,12 @@ class BatchWriter:
         backoff = self.min_backoff
         while not self._stop.is_set():
             self._new_data.clear()
-            batch = await self.outbox.take(self.batch_size)
+            try:
+                batch = await self.outbox.take(self.batch_size)
+            except (sqlite3.Error, OSError) as exc:
+                await self._outbox_failed(exc, backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
             if not batch:
                 self.stats.depth = 0
                 self._drained.set()
@@ -81,6 +91,10 @@ class BatchWriter:
             self._drained.clear()
             try:
                 await self._write(batch)
+            except (sqlite3.Error, OSError) as exc:
+                await self._outbox_failed(exc, backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
             except StoreUnavailable as exc:
                 self._note_failure(str(exc))
                 await self._wait(backoff * random.uniform(0.5, 1.0), wake_on_data=False)
@@ -103,9 +117,9 @@ class BatchWriter:
                     await self.before_write(readings)
                 except StoreUnavailable:
                     raise
-                except Exception as exc:
-                    log.exception("before-write hook failed; the batch waits")
-                    raise StoreUnavailable(f"before-write hook: {exc}") from exc
+                except Exception:
+                    self.stats.hook_failures += 1
+                    log.exception("before-write hook failed; the batch is written without it")
             await self.store.write(readings)
         except StoreRejected as exc:
             if len(batch) == 1:
@@ -122,6 +136,7 @@ class BatchWriter:
             try:
                 await self.after_write(readings)
             except Exception:  # what is stored stays stored; the hook's failure is its own
+                self.stats.hook_failures += 1
                 log.exception("after-write hook failed")
 
     async def _quarantine(self, items: Sequence[Pending], reason: str) -> None:
@@ -129,6 +144,15 @@ class BatchWriter:
             log.error("store refused outbox row %d, quarantined: %s; body %s", p.id, reason, p.body[:500])
         await self.outbox.quarantine(items, reason)
         self.stats.quarantined += len(items)
+
+    async def _outbox_failed(self, exc: BaseException, backoff: float) -> None:
+        """The outbox's own database failed (disk full, I/O error): nothing is lost (rows are
+        deleted only after the store confirmed them), the writer waits and tries again."""
+        self.stats.outbox_failures += 1
+        self.stats.healthy = False
+        self.stats.last_error = f"outbox: {exc}"
+        log.error("outbox %s failed (%s); the writer tries again in %.1f s", self.outbox.path, exc, backoff)
+        await self._wait(backoff * random.uniform(0.5, 1.0), wake_on_data=False)
 
     def _note_failure(self, message: str) -> None:
         self.stats.store_failures += 1
