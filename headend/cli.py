@@ -22,6 +22,7 @@ from headend.api.auth import TokenStore
 from headend.config import ConfigError, StorageConfig, SwitchingConfig, load_config
 from headend.storage.outbox import Outbox, WriterLocked
 from headend.storage.pipeline import MissingSecret, Pipeline
+from headend.storage.sqlite_db import StateFileError
 
 EXIT_CONFIG = 2
 
@@ -358,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MissingSecret, WriterLocked) as exc:
         print(f"headend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except StateFileError as exc:
+        print(f"headend: {exc}", file=sys.stderr)
+        return 1
     return 1
 
 

@@ -12,6 +12,8 @@ import os
 import secrets
 from pathlib import Path
 
+from headend.storage.sqlite_db import StateFileError
+
 _FILE = "installation_id"
 LEGACY_ID = "headend"
 
@@ -22,13 +24,21 @@ def installation_id(state_dir: Path) -> str:
         return path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         pass
-    state_dir.mkdir(parents=True, exist_ok=True)
-    earlier = any(state_dir.glob("*.sqlite"))
+    earlier = state_dir.is_dir() and any(state_dir.glob("*.sqlite"))
     new = LEGACY_ID if earlier else f"he-{secrets.token_hex(6)}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(new + "\n")
+    _write_once(path, new)
     return new
+
+
+def _write_once(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError as exc:
+        path.unlink(missing_ok=True)  # never leave an empty id behind
+        raise StateFileError(f"cannot write {path}: {exc}") from exc
 
 
 _TITLE_FILE = "dlms_system_title"
@@ -44,9 +54,6 @@ def dlms_system_title(state_dir: Path, configured: str | None = None) -> bytes:
         return bytes.fromhex(path.read_text(encoding="utf-8").strip())
     except FileNotFoundError:
         pass
-    state_dir.mkdir(parents=True, exist_ok=True)
     title = b"HED" + secrets.token_bytes(5)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(title.hex() + "\n")
+    _write_once(path, title.hex())
     return title

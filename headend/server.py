@@ -34,6 +34,7 @@ from headend.scheduler.gate import Lane
 from headend.scheduler.loop import PlanLoop
 from headend.sessions import SessionFactory
 from headend.storage.pipeline import Pipeline
+from headend.storage.sqlite_db import StateFileError
 from headend.supervisor import Supervisor
 from headend.switching.engine import SwitchingEngine
 from headend.switching.journal import CommandJournal, CommandState
@@ -112,7 +113,10 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateFileError(f"cannot make {cfg.state_dir}: {exc}") from exc
     headend_id = installation_id(cfg.state_dir)  # before any state file of this start exists
     metrics = Metrics()
     supervisor = Supervisor(on_restart=lambda task: metrics.task_restarts.labels(task).inc())
@@ -236,7 +240,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
         tasks = [asyncio.create_task(metrics.watch(p, polling).run(stop), name=f"plan-{p.id}") for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")
-        tasks.append(supervisor.start("vee-on-arrival", lambda: arrival.run(stop)))
+        validating = supervisor.start("vee-on-arrival", lambda: arrival.run(stop))
         if ready is not None:
             ready.set()
         log.info("headend serving %d meters, %d plans, API on %s:%d", len(cfg.meters), len(cfg.plans),
@@ -245,7 +249,10 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         log.info("stopping: finishing in-flight reads")
         polling.stop()
         server.should_exit = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Validation on arrival is redone from the store at any time: it does not hold up a
+        # stop (a re-read it asked for may wait on a meter or a full outbox for long).
+        validating.cancel()
+        await asyncio.gather(*tasks, validating, return_exceptions=True)
         await http
         await runner.stop()
         await sessions.close()

@@ -33,11 +33,15 @@ class Supervisor:
 
     async def _keep(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         pause = self.min_backoff
+        loop = asyncio.get_running_loop()
         while True:
+            began = loop.time()
             try:
                 await run()
                 return
             except Exception:
+                if loop.time() - began > self.max_backoff:
+                    pause = self.min_backoff  # it had been running well: start over
                 self.restarts[name] += 1
                 log.exception("task %s failed (restart %d); starting it again in %.1f s", name,
                               self.restarts[name], pause)  # fmt: skip

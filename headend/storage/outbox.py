@@ -80,8 +80,7 @@ class Outbox:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         # One connection, used from worker threads one at a time under the lock.
-        self._db = connect_durable(self.path)
-        self._db.executescript(_SCHEMA)
+        self._db = connect_durable(self.path, _SCHEMA)
         self._lock = threading.Lock()
         self._waiters: set[asyncio.Event] = set()
         self._writer_lock: IO[bytes] | None = None

@@ -9,15 +9,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def connect_durable(path: Path) -> sqlite3.Connection:
-    """WAL journal, synchronous=FULL (a commit returns after fsync), transactions opened by hand."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode.lower() != "wal":
-        db.close()
-        raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode!r})")
-    db.execute("PRAGMA synchronous=FULL")
+class StateFileError(RuntimeError):
+    """A state database (outbox, journal, ...) cannot be opened: the message names the file."""
+
+
+def connect_durable(path: Path, schema: str = "") -> sqlite3.Connection:
+    """WAL journal, synchronous=FULL (a commit returns after fsync), transactions opened by
+    hand, `schema` created. A file that cannot be opened (disk full, read-only, not ours) is
+    a StateFileError naming it, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            db.close()
+            raise StateFileError(f"{path}: SQLite refused WAL mode (got {mode!r})")
+        db.execute("PRAGMA synchronous=FULL")
+        if schema:
+            db.executescript(schema)
+    except (sqlite3.Error, OSError) as exc:
+        raise StateFileError(f"cannot open {path}: {exc} (disk full? read-only? not writable by this user?)") from exc
     return db
 
 
@@ -38,8 +49,7 @@ class DurableStore:
     schema created on open, one lock around every use from any thread."""
 
     def __init__(self, path: str | Path, schema: str) -> None:
-        self._db = connect_durable(Path(path))
-        self._db.executescript(schema)
+        self._db = connect_durable(Path(path), schema)
         self._lock = threading.Lock()
 
     def close(self) -> None:
