@@ -186,7 +186,9 @@ class MosquittoServer(LocalServer):
             tool = find_binary("mosquitto_passwd")
             for name, password in users.items():
                 subprocess.run([tool, "-b", str(passwords), name, password], check=True, capture_output=True)
-            auth = f"allow_anonymous false\npassword_file {passwords}\n"
+            # As in config/mosquitto/mosquitto.conf: a client id is its user name, so no account
+            # can take over another client's id (and kick it off, or take its session).
+            auth = f"allow_anonymous false\npassword_file {passwords}\nuse_username_as_clientid true\n"
         if acl_file is not None:
             auth += f"acl_file {acl_file}\n"
         self.config_path.write_text(

@@ -231,12 +231,12 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         if not cfg.api.metrics_auth:
             public.add("/metrics")
         guarded = RequestLimits(app, tokens, public=public, max_body=cfg.api.max_body,
-                                body_timeout=cfg.api.body_timeout.total_seconds())  # fmt: skip
+                                body_timeout=cfg.api.body_timeout.total_seconds(),
+                                max_in_flight=cfg.api.max_concurrency)  # fmt: skip
         protocol = type("SiteH11Protocol", (GuardedH11Protocol,),
                         {"header_timeout": cfg.api.header_timeout.total_seconds()})  # fmt: skip
         server = uvicorn.Server(uvicorn.Config(guarded, host=cfg.api.host, port=cfg.api.port, log_level="warning",
-                                               http=protocol, limit_concurrency=cfg.api.max_concurrency,
-                                               timeout_keep_alive=5, **tls))  # type: ignore[arg-type]  # fmt: skip
+                                               http=protocol, timeout_keep_alive=5, **tls))  # type: ignore[arg-type]  # fmt: skip
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
         tasks = [asyncio.create_task(metrics.watch(p, polling).run(stop), name=f"plan-{p.id}") for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")

@@ -132,3 +132,18 @@ async def test_a_revoked_token_stops_working_without_a_restart_and_status_needs_
     assert kept.authenticate(served.tokens["anna"]) is None, "the store reads the file again"
     assert (await served.client.get("/commands", headers=served.auth("anna"))).status_code == 401
     assert (await served.client.get("/commands", headers=served.auth("auditor"))).status_code == 200
+    # An edit with a typo must not keep a token it meant to revoke: nobody gets in until it is fixed.
+    tokens_file.write_text(tokens_file.read_text() + '\n[[tokens]]\nname = "x"\nsha256 = "00"\nroles = ["readonly"]\n')
+    assert kept.authenticate(served.tokens["auditor"]) is None
+    assert (await served.client.get("/commands", headers=served.auth("auditor"))).status_code == 401
+
+
+async def test_idle_connections_do_not_starve_the_api(served: Served) -> None:
+    port = int(served.url.rsplit(":", 1)[1])
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(250)]
+    try:
+        assert (await served.client.get("/status", headers=served.auth("auditor"))).status_code == 200
+        assert (await served.client.get("/health")).status_code == 200
+    finally:
+        for _reader, writer in idle:
+            await closed(writer)

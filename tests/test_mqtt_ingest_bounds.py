@@ -123,3 +123,26 @@ def test_each_installation_has_its_own_mqtt_client_id(tmp_path: Path) -> None:
     upgraded.mkdir()
     (upgraded / "journal.sqlite").write_bytes(b"")  # ran before installation ids existed
     assert installation_id(upgraded) == LEGACY_ID, "an upgrade keeps its persistent session"
+
+
+async def test_a_seq_beyond_any_storable_number_poisons_nothing(site: tuple[Site, ConcentratorLink]) -> None:
+    s, link = site
+    huge = b'{"status": "online", "bdseq": 5, "seq": 9223372036854775808, "meters": [{"id": "M1"}]}'
+    await s.publish(state_topic(s.dc), huge, retain=True)
+    await s.publish(data_topic(s.other), message(1, "M9", value=3.5))  # another concentrator goes on
+    await link.until(lambda: link.stats.bad_messages == 1 and link.stats.received >= 3)
+    await link.until(lambda: s.outbox.depth() == 1)
+    assert s.values() == {"M9": 3.5}
+    await s.publish(state_topic(s.dc), b"", retain=True)  # the broker is shared: take the poison away
+
+
+async def test_a_concentrator_that_counts_again_from_zero_loses_nothing(site: tuple[Site, ConcentratorLink]) -> None:
+    s, link = site
+    for seq in (11, 12):
+        await s.publish(data_topic(s.dc), message(seq, "M1", value=float(seq)))
+    await link.until(lambda: link.concentrators[s.dc].highest == 12)
+    await s.publish(state_topic(s.dc), birth(0, 7, ["M1", "M2"]), retain=True)  # a replaced unit: a new birth
+    await link.until(lambda: link.concentrators[s.dc].bdseq == 7)
+    await s.publish(data_topic(s.dc), message(1, "M2", value=99.0))
+    await link.until(lambda: link.concentrators[s.dc].highest == 1)
+    assert s.values()["M2"] == 99.0 and link.stats.duplicates == 0

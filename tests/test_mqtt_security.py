@@ -165,6 +165,13 @@ async def test_with_the_shipped_acl_a_rogue_cannot_read_or_answer_commands(
                 dc.faults.stuck_relays.clear()
                 done = await engine.execute("Q1", RelayAction.RECONNECT, who="billing", why="paid again")
             assert seen == [], "the ACL keeps the commands (and their correlation ids) from the rogue"
+            for identifier in ("dc-dc-acl", "dc-acl", link.client_id):  # try to take over client ids
+                async with aiomqtt.Client("127.0.0.1", port, identifier=identifier, username="dc-rogue",
+                                          password="rogue-secret"):  # fmt: skip
+                    pass
+            assert link.concentrators["dc-acl"].online and link.connected.is_set(), "nobody was pushed off"
+            again = await engine.execute("Q1", RelayAction.RECONNECT, who="billing", why="paid, checked again")
+            assert again.state == CommandState.CONFIRMED, "the concentrator still answers its head-end"
             assert stuck.state == CommandState.FAILED and "relay still disconnected" in stuck.reason
             assert done.state == CommandState.CONFIRMED and dc.loads["Q1"].relay_connected
             assert link.stats.refused_answers == 0, "forged answers never even reach the head-end"

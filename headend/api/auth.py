@@ -23,12 +23,13 @@ ROLES = frozenset({"operator", "override", "billing", "engineer", "read-only"})
 log = logging.getLogger(__name__)
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    # ctime and inode too: a copy that keeps mtime and size (cp -p, rsync -t) still changes them.
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return st.st_mtime_ns, st.st_size
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size
 
 
 def _read(path: Path) -> dict[str, Principal]:
@@ -64,19 +65,21 @@ class TokenStore:
         return cls(_read(Path(path)), Path(path))
 
     def _refresh(self) -> None:
-        """Read the file again if it changed since it was read; a file that does not parse
-        (half written) keeps the tokens as they were until it does."""
+        """Read the file again if it changed since it was read. A file that does not parse
+        (a typo, half written) accepts no token at all until it does: keeping the old set
+        would keep a token the edit meant to revoke."""
         if self.path is None:
             return
         stamp = _stamp(self.path)
         if stamp == self._seen:
             return
+        self._seen = stamp
         try:
             self._by_hash = _read(self.path)
         except (ValueError, OSError) as exc:
-            log.error("%s changed but cannot be read (%s); keeping the tokens read before", self.path, exc)
+            self._by_hash = {}
+            log.error("%s changed and cannot be read (%s): no token is accepted until it can", self.path, exc)
             return
-        self._seen = stamp
         log.info("%s changed: %d tokens now", self.path, len(self._by_hash))
 
     @classmethod

@@ -9,7 +9,9 @@ bounded time, headers in bounded time, a bounded number of requests at once.
 - `GuardedH11Protocol` closes a connection whose request headers have not all arrived
   within `header_timeout` (uvicorn times out only idle keep-alive connections: a client
   trickling headers held one for minutes).
-- Concurrency is uvicorn's `limit_concurrency` (503 beyond it).
+- At most `max_in_flight` requests are worked on at once (503 beyond), counted after the
+  token check: idle or unauthenticated connections never use up the budget (uvicorn's own
+  `limit_concurrency` counts connections, so 200 idle sockets answered everyone 503).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ async def _answer(send: Send, status: int, detail: str, headers: list[tuple[byte
 
 class RequestLimits:
     def __init__(self, app: Any, tokens: TokenStore, *, public: Collection[str], max_body: int,
-                 body_timeout: float) -> None:  # fmt: skip
+                 body_timeout: float, max_in_flight: int = 200) -> None:  # fmt: skip
         self.app = app
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
         self.tokens = tokens
         self.public = frozenset(public)
         self.max_body = max_body
@@ -54,6 +58,17 @@ class RequestLimits:
         if scope["path"] not in self.public and not self._authenticated(headers.get(b"authorization", b"")):
             await _answer(send, 401, "missing or unknown bearer token", [(b"www-authenticate", b"Bearer")])
             return
+        if self.in_flight >= self.max_in_flight:
+            await _answer(send, 503, f"more than {self.max_in_flight} requests at once; try again shortly",
+                          [(b"retry-after", b"1")])  # fmt: skip
+            return
+        self.in_flight += 1
+        try:
+            await self._serve(scope, receive, send, headers)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]) -> None:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             await _answer(send, 413, f"request body over {self.max_body} bytes")
@@ -118,9 +133,11 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()  # no new request completed its headers in time
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        # Armed before super(): that may already start a pipelined request whose headers are
+        # complete, and its cycle must count as the new request, not as the one waited for.
         self._header_timer.cancel()
         self._arm()
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._header_timer.cancel()

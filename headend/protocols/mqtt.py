@@ -414,6 +414,7 @@ class ConcentratorLink:
             state = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
             watermark = values.get("watermark", -1)
             state.restore(watermark, values.get("highest", watermark), now)
+            state.bdseq = values.get("bdseq", state.bdseq)
 
     def _fail_pending(self, error: MeterError) -> None:
         for pending in self._pending.values():
@@ -458,6 +459,8 @@ class ConcentratorLink:
                 if c is not None and c.highest is not None:
                     watermark_key, highest_key = _cursor_keys(concentrator)
                     cursors |= {watermark_key: c.watermark, highest_key: c.highest}
+                    if c.bdseq >= 0:  # which birth these seqs count from, for after a restart
+                        cursors[f"mqtt:{concentrator}:bdseq"] = c.bdseq
             await self.outbox.accept(readings, cursors=cursors)
             self.stats.accepted_readings += len(readings)
 
@@ -480,6 +483,7 @@ class ConcentratorLink:
         if state.status == "offline" and c.online and state.bdseq != c.bdseq:
             log.info("%s: offline for bdseq %d ignored (current birth %d)", concentrator, state.bdseq, c.bdseq)
             return
+        reborn = state.status == "online" and state.bdseq != c.bdseq
         c.bdseq = state.bdseq
         c.online = state.status == "online"
         if state.status == "online":
@@ -489,7 +493,13 @@ class ConcentratorLink:
                 # First contact: start counting from here, do not ask for the concentrator's history.
                 c.highest = state.seq
             elif state.seq is not None and c.highest is not None:
-                if state.seq > c.highest + self.max_seq_gap:
+                if reborn and state.seq < c.highest:
+                    # A new connection counting from lower down: a replaced or reset unit. Its
+                    # new messages are not the old ones: count from here, never drop them.
+                    log.warning("%s: birth %d says seq %d, below the %d seen before: counting starts again",
+                                concentrator, state.bdseq, state.seq, c.highest)  # fmt: skip
+                    c.highest, c.gaps = state.seq, []
+                elif state.seq > c.highest + self.max_seq_gap:
                     log.error("%s: birth says seq %d, %d past the highest seen: not treated as a gap (max_seq_gap "
                               "%d)", concentrator, state.seq, state.seq - c.highest, self.max_seq_gap)  # fmt: skip
                 else:

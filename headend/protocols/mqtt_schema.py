@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from headend.config import ObisCode
 
 ROOT = "headend/v1"
+#: Sequence numbers above this are refused at the schema: they could not be stored (SQLite
+#: integers) nor counted on (JSON numbers), and one would poison the whole link.
+MAX_SEQ = 2**53 - 1
 
 
 def state_topic(concentrator: str) -> str:
@@ -63,10 +66,10 @@ class State(Payload):
 
     status: Literal["online", "offline"]
     #: Birth/death sequence: bumps on every (re)connect; a death with an older bdSeq is stale.
-    bdseq: int = Field(ge=0)
+    bdseq: int = Field(ge=0, le=MAX_SEQ)
     firmware: str | None = None
     #: The last data `seq` published before this birth (gap detection across reconnects).
-    seq: int | None = Field(default=None, ge=-1)
+    seq: int | None = Field(default=None, ge=-1, le=MAX_SEQ)
     meters: list[InventoryMeter] = []
     ts: datetime | None = None
 
@@ -93,7 +96,7 @@ class Block(Payload):
 class Data(Payload):
     """One data message, numbered per concentrator: blocks of one or many meters."""
 
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=MAX_SEQ)
     blocks: list[Block] = Field(min_length=1, max_length=10_000)
     replay: bool = False
 

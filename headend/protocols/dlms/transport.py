@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 T = TypeVar("T")
+#: The largest APDU DLMS allows (max PDU size 65535) plus the LLC header: a segmented answer
+#: past it is a meter that never stops talking, not data.
+MAX_APDU = 0xFFFF + 3
 
 
 class StreamTransport:
@@ -167,6 +170,9 @@ class HdlcTransport(StreamTransport):
                     raise hdlc.HdlcError(f"expected an I-frame, got control 0x{frame.control:02x}")
                 self._recv_seq = (frame.send_sequence + 1) % 8
                 data += frame.info
+                if len(data) > MAX_APDU:
+                    raise hdlc.HdlcError(f"segmented answer over {MAX_APDU} bytes, longer than any APDU",
+                                         bytes(data[:16]))  # fmt: skip
                 if not frame.segmented:
                     break
                 writer.write(self._frame(hdlc.rr_control(self._recv_seq)))
