@@ -236,6 +236,10 @@ class Concentrator(Strict):
     link: str
     max_sessions: int = Field(4, ge=1, le=1000)
     site: str | None = None
+    #: Environment variable holding this concentrator's answer key (hex, 16 bytes or more):
+    #: its answers must then carry an HMAC-SHA256 made with it, so no other client on the
+    #: broker can answer for it, ACL or not.
+    answer_key_env: str | None = None
 
 
 # --------------------------------------------------------------------------- meters

@@ -58,6 +58,8 @@ class ConcentratorFaults:
     ignore_commands: bool = False
     #: Operate relays but lose the answer (a head-end killed or cut off before it arrives).
     mute_relay_answers: bool = False
+    #: Seconds before each answer goes out.
+    answer_delay: float = 0.0
 
 
 class SimulatedConcentrator:
@@ -78,10 +80,12 @@ class SimulatedConcentrator:
         tls: ssl.SSLContext | None = None,
         username: str | None = None,
         password: str | None = None,
+        answer_key: bytes | None = None,
     ) -> None:
         self.tls = tls
         self.username = username
         self.password = password
+        self.answer_key = answer_key
         self.id = concentrator_id
         self.meters_per_message = meters_per_message
         self.host = host
@@ -251,6 +255,10 @@ class SimulatedConcentrator:
             response = await self._answer(name, command)
             if name == "relay" and self.faults.mute_relay_answers:
                 continue
+            if self.faults.answer_delay:
+                await asyncio.sleep(self.faults.answer_delay)  # a slow PLC round trip
+            if self.answer_key is not None:
+                response = response.model_copy(update={"mac": response.mac_with(self.id, self.answer_key)})
             props = None
             if self.protocol == aiomqtt.ProtocolVersion.V5:
                 props = Properties(PacketTypes.PUBLISH)

@@ -15,9 +15,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from headend.config import parse_config
+from headend.config import MqttLink, parse_config
 from headend.localservers import MosquittoServer
 from headend.model import RelayAction, RelayState
+from headend.protocols.base import LinkDown
 from headend.protocols.mqtt import ConcentratorLink
 from headend.protocols.mqtt_schema import Command, Response
 from headend.registry import Registry
@@ -178,4 +179,41 @@ async def test_with_the_shipped_acl_a_rogue_cannot_read_or_answer_commands(
         finally:
             await dc.stop()
             engine.journal.close()
+    outbox.close()
+
+
+async def test_with_answer_keys_a_forger_cannot_beat_a_slow_concentrator(
+    tmp_path: Path, mosquitto_server: MosquittoServer
+) -> None:
+    """No ACL, a concentrator that takes a second to answer, a rogue answering at once: the
+    grace alone would believe the rogue; signed answers do not."""
+    key = bytes(range(32))
+    async with site(tmp_path, mosquitto_server.port, link_auth={"answer_keys": {}},
+                    dc_auth={"answer_key": key}) as (engine, link, dc):  # fmt: skip
+        link.answer_keys = {dc.id: key}
+        dc.faults.stuck_relays.add("Q1")
+        dc.faults.answer_delay = 1.0
+        async with rogue(mosquitto_server.port, forged(RelayState.CONNECTED)) as seen:
+            command = await engine.execute("Q1", RelayAction.RECONNECT, who="billing", why="paid")
+        assert seen and command.state == CommandState.FAILED and not dc.loads["Q1"].relay_connected
+        assert "relay still disconnected" in command.reason, "decided on the concentrator's own answers"
+        assert link.stats.refused_answers >= 1
+        dc.faults.stuck_relays.clear()
+        done = await engine.execute("Q1", RelayAction.RECONNECT, who="billing", why="paid, again")
+        assert done.state == CommandState.CONFIRMED and dc.loads["Q1"].relay_connected
+
+
+def test_an_answer_key_from_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cfg = parse_config({"links": [{"id": "broker", "kind": "mqtt", "host": "127.0.0.1", "port": 1}],
+                        "concentrators": [{"id": "dc-k", "link": "broker", "answer_key_env": "DC_K"}],
+                        "meters": [{"id": "Q1", "concentrator": "dc-k"}]})  # fmt: skip
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    link_cfg = cfg.links[0]
+    assert isinstance(link_cfg, MqttLink)
+    with pytest.raises(LinkDown, match="DC_K is not set"):
+        ConcentratorLink.from_config(link_cfg, outbox, cfg, env={})
+    with pytest.raises(LinkDown, match="16 bytes or more"):
+        ConcentratorLink.from_config(link_cfg, outbox, cfg, env={"DC_K": "abcd"})
+    link = ConcentratorLink.from_config(link_cfg, outbox, cfg, env={"DC_K": "00" * 32})
+    assert link.answer_keys == {"dc-k": bytes(32)}
     outbox.close()

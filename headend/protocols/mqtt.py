@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import random
@@ -188,6 +189,21 @@ class _Pending:
     conflict: str | None = None
 
 
+def _answer_keys(config: Config, concentrators: set[str], env: Mapping[str, str]) -> dict[str, bytes]:
+    keys = {}
+    for c in config.concentrators:
+        if c.id in concentrators and c.answer_key_env is not None:
+            try:
+                keys[c.id] = bytes.fromhex(env[c.answer_key_env])
+            except KeyError:
+                raise LinkDown(f"concentrator {c.id}: answer key variable {c.answer_key_env} is not set") from None
+            except ValueError:
+                raise LinkDown(f"concentrator {c.id}: {c.answer_key_env} is not hex") from None
+            if len(keys[c.id]) < 16:
+                raise LinkDown(f"concentrator {c.id}: the answer key must be 16 bytes or more")
+    return keys
+
+
 def _cursor_keys(concentrator: str) -> tuple[str, str]:
     return f"mqtt:{concentrator}:watermark", f"mqtt:{concentrator}:highest"
 
@@ -223,6 +239,7 @@ class ConcentratorLink:
         multipliers: Mapping[str, float] | None = None,
         meters_of: Mapping[str, set[str]] | None = None,
         max_seq_gap: int = 10_000,
+        answer_keys: Mapping[str, bytes] | None = None,
         max_batch: int = 500,
         command_timeout: float = 10.0,
         gap_grace: float = 5.0,
@@ -256,6 +273,8 @@ class ConcentratorLink:
         self.meters_of = {k: set(v) for k, v in meters_of.items()} if meters_of is not None else None
         #: A seq further than this past the highest seen is refused, not taken for a gap.
         self.max_seq_gap = max_seq_gap
+        #: Concentrators whose answers must carry a valid HMAC (their answer key).
+        self.answer_keys = dict(answer_keys or {})
         self.max_batch = max_batch
         self.command_timeout = command_timeout
         self.gap_grace = gap_grace
@@ -299,6 +318,7 @@ class ConcentratorLink:
             username=link.username,
             password=password,
             meters_of=meters_of,
+            answer_keys=_answer_keys(config, concentrators, env),
             max_seq_gap=link.max_seq_gap,
             client_id=link.client_id,
             multipliers={m.id: m.multiplier for m in meters},
@@ -557,6 +577,12 @@ class ConcentratorLink:
             log.error("answer to command %s refused: it came on %s's topic for meter %s, command %s; the command "
                       "went to %s for meter %s, command %s (forged or misrouted)", response.correlation_id,
                       concentrator, response.meter, response.command, *asked)  # fmt: skip
+            return
+        key = self.answer_keys.get(concentrator)
+        if key is not None and not hmac.compare_digest(response.mac or "", response.mac_with(concentrator, key)):
+            self.stats.refused_answers += 1
+            log.error("answer to command %s for %s refused: its MAC does not verify with %s's answer key (forged)",
+                      response.correlation_id, pending.meter, concentrator)  # fmt: skip
             return
         if not pending.future.done():
             pending.future.set_result(response)

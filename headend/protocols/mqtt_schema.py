@@ -6,6 +6,9 @@ exactly one documented scheme. Payloads are JSON, validated with pydantic on arr
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 from datetime import datetime
 from typing import Any, Literal
 
@@ -121,3 +124,14 @@ class Response(Payload):
     error: str | None = None
     message: str | None = None
     result: dict[str, Any] = {}
+    #: HMAC-SHA256 (hex) of `signed_text()` with the concentrator's answer key, if it has one.
+    mac: str | None = None
+
+    def signed_text(self, concentrator: str) -> bytes:
+        """What the MAC covers: the answer and whose it is, in one canonical JSON text."""
+        fields = [concentrator, self.correlation_id, self.meter, self.command, self.status, self.error, self.message,
+                  self.result]  # fmt: skip
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+    def mac_with(self, concentrator: str, key: bytes) -> str:
+        return hmac.new(key, self.signed_text(concentrator), hashlib.sha256).hexdigest()
