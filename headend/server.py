@@ -137,7 +137,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         )  # fmt: skip
         switching.on_confirmed = lambda c, seconds: metrics.confirm_seconds.labels(c.action.value).observe(seconds)
         runner = CommandRunner(switching, workers=cfg.switching.workers,
-                               reconnect_workers=cfg.switching.reconnect_workers,
+                               reconnect_workers=cfg.switching.reconnect_workers, supervisor=supervisor,
                                limiter=LinkLimiter(cfg.switching.disconnects_per_link_per_minute))  # fmt: skip
         await runner.start()
         tokens = TokenStore.load(cfg.api.tokens_file) if cfg.api.tokens_file else TokenStore({})
@@ -238,7 +238,9 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         server = uvicorn.Server(uvicorn.Config(guarded, host=cfg.api.host, port=cfg.api.port, log_level="warning",
                                                http=protocol, timeout_keep_alive=5, **tls))  # type: ignore[arg-type]  # fmt: skip
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours handle SIGTERM
-        tasks = [asyncio.create_task(metrics.watch(p, polling).run(stop), name=f"plan-{p.id}") for p in cfg.plans]
+        # Plan loops have their own watchdog (headend_plan_loop_restarts_total); the supervisor
+        # catches what escapes it.
+        tasks = [supervisor.start(f"plan-{p.id}", lambda p=p: metrics.watch(p, polling).run(stop)) for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")
         validating = supervisor.start("vee-on-arrival", lambda: arrival.run(stop))
         if ready is not None:

@@ -333,3 +333,28 @@ async def test_a_link_over_tls_to_the_broker(tmp_path: Path, clock: ManualClock,
             await asyncio.wait_for(plain.start(), 3)
     finally:
         broker.stop()
+
+
+async def test_a_rogue_taking_the_head_ends_client_id_costs_nothing(
+    link: ConcentratorLink, mosquitto_server: MosquittoServer, clock: ManualClock, outbox: Outbox
+) -> None:
+    """Without an ACL a client can connect with the head-end's id: the broker drops the head-end
+    and, with a clean start, its queued session. The head-end reconnects, notices the seq gap
+    and asks the concentrator again: nothing is lost."""
+    sim = dc(mosquitto_server, clock, meters=2)
+    await sim.start()
+    await link.until(lambda: sim.id in link.concentrators)
+    clock.advance(3600)
+    await sim.publish_until(clock.datetime())  # seq 0..3
+    await link.until(lambda: link.concentrators[sim.id].watermark == 3)
+    connects = link.stats.connects
+    async with aiomqtt.Client("127.0.0.1", mosquitto_server.port, identifier=link.client_id, clean_start=True,
+                              protocol=aiomqtt.ProtocolVersion.V5):
+        clock.advance(3600)
+        await sim.publish_until(clock.datetime())  # seq 4..7 while the head-end is pushed off
+    await link.until(lambda: link.stats.connects > connects and link.connected.is_set(), timeout=30)
+    clock.advance(900)
+    await sim.publish_until(clock.datetime())  # seq 8: the gap 4..7 shows
+    await link.until(lambda: link.concentrators[sim.id].watermark == 8, timeout=30)
+    assert len(stored(outbox)) == 2 * 9
+    await sim.stop()

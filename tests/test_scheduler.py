@@ -309,3 +309,21 @@ async def test_a_meter_without_load_profile_gets_intervals_from_boundary_reads(t
     expected_kwh = meter.expected(energy, (start + STEP).timestamp()) - meter.expected(energy, start.timestamp())
     assert first.timestamp == LAST + STEP and first.value == pytest.approx(expected_kwh)
     assert sum(1 for r in intervals if r.value is None and Quality.MISSING in r.qualities) == 2
+
+
+async def test_a_meter_that_never_stops_talking_is_cut_off_and_the_others_are_read(fleet: Fleet) -> None:
+    fleet.meters["M4"].faults.endless_blocks = True  # every GET answered in blocks without end
+
+    def session(m: str) -> DlmsSession:
+        return DlmsSession.tcp_wrapper("127.0.0.1", fleet.ports[m], m, authentication="lls", password=b"12345678",
+                                       timeout=2, session_deadline=60, max_get_bytes=1 << 20,
+                                       now=fleet.clock.datetime)  # fmt: skip
+
+    engine = PollingEngine(Registry(fleet.config), fleet.outbox, session)
+    seen: list[str] = []
+    plan = fleet.plan(select={"meters": ["M0", "M1", "M4"]}, read=["profile"])
+    report = await engine.run_plan(plan, NOW, on_result=lambda r: seen.append(r.meter))
+    by_meter = {r.meter: r for r in report.results}
+    assert by_meter["M0"].ok and by_meter["M1"].ok
+    assert not by_meter["M4"].ok and "no end in sight" in by_meter["M4"].error
+    assert by_meter["M4"].error_type == "BadFrame"

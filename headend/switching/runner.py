@@ -21,9 +21,10 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from headend.model import RelayAction
+from headend.supervisor import Supervisor
 from headend.switching.engine import SwitchingEngine, _ns
 from headend.switching.journal import Command, CommandState
 from headend.switching.ratelimit import LinkLimiter
@@ -39,8 +40,11 @@ _FINISHED = frozenset({
 class CommandRunner:
     def __init__(self, engine: SwitchingEngine, *, workers: int = 8, reconnect_workers: int = 4,
                  limiter: LinkLimiter | None = None, tick: float = 1.0, busy_retry: float = 5.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 monotonic: Callable[[], float] = time.monotonic,
+                 supervisor: Supervisor | None = None) -> None:  # fmt: skip
         self.engine = engine
+        #: Its workers and timer run supervised: a bug that escapes their own guards restarts them.
+        self.supervisor = supervisor or Supervisor()
         self.workers = workers
         self.reconnect_workers = reconnect_workers
         self.limiter = limiter
@@ -271,11 +275,14 @@ class CommandRunner:
         of commands a restart found `sent` go on beside). Recovery comes first: a command the
         new workers claim is never mistaken for one a dead process left."""
         self._recover()
-        self._tasks = [asyncio.create_task(self._work(self._disconnects, f"d{i}"), name=f"switching-d{i}")
-                       for i in range(self.workers)]  # fmt: skip
-        self._tasks += [asyncio.create_task(self._work(self._reconnects, f"r{i}"), name=f"switching-r{i}")
+        def worker(queue: asyncio.Queue[str], name: str) -> Callable[[], Awaitable[None]]:
+            return lambda: self._work(queue, name)
+
+        start = self.supervisor.start
+        self._tasks = [start(f"switching-d{i}", worker(self._disconnects, f"d{i}")) for i in range(self.workers)]
+        self._tasks += [start(f"switching-r{i}", worker(self._reconnects, f"r{i}"))
                         for i in range(self.reconnect_workers)]  # fmt: skip
-        self._tasks.append(asyncio.create_task(self._timer_loop(), name="switching-timers"))
+        self._tasks.append(start("switching-timers", self._timer_loop))
 
     async def join(self) -> None:
         """Wait until every command taken on has run (deferred ones excepted): tests, tools."""
