@@ -1,0 +1,98 @@
+"""A rogue client on the broker against `headend serve` as deployed (issue #14): forged relay
+answers never confirm a reconnect, and data for a known meter published under another
+concentrator never reaches the store (it is quarantined, counted)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import uuid
+from pathlib import Path
+
+import aiomqtt
+
+from headend.localservers import MosquittoServer
+from headend.model import RelayState
+from headend.protocols.mqtt_schema import data_topic, state_topic
+from simulators.clock import Clock
+from simulators.mqtt_concentrator import SimulatedConcentrator
+from tests.conftest import Spawn
+from tests.test_mqtt_ingest_bounds import birth, message
+from tests.test_mqtt_security import forged, rogue
+from tests.test_switching_serve import serve
+
+
+def concentrator_site(port: int, dc_id: str, meters: list[str]) -> str:
+    return f"""
+[[links]]
+id = "broker"
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+timeout = "5s"
+[[concentrators]]
+id = "{dc_id}"
+link = "broker"
+""" + "".join(f'[[meters]]\nid = "{m}"\nconcentrator = "{dc_id}"\n' for m in meters)
+
+
+async def test_forged_relay_answers_never_confirm_a_reconnect_on_serve(
+    tmp_path: Path, spawn: Spawn, mosquitto_server: MosquittoServer
+) -> None:
+    dc_id = f"dc-{uuid.uuid4().hex[:8]}"
+    dc = SimulatedConcentrator(dc_id, "127.0.0.1", mosquitto_server.port, ["Q1"], Clock())
+    dc.loads["Q1"].set_relay(False, dc.clock.now())
+    dc.faults.stuck_relays.add("Q1")  # the relay will not close: only a forged answer could say it did
+    await dc.start()
+    served = await serve(tmp_path, spawn, concentrator_site(mosquitto_server.port, dc_id, ["Q1"]))
+    try:
+        async with rogue(mosquitto_server.port, forged(RelayState.CONNECTED)) as seen:
+            r = await served.post("/billing/events", "billing", {"type": "payment_received", "meter": "Q1",
+                                                                 "reference": "PAY-1"})  # fmt: skip
+            assert r.status_code == 202
+            done = await served.until(r.headers["Location"], timeout=60)
+        assert seen, "the rogue read the commands (no ACL on this broker)"
+        assert done["state"] == "failed" and not dc.loads["Q1"].relay_connected
+        metrics = (await served.client.get("/metrics")).text
+        assert 'headend_switching_commands{action="reconnect",state="confirmed"}' not in metrics
+    finally:
+        await served.stop()
+        await dc.stop()
+
+
+async def test_data_under_another_concentrators_name_never_reaches_the_store(
+    tmp_path: Path, spawn: Spawn, mosquitto_server: MosquittoServer
+) -> None:
+    dc_id = f"dc-{uuid.uuid4().hex[:8]}"
+    served = await serve(tmp_path, spawn, concentrator_site(mosquitto_server.port, dc_id, ["M1", "M2"]))
+    try:
+        async with aiomqtt.Client("127.0.0.1", mosquitto_server.port, identifier=f"pub-{dc_id}") as client:
+            await client.publish(state_topic(dc_id), birth(0, 1, ["M1", "M2"]), qos=1, retain=True)
+            await client.publish(data_topic("dc-rogue"), message(1, "M1", value=666.0), qos=1)  # unknown sender
+            await client.publish(data_topic(dc_id), message(1, "M9", value=666.0), qos=1)  # not its meter
+            await client.publish(data_topic(dc_id), message(1, "M1", value=1.5), qos=1)  # the genuine one
+        async with asyncio.timeout(30):
+            while (rows := readings(tmp_path / "readings.sqlite")) != [("M1", 1.5)]:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)  # polling another process's store until the genuine value is in
+        assert rows == [("M1", 1.5)], "neither rogue value was stored"
+        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
+            reasons = [r for (r,) in db.execute("SELECT reason FROM quarantine")]
+        assert any("dc-rogue is not a concentrator of this link" in r for r in reasons)
+        assert any("'M9' is not behind" in r for r in reasons)
+        await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc_id))
+    finally:
+        await served.stop()
+
+
+def readings(path: Path) -> list[tuple[str, float]]:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return list(db.execute("SELECT meter, value FROM readings WHERE kind = 'interval'"))
+    except sqlite3.OperationalError:
+        return []
+
+
+async def mosquitto_publish_clear(port: int, topic: str) -> None:
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"clear-{uuid.uuid4().hex[:6]}") as client:
+        await client.publish(topic, b"", qos=1, retain=True)
