@@ -19,7 +19,7 @@ from simulators.clock import Clock
 from simulators.mqtt_concentrator import SimulatedConcentrator
 from tests.conftest import Spawn
 from tests.test_mqtt_ingest_bounds import birth, message
-from tests.test_mqtt_security import forged, rogue
+from tests.test_mqtt_security import ACL, forged, rogue
 from tests.test_switching_serve import serve
 
 
@@ -96,3 +96,81 @@ def readings(path: Path) -> list[tuple[str, float]]:
 async def mosquitto_publish_clear(port: int, topic: str) -> None:
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"clear-{uuid.uuid4().hex[:6]}") as client:
         await client.publish(topic, b"", qos=1, retain=True)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def test_a_seq_of_a_billion_is_quarantined_and_the_genuine_message_stored_on_serve(
+    tmp_path: Path, spawn: Spawn, mosquitto_server: MosquittoServer
+) -> None:
+    dc_id = f"dc-{uuid.uuid4().hex[:8]}"
+    served = await serve(tmp_path, spawn, concentrator_site(mosquitto_server.port, dc_id, ["M1"]))
+    assert served.proc is not None
+    try:
+        async with aiomqtt.Client("127.0.0.1", mosquitto_server.port, identifier=f"pub-{dc_id}") as client:
+            await client.publish(state_topic(dc_id), birth(0, 1, ["M1"]), qos=1, retain=True)
+            await asyncio.sleep(0.5)
+            before = rss_kib(served.proc.pid)
+            await client.publish(data_topic(dc_id), message(10**9, "M1", value=666.0), qos=1)
+            await client.publish(data_topic(dc_id), message(1, "M1", value=1.5), qos=1)
+        async with asyncio.timeout(30):
+            while readings(tmp_path / "readings.sqlite") != [("M1", 1.5)]:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)  # polling another process's store
+        assert rss_kib(served.proc.pid) - before < 20_000
+        assert (await served.client.get("/health")).status_code == 200
+        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
+            reasons = [r for (r,) in db.execute("SELECT reason FROM quarantine")]
+        assert any("max_seq_gap" in r for r in reasons)
+        await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc_id))
+    finally:
+        await served.stop()
+
+
+async def test_a_forged_retained_offline_does_not_hold_a_concentrator_offline_on_serve(
+    tmp_path: Path, spawn: Spawn, mosquitto_server: MosquittoServer
+) -> None:
+    dc_id = f"dc-{uuid.uuid4().hex[:8]}"
+    dc = SimulatedConcentrator(dc_id, "127.0.0.1", mosquitto_server.port, ["Q1"], Clock())
+    await dc.start()
+    served = await serve(tmp_path, spawn, concentrator_site(mosquitto_server.port, dc_id, ["Q1"]))
+    try:
+        offline = b'{"status": "offline", "bdseq": 1000000000000000}'
+        async with aiomqtt.Client("127.0.0.1", mosquitto_server.port, identifier=f"pub-{dc_id}") as client:
+            await client.publish(state_topic(dc_id), offline, qos=1, retain=True)
+        r = await served.post("/billing/events", "billing", {"type": "payment_received", "meter": "Q1",
+                                                             "reference": "PAY-2"})  # fmt: skip
+        done = await served.until(r.headers["Location"], timeout=60)
+        assert done["state"] == "confirmed", done.get("reason")
+    finally:
+        await served.stop()
+        await dc.stop()
+
+
+async def test_with_the_shipped_acl_a_rogue_reads_no_command_on_serve(tmp_path: Path, spawn: Spawn) -> None:
+    users = {"headend": "he-secret", "dc-acl": "dc-secret", "dc-rogue": "rogue-secret"}
+    broker = MosquittoServer(tmp_path / "broker", acl_file=ACL, users=users)
+    broker.start()
+    dc = SimulatedConcentrator("dc-acl", "127.0.0.1", broker.port, ["Q1"], Clock(), username="dc-acl",
+                               password="dc-secret")  # fmt: skip
+    dc.loads["Q1"].set_relay(False, dc.clock.now())
+    await dc.start()
+    site = concentrator_site(broker.port, "dc-acl", ["Q1"]).replace(
+        'kind = "mqtt"', 'kind = "mqtt"\nusername = "headend"\npassword_env = "BROKER_PASSWORD"')
+    served = await serve(tmp_path, spawn, site, BROKER_PASSWORD="he-secret")
+    try:
+        async with rogue(broker.port, forged(RelayState.CONNECTED, "headend/v1/dc/dc-acl/resp"),
+                         username="dc-rogue", password="rogue-secret") as seen:  # fmt: skip
+            r = await served.post("/billing/events", "billing", {"type": "payment_received", "meter": "Q1",
+                                                                 "reference": "PAY-3"})  # fmt: skip
+            done = await served.until(r.headers["Location"], timeout=60)
+        assert seen == [], "the ACL keeps the commands from the rogue"
+        assert done["state"] == "confirmed" and dc.loads["Q1"].relay_connected
+    finally:
+        await served.stop()
+        await dc.stop()
+        broker.stop()
