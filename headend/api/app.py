@@ -17,8 +17,8 @@ from headend.api.auth import Principal, TokenStore
 from headend.api.security import authenticated, require_roles
 from headend.model import RelayAction
 from headend.registry import UnknownMeter
-from headend.switching.engine import Admitted, ApprovalError, SwitchingEngine
-from headend.switching.journal import Command, CommandState, IdempotencyConflict, JournalError
+from headend.switching.engine import ApprovalError, SwitchingEngine
+from headend.switching.journal import Admitted, Command, CommandState, IdempotencyConflict, JournalError
 from headend.switching.policy import Refusal
 from headend.switching.runner import CommandRunner
 

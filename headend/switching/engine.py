@@ -14,10 +14,10 @@ at the moment of switching.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ from headend.protocols.base import MeterError, MeterSession
 from headend.registry import Registry
 from headend.scheduler.admission import LinkAdmission
 from headend.scheduler.gate import Lane
-from headend.switching.journal import Command, CommandJournal, CommandState, NotOwner
+from headend.switching.journal import Admitted, Command, CommandJournal, CommandState, NotOwner
 from headend.switching.policy import OVERRIDE_ROLE, Decision, Refusal, SwitchingPolicy
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,6 @@ class ApprovalError(RuntimeError):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
-
-
-@dataclass(frozen=True)
-class Admitted:
-    command: Command
-    #: False when an idempotency key answered an earlier command.
-    new: bool
-    #: Disconnects this reconnect cancelled.
-    cancelled: tuple[Command, ...] = ()
 
 
 def _ns(t: datetime) -> int:
@@ -107,8 +98,8 @@ class SwitchingEngine:
             log.info("command %s (%s %s) cancelled by reconnect %s", gone.id, gone.action, gone.meter,
                      created.command.id)  # fmt: skip
         if not created.new:
-            return Admitted(created.command, False)
-        return Admitted(self.decide(created.command), True, created.cancelled)
+            return created
+        return dataclasses.replace(created, command=self.decide(created.command))
 
     def decide(self, command: Command) -> Command:
         """requested -> rejected | deferred | awaiting_approval | queued, on the roles the
@@ -324,9 +315,17 @@ class SwitchingEngine:
                       CommandState.QUEUED, CommandState.RUNNING, CommandState.SENT):  # fmt: skip
             for command in self.journal.find(state=state, limit=1_000_000):
                 if not self.registry.has(command.meter):
-                    self._drop_unknown(command)
+                    reason = f"meter {command.meter} is no longer in the registry"
+                    if state == CommandState.SENT:
+                        self._fail(command, f"{reason}; its relay cannot be read back", command.owner)
+                    else:
+                        self._cancel_at_restart(command, "unknown_meter", reason)
                 elif command.who.startswith(COMMISSIONING) and state != CommandState.SENT:
-                    self._drop_commissioning(command)
+                    # A commissioning relay test runs in its own process and puts the relay back
+                    # itself: a live test would lose its claim, a dead one would leave a customer
+                    # switched by a test nobody finishes.
+                    self._cancel_at_restart(command, "commissioning",
+                                            "a commissioning relay test's command: not taken over by the server")
         for command in self.journal.find(state=CommandState.REQUESTED, limit=1_000_000):
             self.decide(command)
         for command in self.journal.find(state=CommandState.RUNNING, limit=1_000_000):
@@ -335,30 +334,15 @@ class SwitchingEngine:
         waiting = (CommandState.SENT, CommandState.QUEUED, CommandState.DEFERRED, CommandState.AWAITING_APPROVAL)
         return [c for state in waiting for c in self.journal.find(state=state, limit=1_000_000)]
 
-    def _drop_commissioning(self, command: Command) -> None:
-        """A commissioning relay test runs in its own process and puts the relay back itself;
-        the server never takes its commands over (a live test would lose its claim, a dead
-        one would leave a customer switched by a test nobody finishes)."""
-        reason = "a commissioning relay test's command: not taken over by the server"
-        if command.state == CommandState.RUNNING:
-            command = self.journal.release(command.id, command.owner or "", {"reason": "restart"})
-        self.journal.transition(command.id, CommandState.CANCELLED, {"reason": reason}, code="commissioning",
-                                reason=reason)  # fmt: skip
-
-    def _drop_unknown(self, command: Command) -> None:
-        reason = f"meter {command.meter} is no longer in the registry"
-        if command.state == CommandState.SENT:
-            self._fail(command, f"{reason}; its relay cannot be read back", command.owner)
-            return
-        if command.state == CommandState.RUNNING:
-            command = self.journal.release(command.id, command.owner or "", {"reason": "restart"})
+    def _cancel_at_restart(self, command: Command, code: str, reason: str) -> None:
+        """End a command a restart finds but must not carry out (nothing was sent)."""
         log.warning("command %s (%s %s) cancelled: %s", command.id, command.action, command.meter, reason)
-        self.journal.transition(command.id, CommandState.CANCELLED, {"reason": reason}, code="unknown_meter",
-                                reason=reason)  # fmt: skip
+        self.journal.transition(command.id, CommandState.CANCELLED, {"reason": reason}, code=code, reason=reason)
 
     async def reconfirm(self, command: Command) -> Command | None:
-        """A `sent` command whose outcome a restart lost: read the relay (never resend). None
-        when the meter cannot be reached yet: it stays `sent`, to be tried again."""
+        """A `sent` command whose outcome a restart lost: read the relay. A disconnect is never
+        sent again; a reconnect the relay shows did not happen is. None when the meter cannot
+        be reached yet: it stays `sent`, to be tried again."""
         targets = _TARGETS[command.action]
         try:
             async with self.admission.session(command.meter, Lane.SWITCHING) as session:

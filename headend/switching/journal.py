@@ -136,8 +136,11 @@ class Event:
 
 
 @dataclass(frozen=True)
-class Created:
+class Admitted:
+    """A request as the journal (and then the engine's decision) left it."""
+
     command: Command
+    #: False when an idempotency key answered an earlier command.
     new: bool
     #: Disconnects of the same meter that this reconnect cancelled, in the same transaction.
     cancelled: tuple[Command, ...] = ()
@@ -250,7 +253,7 @@ class CommandJournal(DurableStore):
 
     def create(self, meter: str, action: RelayAction, *, who: str, why: str, idempotency_key: str | None = None,
                override_reason: str | None = None, defer: bool = True, roles: frozenset[str] = frozenset(),
-               cancel_reason: str | None = None) -> Created:  # fmt: skip
+               cancel_reason: str | None = None) -> Admitted:  # fmt: skip
         """Record a new command in `requested`, or answer the command its key already made.
 
         With `cancel_reason` (a reconnect), open disconnects of the meter that have not been
@@ -267,7 +270,7 @@ class CommandJournal(DurableStore):
                 existing = _command(row[:-1])
                 if row[-1] and row[-1] != digest:
                     raise IdempotencyConflict(existing)
-                return Created(existing, False)
+                return Admitted(existing, False)
             cid = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO commands (id, meter, action, who, why, idempotency_key, request_hash, override_reason, "
@@ -290,7 +293,7 @@ class CommandJournal(DurableStore):
                     self._change(db, other, CommandState.CANCELLED, now, {"reason": reason, "code": "reconnect"},
                                  code="reconnect", reason=reason)  # fmt: skip
                     cancelled.append(other.id)
-        return Created(self.get(cid), True, tuple(self.get(c) for c in cancelled))
+        return Admitted(self.get(cid), True, tuple(self.get(c) for c in cancelled))
 
     # -- state changes -------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _FINISHED = frozenset({
     CommandState.REJECTED, CommandState.CONFIRMED, CommandState.CONFIRMED_READY, CommandState.FAILED,
-    CommandState.EXPIRED, CommandState.CANCELLED, CommandState.AWAITING_APPROVAL,
+    CommandState.EXPIRED, CommandState.CANCELLED,
 })  # fmt: skip
 
 
@@ -65,7 +65,7 @@ class CommandRunner:
         self._order = itertools.count()
         self._tracked: set[str] = set()
         self._waiting_deferred: set[str] = set()
-        self._blocked: dict[str, list[str]] = {}  # meter -> commands waiting for it
+        self._blocked: dict[str, set[str]] = {}  # meter -> commands waiting for it
         self._blocked_ids: set[str] = set()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -207,7 +207,7 @@ class CommandRunner:
             if command.id in self._tracked:
                 # Not claimed: another command of the meter is running or sent. Try again when
                 # that one is done here, or after `busy_retry` if it runs elsewhere.
-                self._blocked.setdefault(command.meter, []).append(command.id)
+                self._blocked.setdefault(command.meter, set()).add(command.id)
                 self._blocked_ids.add(command.id)
                 self._timer(self.busy_retry, "retry", command.id)
                 return
@@ -220,7 +220,7 @@ class CommandRunner:
             self._meter_free(command.meter)
 
     def _meter_free(self, meter: str) -> None:
-        for waiting in self._blocked.pop(meter, []):
+        for waiting in self._blocked.pop(meter, set()):
             if waiting in self._blocked_ids:
                 self._unblock(waiting)
 
