@@ -56,9 +56,14 @@ def api_client(args: argparse.Namespace, transport: httpx.BaseTransport | None =
 
 
 def run_quarantine(args: argparse.Namespace) -> int:
-    """`headend quarantine list|requeue`: what the store refused, and sending it again."""
+    """`headend quarantine list|requeue|drop-raw`: what the store refused, sending it again,
+    and clearing raw messages (that never parsed) once they have been looked at."""
     outbox = Outbox(load_config(args.config).storage.outbox)
     try:
+        if args.what == "drop-raw":
+            dropped = outbox.drop_raw_sync(args.id)
+            console.print(f"dropped {dropped} raw message(s); quarantined readings are never dropped")
+            return 0
         if args.what == "requeue":
             moved = outbox.requeue_sync(args.id)
             console.print(f"requeued {moved} reading(s); the writer of `headend serve` (or `headend drain`) "
@@ -257,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the outcome (0: do not wait)")
 
     quarantine = sub.add_parser("quarantine", help="list quarantined readings, or requeue them after a fix")
-    quarantine.add_argument("what", choices=["list", "requeue"])
+    quarantine.add_argument("what", choices=["list", "requeue", "drop-raw"])
     quarantine.add_argument("--config", required=True)
-    quarantine.add_argument("--id", type=int, action="append", help="requeue only these rows (repeat)")
+    quarantine.add_argument("--id", type=int, action="append", help="requeue (or drop) only these rows (repeat)")
 
     export = sub.add_parser("export", help="validated billing data of meters and a period (via the API)")
     export.add_argument("--meter", action="append", required=True, help="a meter id; repeat for more")

@@ -531,6 +531,11 @@ class DlmsClientConfig(Strict):
     #: manufacturer id and a serial). Default: one made at random for this installation and
     #: kept in state_dir, so two head-ends sharing meter keys never reuse AES-GCM nonces.
     system_title: Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{16}$")] | None = None
+    #: What one GET may bring in blocks (a profile of 96 x 4 x 13 bytes is about 5 kB; a month
+    #: of 15-minute rows about 150 kB): a meter that keeps sending past either cap gets its
+    #: session closed with a clear error, and memory stays bounded whatever it sends.
+    max_get_bytes: int = Field(16 * 1024 * 1024, ge=4096, le=1 << 30)
+    max_get_blocks: int = Field(20_000, ge=1, le=10_000_000)
 
 
 class Config(Strict):

@@ -48,6 +48,11 @@ from headend.vee.store import VeeStore
 log = logging.getLogger(__name__)
 
 
+#: LinkStats counters published as headend_mqtt_link_events{event}.
+MQTT_EVENTS = ("connects", "gaps", "backfills", "duplicates", "bad_messages", "unkept_bad_messages",
+               "refused_answers", "refused_messages")
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -76,6 +81,10 @@ class Metrics:
                                    registry=self.registry)  # fmt: skip
         self.outbox_failures = Gauge("headend_outbox_failures", "Outbox database errors seen by the writer "
                                      "(disk full, I/O), since start", registry=self.registry)  # fmt: skip
+        self.mqtt_events = Gauge("headend_mqtt_link_events", "MQTT link events since start: connects, gaps, "
+                                 "backfills, duplicates, bad_messages (unkept_: quarantine full), refused_answers, "
+                                 "refused_messages",
+                                 ["link", "event"], registry=self.registry)  # fmt: skip
         self.commands = Gauge("headend_switching_commands", "Switching commands in the journal by action and state",
                               ["action", "state"], registry=self.registry)  # fmt: skip
         self.confirm_seconds = Histogram("headend_switching_confirmation_seconds",
@@ -171,6 +180,9 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             metrics.outbox_failures.set(pipeline.writer.stats.outbox_failures)
             for link_id, state in sessions.link_states().items():
                 metrics.link_up.labels(link_id).set(1 if state == "up" else 0)
+            for link_id, mqtt in sessions.mqtt.items():
+                for event in MQTT_EVENTS:
+                    metrics.mqtt_events.labels(link_id, event).set(getattr(mqtt.stats, event))
             for link_id, breaker in polling.breakers.items():
                 metrics.breaker_open.labels(link_id).set(1 if breaker.is_open else 0)
             metrics.progress_age.set(time.monotonic() - polling.stats.last_progress)

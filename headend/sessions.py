@@ -78,7 +78,9 @@ class SessionFactory:
             from headend.protocols.dlms.client import DlmsSession
 
             return DlmsSession.from_config(meter, link, self.env, counters=self.counters,
-                                           system_title=self.system_title)  # fmt: skip
+                                           system_title=self.system_title,
+                                           max_get_bytes=self.config.dlms.max_get_bytes,
+                                           max_get_blocks=self.config.dlms.max_get_blocks)  # fmt: skip
         if meter.map is None or meter.address is None:
             raise Unsupported("a Modbus meter needs a map and an address (unit id)", meter=meter_id)
         if link.id not in self.modbus:

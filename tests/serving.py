@@ -43,6 +43,10 @@ class Served:
     tokens: dict[str, str]
     spawn: Spawn
     env: dict[str, str] = field(default_factory=dict)
+    #: The module run as the server: the CLI, or tests.fault_serve to inject a fault.
+    module: str = "headend.cli"
+    #: Where the server's log goes (default: nowhere, or the terminal with HEADEND_TEST_SERVER_LOG=1).
+    log_path: Path | None = None
     proc: asyncio.subprocess.Process | None = None
     client: httpx.AsyncClient = field(init=False)
 
@@ -56,11 +60,15 @@ class Served:
         """Start the server; return the seconds until its API answered."""
         began = time.monotonic()
         # HEADEND_TEST_SERVER_LOG=1 shows the server's log while a test runs.
-        log = None if os.environ.get("HEADEND_TEST_SERVER_LOG") else asyncio.subprocess.DEVNULL
+        log: Any = None if os.environ.get("HEADEND_TEST_SERVER_LOG") else asyncio.subprocess.DEVNULL
+        if self.log_path is not None:
+            log = self.log_path.open("ab")
         self.proc = await self.spawn(
-            sys.executable, "-m", "headend.cli", "serve", "--config", str(self.directory / "site.toml"), cwd=ROOT,
+            sys.executable, "-m", self.module, "serve", "--config", str(self.directory / "site.toml"), cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), **self.env}, stderr=log,
         )  # fmt: skip
+        if self.log_path is not None:
+            log.close()  # the server has its own copy of the descriptor
         async with asyncio.timeout(60):
             while True:
                 if self.proc.returncode is not None:

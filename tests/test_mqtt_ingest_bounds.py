@@ -23,9 +23,9 @@ from headend.storage.outbox import Outbox
 T = datetime(2026, 3, 9, 10, 15, tzinfo=UTC)
 
 
-def message(seq: int, meter: str, value: float = 1.5) -> bytes:
+def message(seq: int, meter: str, value: float = 1.5, at: datetime | None = None) -> bytes:
     block = Block(meter=meter, kind="interval", channel="1-0:1.29.0.255", unit="kWh", interval_s=900,
-                  readings=[Point(t=T, v=value)])  # fmt: skip
+                  readings=[Point(t=at or T, v=value)])  # fmt: skip
     return Data(seq=seq, blocks=[block]).model_dump_json().encode()
 
 

@@ -135,3 +135,28 @@ async def test_quarantined_readings_go_back_to_the_store_once_the_cause_is_fixed
     stored = await influx_store.query("M003", IMPORT, poison.timestamp.replace(day=1), poison.timestamp)
     assert [x.value for x in stored] == [7.0]
     outbox.close()
+
+
+def test_raw_quarantine_is_bounded_and_the_same_message_is_one_row(tmp_path: Path) -> None:
+    """A flood of garbage on the broker cannot fill the disk: the same bytes again (a retained
+    message at every reconnect) are one row, a huge message keeps its first 64 KiB with its
+    size and digest, and past the cap raw messages are refused (counted by the caller), while
+    quarantined readings are never dropped."""
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_raw_quarantine=3)
+    try:
+        for _ in range(5):
+            assert outbox.quarantine_raw_sync("mqtt a/state", b"\x00garbage", "does not parse")
+        huge = b"x" * (1 << 20)
+        assert outbox.quarantine_raw_sync("mqtt a/data", huge, "does not parse")
+        assert outbox.quarantine_raw_sync("mqtt a/data", b"other", "does not parse")
+        assert not outbox.quarantine_raw_sync("mqtt a/data", b"one too many", "does not parse")
+        assert outbox.quarantine_raw_sync("mqtt a/state", b"\x00garbage", "does not parse"), "already kept"
+        rows = outbox.quarantine_rows()
+        assert len(rows) == 3 and not any(r.requeueable for r in rows)
+        big = next(r for r in rows if "1048576 bytes" in r.reason)
+        assert len(big.body) < 64 * 1024 * 2 + 100 and "first 65536 kept" in big.reason
+        assert outbox.drop_raw_sync([big.id]) == 1
+        assert outbox.quarantine_raw_sync("mqtt a/data", b"one too many", "does not parse"), "room again"
+        assert outbox.drop_raw_sync() == 3 and outbox.quarantine_rows() == []
+    finally:
+        outbox.close()

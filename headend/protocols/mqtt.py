@@ -174,6 +174,8 @@ class LinkStats:
     refused_answers: int = 0
     #: State messages of concentrators this link does not have.
     refused_messages: int = 0
+    #: Bad messages not kept because the quarantine was full of raw messages.
+    unkept_bad_messages: int = 0
 
 
 #: Commands whose answers say what a relay did: held for `answer_grace` against a contradiction.
@@ -307,6 +309,15 @@ class ConcentratorLink:
                 log.warning("link %s: a broker password without TLS crosses the network in clear; set tls = true",
                             link.id)  # fmt: skip
         concentrators = {c.id for c in config.concentrators if c.link == link.id}
+        unsigned = sorted(c.id for c in config.concentrators if c.link == link.id and c.answer_key_env is None)
+        if unsigned and link.username is None:
+            # Without per-device credentials (and so without the ACL) and without answer keys,
+            # any client on the broker can read commands and answer them before a slow
+            # concentrator does: the confirming read-back is still required, but a forger can
+            # fail commands that would have succeeded.
+            log.warning("link %s: anonymous broker and no answer_key_env for %s: any client on the broker can "
+                        "read relay commands and answer them first; see docs/mqtt.md (Security)",
+                        link.id, ", ".join(unsigned[:5]) + (" ..." if len(unsigned) > 5 else ""))  # fmt: skip
         meters = [m for m in config.meters if m.concentrator in concentrators]
         meters_of: dict[str, set[str]] = {c: set() for c in concentrators}
         for m in meters:
@@ -487,9 +498,14 @@ class ConcentratorLink:
     async def _bad(self, topic: str, payload: bytes, reason: str) -> None:
         reason = reason.replace("\n", "; ")[:500]
         log.error("bad MQTT message on %s (%s); raw %s", topic, reason, payload[:200].hex())
-        # Kept, not dropped: the raw message goes to the outbox's quarantine before the ack.
-        await self.outbox.quarantine_raw(f"mqtt {topic}", payload, reason)
-        self.stats.bad_messages += 1  # counted once it is durably kept
+        # Kept, not dropped: the raw message goes to the outbox's quarantine before the ack
+        # (the same bytes again are one row), up to the quarantine's cap on raw messages.
+        if not await self.outbox.quarantine_raw(f"mqtt {topic}", payload, reason):
+            self.stats.unkept_bad_messages += 1
+            if self.stats.unkept_bad_messages % 1000 == 1:
+                log.error("quarantine holds %d raw messages: bad messages are counted but not kept "
+                          "(`headend quarantine list`, then `drop-raw`)", self.outbox.max_raw_quarantine)  # fmt: skip
+        self.stats.bad_messages += 1
 
     def _on_state(self, concentrator: str, state: State) -> None:
         if not self._configured(concentrator):

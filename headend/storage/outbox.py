@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -76,9 +77,26 @@ class WriterLocked(RuntimeError):
     """Another process is already draining this outbox."""
 
 
+#: Raw messages (that never parsed) kept in quarantine at most; past it they are counted and
+#: logged but not kept, so a flood of distinct garbage cannot fill the disk. Readings refused
+#: by the store are real reads and are always kept.
+MAX_RAW_QUARANTINE = 100_000
+#: Bytes of one raw message kept as evidence; its size and SHA-256 name the whole.
+MAX_RAW_BYTES = 64 * 1024
+
+
+def _raw_id(source: str, payload: bytes) -> int:
+    """A negative id fixed by the content: the same message quarantined again (a retained
+    message at every reconnect, a replay flood) is one row."""
+    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape") + b"\0" + payload).digest()
+    return -1 - (int.from_bytes(digest[:8], "big") >> 1)
+
+
 class Outbox:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, max_raw_quarantine: int = MAX_RAW_QUARANTINE) -> None:
         self.path = Path(path)
+        self.max_raw_quarantine = max_raw_quarantine
+        self._raw_rows: int | None = None  # counted once, then kept up to date here
         # One connection, used from worker threads one at a time under the lock.
         self._db = connect_durable(self.path, _SCHEMA)
         self._lock = threading.Lock()
@@ -154,10 +172,28 @@ class Outbox:
             rows = self._db.execute("SELECT key, value FROM cursors WHERE key LIKE ? || '%'", (prefix,)).fetchall()
         return {k: int(v) for k, v in rows}
 
-    async def quarantine_raw(self, source: str, payload: bytes, reason: str) -> None:
-        """Keep a message that never became readings (it does not parse), with the reason."""
-        body = f"{source} {payload.hex()}"
-        await self.quarantine([Pending(-time.time_ns(), None, body)], reason)
+    async def quarantine_raw(self, source: str, payload: bytes, reason: str) -> bool:
+        """Keep a message that never became readings (it does not parse), with the reason;
+        False if it was not kept because the quarantine holds `max_raw_quarantine` of them."""
+        return await asyncio.to_thread(self.quarantine_raw_sync, source, payload, reason)
+
+    def quarantine_raw_sync(self, source: str, payload: bytes, reason: str) -> bool:
+        row_id = _raw_id(source, payload)
+        kept = payload[:MAX_RAW_BYTES]
+        if len(kept) < len(payload):
+            digest = hashlib.sha256(payload).hexdigest()
+            reason = f"{reason} [{len(payload)} bytes, sha256 {digest}, first {len(kept)} kept]"
+        with self._lock:
+            known = self._db.execute("SELECT 1 FROM quarantine WHERE id = ?", (row_id,)).fetchone() is not None
+            if self._raw_rows is None:
+                self._raw_rows = int(self._db.execute("SELECT count(*) FROM quarantine WHERE id < 0").fetchone()[0])
+            if not known and self._raw_rows >= self.max_raw_quarantine:
+                return False
+            with write_transaction(self._db) as db:
+                db.execute("INSERT OR REPLACE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
+                           (row_id, f"{source} {kept.hex()}", reason, time.time_ns()))  # fmt: skip
+            self._raw_rows += 0 if known else 1
+        return True
 
     # -- state -------------------------------------------------------------------------
 
@@ -177,6 +213,16 @@ class Outbox:
                 "SELECT id, body, reason, quarantined_ns FROM quarantine ORDER BY quarantined_ns, id"
             ).fetchall()
         return [QuarantinedRow(i, body, reason, ns, _decodes(body)) for i, body, reason, ns in rows]
+
+    def drop_raw_sync(self, ids: Sequence[int] | None = None) -> int:
+        """Delete quarantined raw messages (all, or those `ids`); readings are never dropped."""
+        with self._lock, write_transaction(self._db) as db:
+            if ids is None:
+                dropped = db.execute("DELETE FROM quarantine WHERE id < 0").rowcount
+            else:
+                dropped = sum(db.execute("DELETE FROM quarantine WHERE id = ? AND id < 0", (i,)).rowcount for i in ids)
+            self._raw_rows = None
+        return dropped
 
     def requeue_sync(self, ids: Sequence[int] | None = None) -> int:
         """Move quarantined readings (all, or those `ids`) back into the outbox, in one
