@@ -509,6 +509,11 @@ class VeeConfig(Strict):
     max_period: Duration = timedelta(days=62)
     #: Validate what the writer stores as it arrives (and note replaced values as duplicates).
     on_arrival: bool = True
+    #: A gap is asked of the meter again at most this many times (0: never), the n-th re-read
+    #: no sooner than `reread_spacing` x 2^(n-2) after the one before: a real outage costs
+    #: a few associations, not one per validation (GPRS money, meters that lock out).
+    reread_attempts: int = Field(3, ge=0, le=20)
+    reread_spacing: Duration = timedelta(minutes=15)
     #: Where a billing day starts and ends (day rules: spike, high/low, like days).
     timezone: str = "UTC"
 

@@ -129,15 +129,36 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
     headend_id = installation_id(cfg.state_dir)  # before any state file of this start exists
     metrics = Metrics()
     supervisor = Supervisor(on_restart=lambda task: metrics.task_restarts.labels(task).inc())
-    async with Pipeline(cfg.storage, flush_timeout=5, supervisor=supervisor) as pipeline:
+    pipeline = Pipeline(cfg.storage, flush_timeout=5, supervisor=supervisor)
+    registry = Registry(cfg)
+    journal = CommandJournal(cfg.state_dir / "journal.sqlite")
+    versions = VeeStore(cfg.state_dir / "vee.sqlite")
+
+    async def reread(meter_id: str, start: datetime, end: datetime) -> None:
+        """VEE's first estimation step: ask the meter again for the period, then let the
+        writer store what came back before validation looks again."""
+        meter, link = registry.meter(meter_id), registry.link_of(meter_id)
+        if meter.concentrator is None and not link.protocol.startswith("dlms"):
+            return  # no load profile to ask for (Modbus): boundary reads cannot be repeated
+        now = datetime.now(UTC)
+        plan = single_meter_plan("vee-reread", meter_id, ["profile"], max(timedelta(seconds=1), now - start))
+        result = await polling.read_meter(meter_id, plan, now, Lane.BACKFILL, fresh=True)
+        if result.ok and result.readings:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pipeline.writer.wait_drained(), 30)
+
+    vee = VeeService(pipeline.store, versions, registry, cfg.vee, journal=journal, reread=reread)
+    arrival = ArrivalValidator(vee)
+    if cfg.vee.on_arrival:
+        # Given before the writer starts: what it drains from the outbox at start is checked too.
+        pipeline.writer.before_write, pipeline.writer.after_write = arrival.before_write, arrival.after_write
+    async with pipeline:
         sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir, headend_id=headend_id,
                                   supervisor=supervisor)  # fmt: skip
         await sessions.start()
-        registry = Registry(cfg)
         # One admission for polling, on-demand reads, VEE re-reads and switching.
         admission = LinkAdmission(registry, sessions)
         polling = PollingEngine(registry, pipeline.outbox, sessions, admission=admission)
-        journal = CommandJournal(cfg.state_dir / "journal.sqlite")
         switching = SwitchingEngine(
             journal, SwitchingPolicy(cfg.switching), registry, admission=admission,
             confirm_timeout=cfg.switching.confirm_timeout.total_seconds(),
@@ -151,26 +172,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         await runner.start()
         tokens = TokenStore.load(cfg.api.tokens_file) if cfg.api.tokens_file else TokenStore({})
         app = create_app(switching, runner, tokens)
-        versions = VeeStore(cfg.state_dir / "vee.sqlite")
-
-        async def reread(meter_id: str, start: datetime, end: datetime) -> None:
-            """VEE's first estimation step: ask the meter again for the period, then let the
-            writer store what came back before validation looks again."""
-            meter, link = registry.meter(meter_id), registry.link_of(meter_id)
-            if meter.concentrator is None and not link.protocol.startswith("dlms"):
-                return  # no load profile to ask for (Modbus): boundary reads cannot be repeated
-            now = datetime.now(UTC)
-            plan = single_meter_plan("vee-reread", meter_id, ["profile"], max(timedelta(seconds=1), now - start))
-            result = await polling.read_meter(meter_id, plan, now, Lane.BACKFILL, fresh=True)
-            if result.ok and result.readings:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(pipeline.writer.wait_drained(), 30)
-
-        vee = VeeService(pipeline.store, versions, registry, cfg.vee, journal=journal, reread=reread)
         app.include_router(billing_router(vee, tokens))
-        arrival = ArrivalValidator(vee)
-        if cfg.vee.on_arrival:
-            pipeline.writer.before_write, pipeline.writer.after_write = arrival.before_write, arrival.after_write
         reader = require_roles(tokens, "operator", "engineer", "billing", "override")
 
         @app.get("/metrics", response_class=PlainTextResponse)

@@ -292,6 +292,32 @@ async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:
     assert order == ["bulk-1", "switch", "backfill", "bulk-2"]
 
 
+async def test_re_reads_and_bulk_reads_take_turns_so_neither_starves() -> None:
+    """A fleet of meters with gaps keeps the backfill lane full; the plan's bulk reads still
+    get every other turn on the link (and switching still goes first)."""
+    gate = LinkGate(1)
+    order: list[str] = []
+    hold = asyncio.Event()
+
+    async def job(name: str, lane: Lane, started: asyncio.Event | None = None) -> None:
+        async with gate.slot(lane):
+            order.append(name)
+            if started is not None:
+                started.set()
+                await hold.wait()
+
+    running = asyncio.Event()
+    first = asyncio.create_task(job("bulk-0", Lane.BULK, running))
+    await running.wait()
+    lined_up = [("reread-1", Lane.BACKFILL), ("reread-2", Lane.BACKFILL), ("reread-3", Lane.BACKFILL),
+                ("bulk-1", Lane.BULK), ("bulk-2", Lane.BULK), ("switch", Lane.SWITCHING)]  # fmt: skip
+    queued = [asyncio.create_task(job(n, lane)) for n, lane in lined_up]
+    await asyncio.sleep(0)  # let them line up behind the running job
+    hold.set()
+    await asyncio.gather(first, *queued)
+    assert order == ["bulk-0", "switch", "reread-1", "bulk-1", "reread-2", "bulk-2", "reread-3"]
+
+
 async def test_a_meter_without_load_profile_gets_intervals_from_boundary_reads(tmp_path: Path) -> None:
     start = datetime(2026, 3, 9, 10, 0, 12, tzinfo=UTC)
     async with modbus_site(tmp_path, start, {"read": ["profile"]}) as site:

@@ -4,7 +4,7 @@ the register, estimates and edits are versions, the raw reads stay untouched."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -121,7 +121,8 @@ async def test_gaps_are_reread_from_the_meter_before_anything_is_estimated(vee: 
 
     vee.reread = reread
     result = await vee.validate("CUM", START, END)
-    assert asked == [("CUM", START, END)] and result.rereads == 1
+    missing = t_of(HISTORY + 10)  # the two intervals either side of the missing register
+    assert asked == [("CUM", missing - STEP, missing + STEP)] and result.rereads == 1, "only the gap is asked"
     assert {i.status for i in result.intervals} == {"actual"}
 
 
@@ -159,3 +160,23 @@ async def test_consumption_while_the_journal_says_the_relay_is_open_is_flagged(
     assert flagged == [opened + k * STEP for k in range(1, 17)]  # the four hours the relay was open
     assert all(i.status == "suspect" and "2.6.1010" in i.qualities for i in result.intervals if i.t in flagged)
     journal.close()
+
+
+def test_a_gap_is_re_read_a_bounded_number_of_times_with_growing_spacing(tmp_path: Path) -> None:
+    store = VeeStore(tmp_path / "vee.sqlite")
+    gap, other = datetime(2026, 3, 9, 10, 15, tzinfo=UTC), datetime(2026, 3, 9, 12, 0, tzinfo=UTC)
+    t0 = datetime(2026, 3, 10, tzinfo=UTC)
+
+    def claim(at: timedelta, gaps: list[datetime]) -> list[datetime]:
+        return store.claim_rereads("M1", gaps, t0 + at, attempts=3, spacing=timedelta(minutes=15))
+
+    assert claim(timedelta(0), [gap]) == [gap]
+    assert claim(timedelta(minutes=14), [gap, other]) == [other], "the second try waits its spacing"
+    assert claim(timedelta(minutes=15), [gap]) == [gap]
+    assert claim(timedelta(minutes=44), [gap]) == [], "then twice the spacing"
+    assert claim(timedelta(minutes=45), [gap]) == [gap]
+    assert claim(timedelta(days=30), [gap]) == [], "never more than the attempts"
+    store.close()
+    reopened = VeeStore(tmp_path / "vee.sqlite")
+    assert reopened.rereads("M1") == {gap: 3, other: 1}, "kept across a restart"
+    reopened.close()

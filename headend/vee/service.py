@@ -105,7 +105,9 @@ class VeeService:
         *,
         journal: CommandJournal | None = None,
         reread: Reread | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        self.now = now
         self.store = store
         self.versions = versions
         self.registry = registry
@@ -125,13 +127,31 @@ class VeeService:
 
         loaded = await load()
         rereads = 0
-        if self.reread is not None and any(s.value is None for s in loaded.series.slots):
-            rereads = 1
-            await self.reread(meter.id, start, end)
-            loaded = await load()
+        if self.reread is not None and self.cfg.reread_attempts:
+            gaps = await asyncio.to_thread(self._claim_rereads, meter.id, loaded.series)
+            if gaps:
+                rereads = 1
+                await self.reread(meter.id, min(gaps) - step, max(gaps))
+                loaded = await load()
         intervals = await asyncio.to_thread(self._validate, meter, start, loaded.series, loaded.history, loaded.ctx)
         return Validation(meter.id, start, end, step, "kWh", intervals, loaded.registers, rereads,
                           loaded.start_register, loaded.end_register)  # fmt: skip
+
+    def _claim_rereads(self, meter_id: str, series: Series) -> list[datetime]:
+        """The gaps (runs of missing intervals, by their ends) that may be re-read now; what
+        is asked is recorded first, so each gap costs the meter a bounded number of sessions."""
+        now = self.now()
+        starts: dict[datetime, datetime] = {}  # gap start -> its last missing interval
+        current: datetime | None = None
+        for slot in series.slots:
+            if slot.value is None and slot.t <= now:
+                current = current or slot.t
+                starts[current] = slot.t
+            else:
+                current = None
+        claimed = self.versions.claim_rereads(meter_id, list(starts), now, attempts=self.cfg.reread_attempts,
+                                              spacing=self.cfg.reread_spacing)  # fmt: skip
+        return [t for first in claimed for t in (first, starts[first])]
 
     def _validate(self, meter: Meter, start: datetime, series: Series, history: Series,
                   ctx: rules.Context) -> list[ValidatedInterval]:  # fmt: skip

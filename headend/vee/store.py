@@ -10,7 +10,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from headend.model import Obis
@@ -40,6 +40,13 @@ CREATE TABLE IF NOT EXISTS conflicts (
     value REAL NOT NULL,
     seen_ns INTEGER NOT NULL,
     PRIMARY KEY (meter, channel, ts, value)
+);
+CREATE TABLE IF NOT EXISTS rereads (
+    meter TEXT NOT NULL,
+    gap_start INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    PRIMARY KEY (meter, gap_start)
 );
 CREATE TABLE IF NOT EXISTS exchanges (
     meter TEXT NOT NULL,
@@ -74,6 +81,10 @@ class Version:
     author: str
     reason: str
     created: datetime
+
+
+def to_ns_delta(d: timedelta) -> int:
+    return int(d / timedelta(microseconds=1)) * 1000
 
 
 class VeeStore(DurableStore):
@@ -141,6 +152,32 @@ class VeeStore(DurableStore):
         for ts, value in rows:
             out.setdefault(from_ns(ts), []).append(value)
         return out
+
+    def claim_rereads(self, meter: str, gaps: list[datetime], now: datetime, *, attempts: int,
+                      spacing: timedelta) -> list[datetime]:  # fmt: skip
+        """Of the gaps (by their first missing interval), those that may be asked of the meter
+        again now, recorded as asked in the same transaction: at most `attempts` times each,
+        the n-th no sooner than `spacing` x 2^(n-2) after the one before. Durable, so a
+        restart or another validation of the same period never asks again early."""
+        claimed = []
+        now_ns = to_ns(now)
+        with self._lock, write_transaction(self._db):
+            for gap in gaps:
+                row = self._db.execute("SELECT attempts, last_ns FROM rereads WHERE meter = ? AND gap_start = ?",
+                                       (meter, to_ns(gap))).fetchone()  # fmt: skip
+                done, last = row if row else (0, 0)
+                if done >= attempts or (done and now_ns < last + to_ns_delta(spacing) * 2 ** (done - 1)):
+                    continue
+                self._db.execute("INSERT OR REPLACE INTO rereads VALUES (?, ?, ?, ?)",
+                                 (meter, to_ns(gap), done + 1, now_ns))  # fmt: skip
+                claimed.append(gap)
+        return claimed
+
+    def rereads(self, meter: str) -> dict[datetime, int]:
+        """Re-reads asked so far, by the gap's first missing interval."""
+        with self._lock:
+            rows = self._db.execute("SELECT gap_start, attempts FROM rereads WHERE meter = ?", (meter,)).fetchall()
+        return {from_ns(ts): n for ts, n in rows}
 
     def record_exchange(self, meter: str, exchange: Exchange, *, author: str, reason: str) -> None:
         try:
