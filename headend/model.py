@@ -12,6 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from typing import Literal
 
@@ -138,6 +139,20 @@ def to_utc(ts: datetime, what: str = "timestamp") -> datetime:
     return ts.astimezone(UTC)
 
 
+def exact_product(a: float, b: float, scaler: int = 0) -> float:
+    """a x b x 10^scaler computed in decimal: 12.345 x 40 is 493.8, not 493.79999999999995."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return a * b * 10.0**scaler
+    return float((Decimal(repr(float(a))) * Decimal(repr(float(b)))).scaleb(scaler))
+
+
+def exact_difference(a: float, b: float) -> float:
+    """a - b computed in decimal: 12383.426 - 12345.106 is 38.32, not 38.32000000006519."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return a - b
+    return float(Decimal(repr(float(a))) - Decimal(repr(float(b))))
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
     """One value of one channel of one meter.
@@ -233,9 +248,11 @@ class Reading:
         **kwargs: object,
     ) -> Reading:
         """Build a reading from the meter's raw integer, its scaler and the site multiplier."""
-        # Dividing by 10**-scaler keeps 12345 with scaler -3 at exactly 12.345.
-        scaled = raw / 10.0**-scaler if scaler < 0 else raw * 10.0**scaler
-        value = scaled * multiplier
+        if multiplier == 1.0 and float(raw).is_integer():
+            # Dividing by 10**-scaler keeps 12345 with scaler -3 at exactly 12.345.
+            value = raw / 10.0**-scaler if scaler < 0 else raw * 10.0**scaler
+        else:
+            value = exact_product(raw, multiplier, scaler)
         return cls(
             meter=meter,
             channel=channel,

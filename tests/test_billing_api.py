@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from fastapi import FastAPI
 from headend.api.auth import TokenStore
 from headend.api.billing import billing_router
 from headend.config import parse_config
-from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Reading
+from headend.model import EXPORT_ENERGY, IMPORT_ENERGY, IMPORT_INTERVAL, Reading
 from headend.registry import Registry
 from headend.storage.sqlite import SqliteStore
 from headend.vee.service import VeeService
@@ -69,13 +72,32 @@ FAULTS = {
 }
 
 
+PV = [f"M{i:03d}" for i in range(90, 100)]  # customers with solar panels: billed on import and export
+NO_DATA = "M999"  # registered, never read
+
+
+def export_wh(n: int, seed: int) -> list[int]:
+    """The export register (Wh, as the meter counts) at the end of interval k-1, k = 0..n:
+    up to 400 Wh a quarter hour around noon, nothing at night."""
+    values = [5_000_000 + 1000 * seed]
+    for k in range(n):
+        hour = (k % PER_DAY) / 4
+        values.append(values[-1] + max(0, round(400 * math.sin(math.pi * (hour - 6) / 12))) * (6 <= hour <= 18))
+    return values
+
+
+def export_readings(meter: str, n: int, seed: int) -> list[Reading]:
+    return [Reading.from_raw(meter, EXPORT_ENERGY, t_of(k - 1), wh, scaler=-3, unit="kWh")
+            for k, wh in enumerate(export_wh(n, seed))]  # fmt: skip
+
+
 def month_of(meter: str, i: int) -> list[Reading]:
     n = HISTORY + MONTH
     fault = FAULTS.get(meter)
     change = fault.change if fault else None
     source = fault.source if fault else ("cumulative" if i % 2 else "deltas")
     if source == "cumulative":
-        return cumulative(meter, n, seed=i, change=change)
+        return cumulative(meter, n, seed=i, change=change) + (export_readings(meter, n, i) if meter in PV else [])
     multiplier = 20.0 if meter == CT_METER else 1.0
     readings = deltas(meter, n, seed=i, multiplier=multiplier, change=change)
     if meter == CT_METER:  # what the wrong configuration stored: multiplier 1 from day 10 on
@@ -85,6 +107,8 @@ def month_of(meter: str, i: int) -> list[Reading]:
         totals = registers_of(n, seed=i)
         readings += [Reading(meter, IMPORT_ENERGY, T0 + timedelta(days=d, seconds=30), totals[d * PER_DAY],
                              kind="register", unit="kWh") for d in range(HISTORY_DAYS + MONTH_DAYS + 1)]  # fmt: skip
+    if meter in PV:
+        readings += export_readings(meter, n, i)
     return readings + (fault.extra if fault else [])
 
 
@@ -117,7 +141,7 @@ async def billing(month_db: Path, tmp_path: Path) -> AsyncIterator[Billing]:
     month_store = SqliteStore(month_db)
     await month_store.open()
     link = {"id": "l", "kind": "tcp", "protocol": "dlms-wrapper", "host": "h", "port": 1}
-    meters = [{"id": m, "link": "l"} for m in METERS]
+    meters = [{"id": m, "link": "l"} for m in [*METERS, NO_DATA]]
     meters[4]["ct"] = {"primary": 100, "secondary": 5}
     cfg = parse_config({"links": [link], "meters": meters})
     versions = VeeStore(tmp_path / "vee.sqlite")
@@ -145,7 +169,8 @@ async def test_a_month_of_100_meters_flags_each_fault_where_it_is_and_nowhere_el
     assert [m["Meter"]["mRID"] for m in readings] == METERS
     for block in readings:
         meter = block["Meter"]["mRID"]
-        (intervals,) = block["IntervalBlocks"]
+        intervals, *others = block["IntervalBlocks"]
+        assert [b["ReadingType"]["energy"] for b in others] == (["export"] if meter in PV else [])
         rows = intervals["IntervalReadings"]
         assert len(rows) == MONTH and intervals["ReadingType"]["intervalLength"] == 900
         flagged = {index_of(x["timeStamp"]) for x in rows if x["validationRules"]}
@@ -243,3 +268,50 @@ async def test_a_meter_exchange_is_recorded_once(billing: Billing) -> None:
     assert first.status_code == 201
     again = await billing.client.post("/billing/meters/M007/exchanges", json=body, headers=billing.auth("engineer"))
     assert again.status_code == 409 and "already recorded" in again.json()["detail"]
+
+
+async def test_a_meter_without_data_gets_no_consumption_and_the_reason_never_a_zero_bill(billing: Billing) -> None:
+    period = {"start": START.isoformat(), "end": END.isoformat()}
+    d = (await billing.client.get(f"/billing/meters/{NO_DATA}/determinants", params=period,
+                                  headers=billing.auth())).json()  # fmt: skip
+    assert d["consumption_kwh"] is None and d["start_register_kwh"] is None and d["max_demand_kw"] is None
+    assert d["consumption_reason"] == f"no data for the period ({MONTH} intervals missing)"
+    assert d["completeness_pct"] == 0 and d["by_status"] == {"missing": MONTH}
+    assert list(d["energies"]) == ["import"]
+
+
+def kwh(wh: int) -> str:
+    """Wh as the meter counts them, in kWh to the meter's resolution, as a string."""
+    return str(Decimal(wh).scaleb(-3).normalize())
+
+
+def number(text: str) -> str:
+    """A JSON or CSV number as written, normalised the same way (12.300 and 12.3 are equal)."""
+    return str(Decimal(text).normalize())
+
+
+async def test_pv_customers_are_billed_on_import_and_export_at_the_meters_own_resolution(billing: Billing) -> None:
+    """Every export value served is the meter's register difference to the Wh, compared as
+    text: no binary float noise in JSON or CSV."""
+    period = {"start": START.isoformat(), "end": END.isoformat()}
+    meter, seed = PV[0], METERS.index(PV[0])
+    registers = export_wh(HISTORY + MONTH, seed)
+    r = await billing.client.get(f"/billing/meters/{meter}/determinants", params=period, headers=billing.auth())
+    raw = json.loads(r.text, parse_float=str)  # the numbers as written
+    assert set(raw["energies"]) == {"import", "export"}
+    export = raw["energies"]["export"]
+    assert number(export["start_register_kwh"]) == kwh(registers[HISTORY])
+    assert number(export["end_register_kwh"]) == kwh(registers[HISTORY + MONTH])
+    assert number(export["consumption_kwh"]) == kwh(registers[HISTORY + MONTH] - registers[HISTORY])
+    assert export["register_channel"] == "1-0:2.8.0.255" and export["completeness_pct"] == "100.0"
+    page = await billing.client.get(f"/billing/meters/{meter}/intervals", headers=billing.auth(),
+                                    params={**period, "energy": "export", "limit": 200})  # fmt: skip
+    values = [x["value"] for x in json.loads(page.text, parse_float=str, parse_int=str)["intervals"]]
+    expected = [kwh(registers[HISTORY + k + 1] - registers[HISTORY + k]) for k in range(200)]
+    assert [number(v) for v in values] == expected
+    csv_params = {**period, "meter": [meter], "format": "csv"}
+    rows = list(csv.DictReader(io.StringIO((await billing.client.get("/billing/export", params=csv_params,
+                                                                      headers=billing.auth())).text)))  # fmt: skip
+    exported = [row["value"] for row in rows if row["channel"] == "1-0:2.29.0.255"]
+    assert len(exported) == MONTH and [number(v) for v in exported[:200]] == expected
+    assert all(len(v.split(".")[-1]) <= 3 for v in exported), "no more decimals than the meter has"

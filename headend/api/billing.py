@@ -19,14 +19,12 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from headend.api.auth import Principal, TokenStore
 from headend.api.security import require_roles
-from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL
 from headend.registry import UnknownMeter
+from headend.vee.energies import ENERGIES, IMPORT, Energy
 from headend.vee.series import Exchange
 from headend.vee.service import Determinants, ValidatedInterval, Validation, VeeService
 from headend.vee.store import DuplicateExchange
 
-#: IEC 61968-9 ReadingType of the billing channel: 15-minute, delta data, forward, active energy, kWh.
-READING_TYPE_15MIN_KWH = "0.0.2.4.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
 MAX_PAGE = 10_000
 MAX_EXPORT_METERS = 1_000
 
@@ -42,6 +40,15 @@ def _in_range(t: datetime) -> datetime:
 Stamp = Annotated[AwareDatetime, AfterValidator(_in_range)]
 Start = Annotated[Stamp, Query(description="period start (exclusive), ISO 8601 with offset")]
 End = Annotated[Stamp, Query(description="period end (inclusive), ISO 8601 with offset")]
+EnergyName = Annotated[Literal["import", "export", "reactive_import", "reactive_export"],
+                       Query(description="which energy: import (1-0:1.x), export (1-0:2.x), reactive (3.x, 4.x)")]
+#: IEC 61968-9 ReadingType of each energy's 15-minute delta channel.
+READING_TYPES = {
+    "import": "0.0.2.4.1.1.12.0.0.0.0.0.0.0.0.3.72.0",
+    "export": "0.0.2.4.19.1.12.0.0.0.0.0.0.0.0.3.72.0",
+    "reactive_import": "0.0.2.4.1.1.12.0.0.0.0.0.0.0.0.3.73.0",
+    "reactive_export": "0.0.2.4.19.1.12.0.0.0.0.0.0.0.0.3.73.0",
+}
 
 
 class EditIn(BaseModel):
@@ -71,42 +78,57 @@ def interval_json(i: ValidatedInterval) -> dict[str, Any]:
     }
 
 
-def determinants_json(d: Determinants) -> dict[str, Any]:
+def energy_json(d: Determinants) -> dict[str, Any]:
+    unit = d.energy.unit
+    demand = "kw" if unit == "kWh" else "kvar"
     return {
-        "meter": d.meter,
-        "start": d.start.isoformat(),
-        "end": d.end.isoformat(),
-        "start_register_kwh": d.start_register,
-        "end_register_kwh": d.end_register,
-        "consumption_kwh": d.consumption_kwh,
-        "max_demand_kw": d.max_demand_kw,
+        "register_channel": str(d.energy.register),
+        "interval_channel": str(d.energy.interval),
+        "unit": unit,
+        f"start_register_{unit.lower()}": d.start_register,
+        f"end_register_{unit.lower()}": d.end_register,
+        f"consumption_{unit.lower()}": d.consumption_kwh,
+        "consumption_reason": d.consumption_reason,
+        f"max_demand_{demand}": d.max_demand_kw,
         "max_demand_at": d.max_demand_at.isoformat() if d.max_demand_at else None,
         "expected_intervals": d.expected_intervals,
         "completeness_pct": round(100 * d.completeness, 3),
         "by_status": d.by_status,
         "by_quality": d.by_quality,
+        "decimals": d.decimals,
     }
 
 
-def meter_readings_json(v: Validation) -> dict[str, Any]:
-    """One meter's period shaped after IEC 61968-9 MeterReadings (IntervalBlocks, Readings)."""
+def determinants_json(by_energy: dict[str, Determinants]) -> dict[str, Any]:
+    """Import at the top (as before), every energy the meter has under `energies`."""
+    d = by_energy["import"]
+    out = {"meter": d.meter, "start": d.start.isoformat(), "end": d.end.isoformat(), **energy_json(d)}
+    for key in ("register_channel", "interval_channel", "unit", "decimals"):
+        out.pop(key)
+    return {**out, "energies": {name: energy_json(e) for name, e in by_energy.items()}}
+
+
+def meter_readings_json(validations: list[Validation]) -> dict[str, Any]:
+    """One meter's period shaped after IEC 61968-9 MeterReadings (IntervalBlocks, Readings):
+    one block per energy the meter has (import first)."""
+    v = validations[0]
     return {
         "Meter": {"mRID": v.meter},
         "valuesInterval": {"start": v.start.isoformat(), "end": v.end.isoformat()},
         "IntervalBlocks": [{
-            "ReadingType": {"ref": READING_TYPE_15MIN_KWH, "channel": str(IMPORT_INTERVAL), "unit": v.unit,
-                            "intervalLength": int(v.step.total_seconds())},
+            "ReadingType": {"ref": READING_TYPES[e.energy.name], "channel": str(e.energy.interval), "unit": e.unit,
+                            "intervalLength": int(e.step.total_seconds()), "energy": e.energy.name},
             "IntervalReadings": [{
                 "timeStamp": i.t.isoformat(), "value": i.value, "status": i.status, "version": i.version,
                 "estMethod": i.method if i.status == "estimated" else None,
                 "ReadingQualities": [{"ref": q} for q in i.qualities],
                 "validationRules": list(i.rules),
-            } for i in v.intervals],
-        }],
+            } for i in e.intervals],
+        } for e in validations],
         "Readings": [{
-            "ReadingType": {"channel": str(IMPORT_ENERGY), "unit": r.unit}, "timeStamp": r.timestamp.isoformat(),
+            "ReadingType": {"channel": str(e.energy.register), "unit": r.unit}, "timeStamp": r.timestamp.isoformat(),
             "value": r.value, "ReadingQualities": [{"ref": q} for q in r.qualities],
-        } for r in v.registers],
+        } for e in validations for r in e.registers],
     }  # fmt: skip
 
 
@@ -138,14 +160,15 @@ def billing_router(vee: VeeService, tokens: TokenStore) -> APIRouter:
         meter_id: str, start: Start, end: End, _who: Reader,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 3000,
         offset: Annotated[int, Query(ge=0)] = 0,
+        energy: EnergyName = "import",
     ) -> dict[str, Any]:  # fmt: skip
-        """Validated intervals of the billing channel, with status, qualities, rules and version."""
+        """Validated intervals of one energy (import by default), with status, qualities, rules and version."""
         period(start, end)
-        v = await vee.validate(known(meter_id), start, end)
+        v = await vee.validate(known(meter_id), start, end, ENERGIES[energy])
         page = v.intervals[offset : offset + limit]
         more = offset + limit < len(v.intervals)
         return {
-            "meter": v.meter, "channel": str(IMPORT_INTERVAL), "unit": v.unit,
+            "meter": v.meter, "energy": energy, "channel": str(v.energy.interval), "unit": v.unit,
             "interval_s": int(v.step.total_seconds()), "start": v.start.isoformat(), "end": v.end.isoformat(),
             "total": len(v.intervals), "offset": offset, "limit": limit,
             "next_offset": offset + limit if more else None, "counts": v.counts(),
@@ -153,19 +176,34 @@ def billing_router(vee: VeeService, tokens: TokenStore) -> APIRouter:
         }  # fmt: skip
 
     @router.get("/meters/{meter_id}/registers")
-    async def registers(meter_id: str, start: Start, end: End, _who: Reader) -> dict[str, Any]:
+    async def registers(meter_id: str, start: Start, end: End, _who: Reader,
+                        energy: EnergyName = "import") -> dict[str, Any]:  # fmt: skip
         """Energy register reads in the period, as read (version 0), with their qualities."""
         period(start, end)
-        reads = await vee.store.query(known(meter_id), IMPORT_ENERGY, start, end, kind="register")
-        return {"meter": meter_id, "channel": str(IMPORT_ENERGY), "registers": [
+        channel = ENERGIES[energy].register
+        reads = await vee.store.query(known(meter_id), channel, start, end, kind="register")
+        return {"meter": meter_id, "energy": energy, "channel": str(channel), "registers": [
             {"timestamp": r.timestamp.isoformat(), "value": r.value, "unit": r.unit, "qualities": list(r.qualities),
              "raw": r.raw, "multiplier": r.multiplier, "version": 0} for r in reads]}  # fmt: skip
 
     @router.get("/meters/{meter_id}/determinants")
     async def determinants(meter_id: str, start: Start, end: End, _who: Reader) -> dict[str, Any]:
-        """Start/end register, consumption, max demand, completeness and counts by quality."""
+        """Start/end register, consumption, max demand, completeness and counts by quality, of
+        import (at the top) and of every energy the meter has (`energies`: export for a PV
+        customer, reactive where the meter records it). No data: consumption null with the reason."""
         period(start, end)
-        return determinants_json(await vee.determinants(known(meter_id), start, end))
+        meter = known(meter_id)
+        return determinants_json({e.name: await vee.determinants(meter, start, end, e)
+                                  for e in await energies_of(meter, start, end)})  # fmt: skip
+
+    async def energies_of(meter: str, start: datetime, end: datetime) -> list[Energy]:
+        """Import always; the others where the meter gave any of them in the period."""
+        found = [IMPORT]
+        for e in ENERGIES.values():
+            if e != IMPORT and any([await vee.store.query(meter, e.register, start, end),
+                                    await vee.store.query(meter, e.interval, start, end)]):  # fmt: skip
+                found.append(e)
+        return found
 
     @router.get("/export", response_model=None)
     async def export(
@@ -184,21 +222,22 @@ def billing_router(vee: VeeService, tokens: TokenStore) -> APIRouter:
     async def _json_export(ids: list[str], start: datetime, end: datetime) -> AsyncIterator[bytes]:
         yield b'{"MeterReadings": ['
         for n, meter_id in enumerate(ids):
-            v = await vee.validate(meter_id, start, end)
-            yield (b"," if n else b"") + json.dumps(meter_readings_json(v)).encode()
+            vs = [await vee.validate(meter_id, start, end, e) for e in await energies_of(meter_id, start, end)]
+            yield (b"," if n else b"") + json.dumps(meter_readings_json(vs)).encode()
         yield b"]}"
 
     async def _csv_export(ids: list[str], start: datetime, end: datetime) -> AsyncIterator[bytes]:
         yield (",".join(CSV_COLUMNS) + "\n").encode()
         for meter_id in ids:
-            v = await vee.validate(meter_id, start, end)
             out = io.StringIO()
             writer = csv.writer(out, lineterminator="\n")
-            for i in v.intervals:
-                value = "" if i.value is None else repr(i.value)
-                writer.writerow([v.meter, str(IMPORT_INTERVAL), i.t.isoformat(), value, v.unit, i.status,
-                                 " ".join(i.qualities), " ".join(i.rules), i.version,
-                                 i.method if i.status == "estimated" else ""])  # fmt: skip
+            for e in await energies_of(meter_id, start, end):
+                v = await vee.validate(meter_id, start, end, e)
+                for i in v.intervals:
+                    value = "" if i.value is None else repr(i.value)
+                    writer.writerow([v.meter, str(e.interval), i.t.isoformat(), value, v.unit, i.status,
+                                     " ".join(i.qualities), " ".join(i.rules), i.version,
+                                     i.method if i.status == "estimated" else ""])  # fmt: skip
             yield out.getvalue().encode()
 
     @router.post("/meters/{meter_id}/intervals/edits", status_code=201)
@@ -213,7 +252,7 @@ def billing_router(vee: VeeService, tokens: TokenStore) -> APIRouter:
     @router.get("/meters/{meter_id}/intervals/versions")
     async def versions(meter_id: str, timestamp: Annotated[Stamp, Query()], _who: Reader) -> dict[str, Any]:
         """Every version of one interval after the read: estimates and edits, who and why."""
-        found = vee.versions.versions(known(meter_id), IMPORT_INTERVAL, timestamp - vee.cfg.interval, timestamp)
+        found = vee.versions.versions(known(meter_id), IMPORT.interval, timestamp - vee.cfg.interval, timestamp)
         rows = found.get(timestamp, [])
         return {"meter": meter_id, "timestamp": timestamp.isoformat(), "versions": [
             {"version": v.version, "value": v.value, "status": v.status, "method": v.method,

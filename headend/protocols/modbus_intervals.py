@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from headend.model import Obis, Quality, Reading
+from headend.model import Obis, Quality, Reading, exact_difference
 from headend.timegrid import boundary_of, nearest_boundary
 
 
@@ -52,7 +52,7 @@ def build_intervals(
                     meter=meter,
                     channel=channel,
                     timestamp=b,
-                    value=after.value - before.value,
+                    value=exact_difference(after.value, before.value),
                     unit=after.unit,
                     multiplier=after.multiplier,
                     source=source or after.source,

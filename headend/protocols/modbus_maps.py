@@ -56,7 +56,20 @@ def decode(registers: Sequence[int], data_type: DataType, word_order: Order, byt
         raise ValueError(f"{data_type} needs {_WIDTH[data_type]} registers, got {len(registers)}")
     words = list(registers) if word_order == "big" else list(reversed(registers))
     raw = b"".join(w.to_bytes(2, "big" if byte_order == "big" else "little") for w in words)
-    return struct.unpack(">" + _STRUCT[data_type], raw)[0]
+    value: float = struct.unpack(">" + _STRUCT[data_type], raw)[0]
+    return shortest_float32(value) if data_type == "float32" else value
+
+
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that is the same float32: the meter's 12345.106 rather than the
+    12345.1064453125 its float32 becomes in a float64 (a bill shows no binary noise)."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.unpack(">f", struct.pack(">f", candidate))[0] == value:
+            return candidate
+    return value
 
 
 def encode(value: float, data_type: DataType, word_order: Order, byte_order: Order) -> list[int]:

@@ -44,7 +44,16 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from headend.config import Config, MqttLink
-from headend.model import InvalidReading, Obis, Reading, ReadingKind, RelayAction, RelayState, event_readings
+from headend.model import (
+    InvalidReading,
+    Obis,
+    Reading,
+    ReadingKind,
+    RelayAction,
+    RelayState,
+    event_readings,
+    exact_product,
+)
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.mqtt_schema import (
     DATA_FILTER,
@@ -217,7 +226,7 @@ def point_reading(
         meter=meter,
         channel=channel,
         timestamp=p.t,
-        value=None if p.v is None else p.v * multiplier,
+        value=None if p.v is None else p.v if multiplier == 1.0 else exact_product(p.v, multiplier),
         raw=p.raw,
         scaler=p.scaler,
         multiplier=multiplier,

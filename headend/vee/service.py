@@ -16,15 +16,17 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 from headend.config import Meter, VeeConfig
-from headend.model import EVENT_LOG, IMPORT_ENERGY, IMPORT_INTERVAL, Quality, Reading
+from headend.model import EVENT_LOG, Quality, Reading
 from headend.registry import Registry
 from headend.storage.base import ReadingStore
 from headend.storage.codec import from_ns
 from headend.switching.journal import CommandJournal, CommandState
 from headend.timegrid import ceil_to
 from headend.vee import rules
+from headend.vee.energies import IMPORT, PATTERN_RULES, Energy
 from headend.vee.estimate import estimate
 from headend.vee.series import Exchange, Series, Slot, build
 from headend.vee.store import VeeStore
@@ -32,6 +34,8 @@ from headend.vee.store import VeeStore
 log = logging.getLogger(__name__)
 
 ESTIMATOR = "vee"
+#: Decimal places when no register says otherwise (Wh resolution in kWh).
+DEFAULT_DECIMALS = 3
 POWER_DOWN_EVENT, POWER_UP_EVENT = 1, 2
 
 
@@ -59,6 +63,10 @@ class Validation:
     #: The energy register at the period's start and end, where known.
     start_register: float | None = None
     end_register: float | None = None
+    energy: Energy = IMPORT
+    #: Decimal places of the meter's register (its resolution after scaler and CT/PT):
+    #: every value served is rounded to them, so no binary float noise reaches a bill.
+    decimals: int = DEFAULT_DECIMALS
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(i.status for i in self.intervals))
@@ -71,13 +79,18 @@ class Determinants:
     end: datetime
     start_register: float | None
     end_register: float | None
-    consumption_kwh: float
+    #: None (with `consumption_reason`) when an interval of the period has no value, not even
+    #: an estimate: a bill is never made on a partial or empty period.
+    consumption_kwh: float | None
     max_demand_kw: float | None
     max_demand_at: datetime | None
     expected_intervals: int
     completeness: float  # share of intervals with an actual, validated value
     by_status: dict[str, int]
     by_quality: dict[str, int]
+    consumption_reason: str | None = None
+    energy: Energy = IMPORT
+    decimals: int = DEFAULT_DECIMALS
 
 
 Fetched = tuple[list[Reading], list[Reading], list[Reading], list[Reading]]  # cumulative, deltas, registers, events
@@ -91,6 +104,8 @@ class Loaded:
     registers: list[Reading]  # register reads inside the period
     start_register: float | None
     end_register: float | None
+    readings: list[Reading]  # what the period was built from (their resolution is the output's)
+
 
 Reread = Callable[[str, datetime, datetime], Awaitable[object]]
 
@@ -115,7 +130,7 @@ class VeeService:
         self.journal = journal
         self.reread = reread
 
-    async def validate(self, meter_id: str, start: datetime, end: datetime) -> Validation:
+    async def validate(self, meter_id: str, start: datetime, end: datetime, energy: Energy = IMPORT) -> Validation:
         meter = self.registry.meter(meter_id)
         step = self.cfg.interval
         start, end = ceil_to(start, step), ceil_to(end, step)
@@ -123,19 +138,22 @@ class VeeService:
         async def load() -> Loaded:
             # The work between the queries is CPU: it runs in a worker thread so the server's
             # event loop (switching, reads, the API) keeps answering meanwhile.
-            return await asyncio.to_thread(self._load, meter, start, end, await self._fetch(meter, start, end))
+            fetched = await self._fetch(meter, start, end, energy)
+            return await asyncio.to_thread(self._load, meter, start, end, fetched, energy)
 
         loaded = await load()
         rereads = 0
-        if self.reread is not None and self.cfg.reread_attempts:
+        if self.reread is not None and self.cfg.reread_attempts and energy == IMPORT:
             gaps = await asyncio.to_thread(self._claim_rereads, meter.id, loaded.series)
             if gaps:
                 rereads = 1
                 await self.reread(meter.id, min(gaps) - step, max(gaps))
                 loaded = await load()
-        intervals = await asyncio.to_thread(self._validate, meter, start, loaded.series, loaded.history, loaded.ctx)
-        return Validation(meter.id, start, end, step, "kWh", intervals, loaded.registers, rereads,
-                          loaded.start_register, loaded.end_register)  # fmt: skip
+        decimals = _decimals(loaded.readings)
+        intervals = await asyncio.to_thread(self._validate, meter, start, loaded.series, loaded.history, loaded.ctx,
+                                            energy, decimals)  # fmt: skip
+        return Validation(meter.id, start, end, step, energy.unit, intervals, loaded.registers, rereads,
+                          loaded.start_register, loaded.end_register, energy, decimals)  # fmt: skip
 
     def _claim_rereads(self, meter_id: str, series: Series) -> list[datetime]:
         """The gaps (runs of missing intervals, by their ends) that may be re-read now; what
@@ -154,36 +172,37 @@ class VeeService:
         return [t for first in claimed for t in (first, starts[first])]
 
     def _validate(self, meter: Meter, start: datetime, series: Series, history: Series,
-                  ctx: rules.Context) -> list[ValidatedInterval]:  # fmt: skip
+                  ctx: rules.Context, energy: Energy, decimals: int) -> list[ValidatedInterval]:  # fmt: skip
+        wanted = set(self.cfg.rules) - (set() if energy.pattern_rules else PATTERN_RULES)
         for name, rule in rules.INTERVAL_RULES.items():
-            if name in self.cfg.rules:
+            if name in wanted:
                 rule(history, ctx)
         ctx.history = history.index()
         estimate(history, ctx, after=start)  # the weeks before count as anchors and like days
         for name, rule in rules.DAY_RULES.items():
-            if name in self.cfg.rules:
+            if name in wanted:
                 rule(series, ctx)
-        return self._finish(meter, series)
+        return self._finish(meter, series, energy, decimals)
 
     def _history_start(self, start: datetime) -> datetime:
         """How far back a validation of a period starting at `start` reads (its like days)."""
         return start - timedelta(weeks=self.cfg.like_day_weeks) - self.cfg.interval
 
-    async def _fetch(self, meter: Meter, start: datetime, end: datetime) -> Fetched:
+    async def _fetch(self, meter: Meter, start: datetime, end: datetime, energy: Energy) -> Fetched:
         step = self.cfg.interval
         since = self._history_start(start)
-        cumulative = await self.store.query(meter.id, IMPORT_ENERGY, since - step, end)
-        deltas = [] if cumulative else await self.store.query(meter.id, IMPORT_INTERVAL, since, end)
-        registers = await self.store.query(meter.id, IMPORT_ENERGY, since, end + step, kind="register")
+        cumulative = await self.store.query(meter.id, energy.register, since - step, end)
+        deltas = [] if cumulative else await self.store.query(meter.id, energy.interval, since, end)
+        registers = await self.store.query(meter.id, energy.register, since, end + step, kind="register")
         events = await self.store.query(meter.id, EVENT_LOG, since - timedelta(days=1), end + step, kind="event")
         return cumulative, deltas, registers, events
 
-    def _load(self, meter: Meter, start: datetime, end: datetime, fetched: Fetched) -> Loaded:
+    def _load(self, meter: Meter, start: datetime, end: datetime, fetched: Fetched, energy: Energy) -> Loaded:
         step = self.cfg.interval
         since = self._history_start(start)
         cumulative, deltas, registers, events = fetched
         exchanges = self.versions.exchanges(meter.id)
-        source = IMPORT_ENERGY if cumulative else IMPORT_INTERVAL
+        source = energy.register if cumulative else energy.interval
         conflicts = self.versions.conflicts(meter.id, source, since - step, end)
         history = build(meter.id, since, end, step, cumulative=cumulative or None, deltas=deltas,
                         registers=registers, exchanges=exchanges, conflicts=conflicts,
@@ -205,7 +224,8 @@ class VeeService:
             close = [r for r in reads if abs(r.timestamp - t) <= step]
             return min(close, key=lambda r: abs(r.timestamp - t)).value if close else None
 
-        return Loaded(series, history, ctx, in_period, register_at(start), register_at(end))
+        return Loaded(series, history, ctx, in_period, register_at(start), register_at(end),
+                      [*cumulative, *deltas, *registers])  # fmt: skip
 
     def _disconnected(self, meter_id: str) -> list[tuple[datetime, datetime]]:
         if self.journal is None:
@@ -225,8 +245,8 @@ class VeeService:
             periods.append((opened, datetime.max.replace(tzinfo=UTC)))
         return periods
 
-    def _finish(self, meter: Meter, series: Series) -> list[ValidatedInterval]:
-        versions = self.versions.versions(meter.id, IMPORT_INTERVAL, series.start, series.end)
+    def _finish(self, meter: Meter, series: Series, energy: Energy, decimals: int) -> list[ValidatedInterval]:
+        versions = self.versions.versions(meter.id, energy.interval, series.start, series.end)
         new_estimates: list[Slot] = []
         out = []
         for slot in series.slots:
@@ -258,7 +278,7 @@ class VeeService:
             slot.qualities = list(dict.fromkeys(qualities))
         if new_estimates:
             numbers = self.versions.add_many(
-                meter.id, IMPORT_INTERVAL,
+                meter.id, energy.interval,
                 [(s.t, s.value, s.method, tuple(dict.fromkeys([Quality.ESTIMATED.value, *s.flags.values()])))
                  for s in new_estimates],
                 status="estimated", author=ESTIMATOR, reason="validation estimate",
@@ -266,32 +286,52 @@ class VeeService:
             for slot, number in zip(new_estimates, numbers, strict=True):
                 slot.version = number
         for slot in series.slots:
-            out.append(ValidatedInterval(slot.t, slot.value, slot.status, tuple(slot.qualities),
+            value = None if slot.value is None else round(slot.value, decimals)
+            out.append(ValidatedInterval(slot.t, value, slot.status, tuple(slot.qualities),
                                          tuple(sorted(slot.flags)), slot.version, slot.method))  # fmt: skip
         return out
 
-    async def edit(self, meter_id: str, t: datetime, value: float, *, who: str, reason: str) -> int:
+    async def edit(self, meter_id: str, t: datetime, value: float, *, who: str, reason: str,
+                   energy: Energy = IMPORT) -> int:  # fmt: skip
         """An authorised correction of one interval: a new version, the reads stay as they were."""
         self.registry.meter(meter_id)
         step = self.cfg.interval
         if t != ceil_to(t, step):
             raise ValueError(f"{t.isoformat()} is not an interval end on the {step} grid")
-        return self.versions.add(meter_id, IMPORT_INTERVAL, t, value, status="edited", method="edit",
+        return self.versions.add(meter_id, energy.interval, t, value, status="edited", method="edit",
                                  qualities=(Quality.EDITED.value,), author=who, reason=reason)  # fmt: skip
 
-    async def determinants(self, meter_id: str, start: datetime, end: datetime) -> Determinants:
-        v = await self.validate(meter_id, start, end)
+    async def determinants(self, meter_id: str, start: datetime, end: datetime,
+                           energy: Energy = IMPORT) -> Determinants:  # fmt: skip
+        v = await self.validate(meter_id, start, end, energy)
         values = [(i.t, i.value) for i in v.intervals if i.value is not None]
-        consumption = sum(x for _t, x in values)
+        unknown = len(v.intervals) - len(values)
+        consumption = round(sum(x for _t, x in values), v.decimals) if not unknown else None
+        reason = None
+        if unknown:
+            reason = (f"no data for the period ({unknown} intervals missing)" if not values else
+                      f"{unknown} of {len(v.intervals)} intervals have no value, not even an estimate")  # fmt: skip
         peak = max(values, key=lambda p: p[1], default=None)
         hours = v.step / timedelta(hours=1)
         actual = sum(1 for i in v.intervals if i.status == "actual")
         qualities: Counter[str] = Counter(q for i in v.intervals for q in i.qualities)
         return Determinants(
             meter_id, v.start, v.end, v.start_register, v.end_register, consumption,
-            peak[1] / hours if peak else None, peak[0] if peak else None, len(v.intervals),
-            actual / len(v.intervals) if v.intervals else 1.0, v.counts(), dict(qualities),
+            round(peak[1] / hours, v.decimals) if peak else None, peak[0] if peak else None, len(v.intervals),
+            actual / len(v.intervals) if v.intervals else 1.0, v.counts(), dict(qualities), reason, energy,
+            v.decimals,
         )  # fmt: skip
+
+
+def _decimals(readings: list[Reading]) -> int:
+    """The decimal places of the finest value the meter gave (at most 9)."""
+    places = [_places(r.value) for r in readings[:200] if r.value is not None]
+    return min(max(places), 9) if places else DEFAULT_DECIMALS
+
+
+def _places(value: float) -> int:
+    exponent = Decimal(repr(value)).as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
 def _outages(events: list[Reading]) -> list[tuple[datetime, datetime]]:
