@@ -56,7 +56,8 @@ MQTT_EVENTS = ("connects", "gaps", "backfills", "duplicates", "bad_messages", "u
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.reads = Counter("headend_meter_reads", "Meter read sessions by plan and result",
+        self.reads = Counter("headend_meter_reads", "Meter reads by plan and result (ok, failed, skipped: a "
+                             "circuit breaker was open)",
                              ["plan", "result"], registry=self.registry)  # fmt: skip
         self.read_seconds = Histogram("headend_meter_read_seconds", "Duration of one meter's read",
                                       ["plan"], registry=self.registry)  # fmt: skip
@@ -81,6 +82,8 @@ class Metrics:
                                    registry=self.registry)  # fmt: skip
         self.outbox_failures = Gauge("headend_outbox_failures", "Outbox database errors seen by the writer "
                                      "(disk full, I/O), since start", registry=self.registry)  # fmt: skip
+        self.meter_breakers_open = Gauge("headend_meter_breakers_open", "Meters whose own circuit breaker is "
+                                         "open (not asked until its cooldown)", registry=self.registry)  # fmt: skip
         self.mqtt_events = Gauge("headend_mqtt_link_events", "MQTT link events since start: connects, gaps, "
                                  "backfills, duplicates, bad_messages (unkept_: quarantine full), refused_answers, "
                                  "refused_messages",
@@ -102,7 +105,7 @@ class Metrics:
         """A plan loop whose meters, runs and restarts show in these metrics as they happen."""
 
         def on_result(result: MeterResult) -> None:
-            self.reads.labels(plan.id, "ok" if result.ok else "failed").inc()
+            self.reads.labels(plan.id, "ok" if result.ok else "skipped" if result.skipped else "failed").inc()
             self.read_seconds.labels(plan.id).observe(result.seconds)
 
         def on_report(report: PlanReport) -> None:
@@ -187,6 +190,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
                     metrics.mqtt_events.labels(link_id, event).set(getattr(mqtt.stats, event))
             for link_id, breaker in polling.breakers.items():
                 metrics.breaker_open.labels(link_id).set(1 if breaker.is_open else 0)
+            metrics.meter_breakers_open.set(sum(1 for b in polling.meter_breakers.values() if b.is_open))
             metrics.progress_age.set(time.monotonic() - polling.stats.last_progress)
             for rule, count in arrival.failing().items():
                 metrics.vee_failing.labels(rule).set(count)

@@ -353,3 +353,41 @@ async def test_a_meter_that_never_stops_talking_is_cut_off_and_the_others_are_re
     assert by_meter["M0"].ok and by_meter["M1"].ok
     assert not by_meter["M4"].ok and "no end in sight" in by_meter["M4"].error
     assert by_meter["M4"].error_type == "BadFrame"
+
+
+async def test_a_dead_unit_behind_a_gateway_never_stalls_its_nine_neighbours(tmp_path: Path) -> None:
+    """Its own breaker opens, not the gateway's: every run reads the nine others, and the dead
+    one is skipped (logged and counted) until its cooldown has passed."""
+    clock = ManualClock(NOW)
+    meter_map = shipped_maps()["sim-relay-meter"]
+    units = [SimulatedMeter(u, meter_map, clock) for u in range(1, 11)]
+    units[4].faults.no_response = True  # unit 5
+    sim = ModbusSimulator(units)
+    port = free_port()
+    await sim.start_tcp("127.0.0.1", port)
+    link = ModbusLink.tcp("127.0.0.1", port, timeout=0.2)
+    cfg = parse_config({
+        "links": [{"id": "gw", "kind": "tcp", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": port}],
+        "meters": [{"id": f"U{u}", "link": "gw", "address": u, "map": "sim-relay-meter"} for u in range(1, 11)],
+        "plans": [{"id": "p", "every": "15m", "read": ["registers"], "channels": ["1-0:1.8.0"], "attempts": 3}],
+    })  # fmt: skip
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+
+    async def no_wait(_seconds: float) -> None:
+        return None
+
+    engine = PollingEngine(Registry(cfg), outbox, lambda m: link.session(m, int(m[1:]), meter_map), sleep=no_wait,
+                           breaker_threshold=3)  # fmt: skip
+    try:
+        for run in range(4):
+            report = await engine.run_plan(cfg.plans[0], NOW + run * STEP)
+            by_meter = {r.meter: r for r in report.results}
+            assert sorted(m for m, r in by_meter.items() if r.ok) == sorted(f"U{u}" for u in range(1, 11) if u != 5)
+            assert engine.breaker("gw").state() == "closed", "the gateway stays in service"
+            if run:
+                assert by_meter["U5"].skipped and "meter circuit open" in by_meter["U5"].error
+        assert engine.stats.skipped == 3 and engine.meter_breaker("U5").state() == "open"
+    finally:
+        link.close()
+        await sim.stop()
+        outbox.close()

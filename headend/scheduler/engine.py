@@ -50,6 +50,8 @@ class MeterResult:
     seconds: float = 0.0
     #: What the plan asked for that this meter cannot give (e.g. events over Modbus), with why.
     unsupported: list[str] = field(default_factory=list)
+    #: Not tried this run: its own breaker, or its link's, is open.
+    skipped: bool = False
     error: str = ""
     #: The MeterError class behind `error` (LinkDown, Timeout, Refused, BadFrame, Unsupported).
     error_type: str = ""
@@ -74,6 +76,8 @@ class PlanReport:
 class EngineStats:
     sessions: int = 0
     failures: int = 0
+    #: Meters not tried because a breaker (theirs or their link's) was open.
+    skipped: int = 0
     last_progress: float = field(default_factory=time.monotonic)
 
 
@@ -102,7 +106,15 @@ class PollingEngine:
         self.sleep = sleep
         self.stats = EngineStats()
         self.admission = admission or LinkAdmission(registry, sessions, tcp_sessions=tcp_sessions)
+        #: Per link (gateway, bus, concentrator): only the link's own failures (LinkDown).
         self.breakers: dict[str, CircuitBreaker] = {}
+        #: Per meter: its own failures (no answer), so one dead unit behind a gateway never
+        #: stalls its neighbours.
+        self.meter_breakers: dict[str, CircuitBreaker] = {}
+        #: Per link: the meters that did not answer since the link's last success. Silence
+        #: from several different meters in a row is the link's (a cut RS-485 line behind a
+        #: gateway that still accepts TCP); one dead unit, however often asked, is not.
+        self._silent: dict[str, set[str]] = {}
         self._boundary_cursors: dict[str, dict[str, int]] = {}
         self._breaker_args = (breaker_threshold, breaker_cooldown)
         self.stopping = False
@@ -112,6 +124,12 @@ class PollingEngine:
             threshold, cooldown = self._breaker_args
             self.breakers[key] = CircuitBreaker(threshold, cooldown, self.monotonic)
         return self.breakers[key]
+
+    def meter_breaker(self, meter_id: str) -> CircuitBreaker:
+        if meter_id not in self.meter_breakers:
+            threshold, cooldown = self._breaker_args
+            self.meter_breakers[meter_id] = CircuitBreaker(threshold, cooldown, self.monotonic)
+        return self.meter_breakers[meter_id]
 
     def stop(self) -> None:
         """Start no new sessions: reads in progress finish and commit, queued ones give up."""
@@ -158,12 +176,17 @@ class PollingEngine:
 
     async def _read_meter(self, meter_id: str, plan: Plan, now: datetime, lane: Lane, fresh: bool) -> MeterResult:
         key, _gate = self.admission.gate(meter_id)
-        breaker = self.breaker(key)
+        breaker, own = self.breaker(key), self.meter_breaker(meter_id)
         result = MeterResult(meter_id, ok=False)
         deadline = self.monotonic() + plan.window.total_seconds()
         for attempt in range(1, plan.attempts + 1):
-            if breaker.is_open:
-                result.error = f"link {key} circuit open after {breaker.failures} failures"
+            if breaker.is_open or own.is_open:
+                which, open_one = (f"link {key}", breaker) if breaker.is_open else ("meter", own)
+                wait = open_one.open_until - self.monotonic()
+                result.error = f"{which} circuit open after {open_one.failures} failures; next try in {wait:.0f} s"
+                result.error_type, result.skipped = "CircuitOpen", True
+                self.stats.skipped += 1
+                log.warning("%s: not read by plan %s: %s", meter_id, plan.id, result.error)
                 return result
             result.attempts = attempt
             try:
@@ -173,6 +196,8 @@ class PollingEngine:
                         return result
                     await self._session(session, meter_id, plan, now, result, fresh)
                 breaker.record(True)
+                own.record(True)
+                self._silent.pop(key, None)
                 result.ok, result.error = True, ""
                 self.stats.last_progress = self.monotonic()
                 return result
@@ -180,8 +205,14 @@ class PollingEngine:
                 result.error = f"{type(exc).__name__}: {exc}"
                 result.error_type = type(exc).__name__
                 self.stats.failures += 1
-                if isinstance(exc, LinkDown | Timeout):
-                    breaker.record(False)
+                if isinstance(exc, LinkDown):
+                    breaker.record(False)  # the gateway, bus or concentrator itself
+                elif isinstance(exc, Timeout):
+                    own.record(False)  # this meter does not answer; its neighbours may
+                    silent = self._silent.setdefault(key, set())
+                    if meter_id not in silent:
+                        silent.add(meter_id)
+                        breaker.record(False)
                 if not exc.retryable:
                     return result
             pause = self.backoff * 2 ** (attempt - 1) * (1 + random.uniform(0, self.jitter))
