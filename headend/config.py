@@ -13,13 +13,14 @@ import ssl
 import tomllib
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cronsim import CronSim, CronSimError
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -372,11 +373,18 @@ class Plan(Strict):
             raise ValueError("'every' must be at least 1s")
         if "registers" in self.read and not self.channels:
             raise ValueError("read includes 'registers' but 'channels' is empty")
-        if self.cron is not None:
-            from headend.scheduler.timing import parse_cron  # the scheduler owns the cron rules
-
-            parse_cron(self.cron)
         return self
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                # Standard cron (cronsim): an expression that can never fire (30 February) is refused here.
+                next(CronSim(value, datetime(2026, 1, 1, tzinfo=UTC)))
+            except (CronSimError, StopIteration) as exc:
+                raise ValueError(f"cron {value!r}: {exc or 'never fires'}") from None
+        return value
 
 
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -622,6 +630,17 @@ def _reference_problems(cfg: Config) -> list[tuple[str, str]]:
         for dup in _duplicates(item.id for item in items):
             idx = [i for i, item in enumerate(items) if item.id == dup]
             problems.append((f"{section}[{idx[-1]}]{_named(dup)}", f"duplicate id, first used at {section}[{idx[0]}]"))
+    first_with: dict[str, int] = {}
+    for i, meter in enumerate(cfg.meters):
+        if meter.serial is None:
+            continue
+        if meter.serial in first_with:
+            j = first_with[meter.serial]
+            problems.append((f"meters[{i}]{_named(meter.id)}.serial",
+                             f"serial {meter.serial!r} is also the serial of meter {cfg.meters[j].id!r} (meters[{j}]): "
+                             "one of them is booked to the wrong customer"))  # fmt: skip
+        else:
+            first_with[meter.serial] = i
     links = {link.id: link for link in cfg.links}
     concentrators = {c.id for c in cfg.concentrators}
     groups = {g for m in cfg.meters for g in m.groups}

@@ -236,3 +236,12 @@ def test_an_mqtt_ca_file_needs_tls_and_must_exist(tmp_path: Path) -> None:
         parse_config({"links": [{**link, "ca_file": str(tmp_path / "ca.pem")}]})
     with pytest.raises(ConfigError, match=r"ca_file '.*ca.pem' is not a readable file"):
         parse_config({"links": [{**link, "tls": True, "ca_file": str(tmp_path / "ca.pem")}]})
+
+
+def test_two_meters_with_one_serial_are_refused_at_load() -> None:
+    link = {"id": "l", "kind": "tcp", "protocol": "dlms-wrapper", "host": "h", "port": 1}
+    meters = [{"id": "A", "link": "l", "serial": "LGZ123"}, {"id": "B", "link": "l", "serial": "LGZ9"},
+              {"id": "C", "link": "l", "serial": "LGZ123"}]  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        parse_config({"links": [link], "meters": meters})
+    assert "meters[2] (id \"C\").serial: serial 'LGZ123' is also the serial of meter 'A' (meters[0])" in str(err.value)
