@@ -676,7 +676,47 @@ def _reference_problems(cfg: Config) -> list[tuple[str, str]]:
         for m in sel.meters or []:
             if m not in meters:
                 problems.append((f"{where}.meters", f"no meter with id {m!r}"))
+        if "profile" in plan.read and any(_boundary_read(m, links) and _selects(plan.select, m, links)
+                                          for m in cfg.meters):  # fmt: skip
+            reason = _boundary_cadence_problem(plan)
+            if reason:
+                problems.append((f"plans[{i}]{_named(plan.id)}.{'every' if plan.every else 'cron'}", reason))
     return problems
+
+
+def _boundary_read(meter: Meter, links: dict[str, Link]) -> bool:
+    """A meter without a load profile, whose intervals come from register reads at boundaries."""
+    return meter.link in links and links[meter.link].protocol.startswith("modbus")  # type: ignore[union-attr]
+
+
+def _selects(sel: Selector, meter: Meter, links: dict[str, Link]) -> bool:
+    link = links.get(meter.link or "")
+    return ((sel.meters is None or meter.id in sel.meters) and (sel.group is None or sel.group in meter.groups)
+            and (sel.link is None or sel.link in (meter.link, meter.concentrator))
+            and (sel.protocol is None or (link is not None and link.protocol == sel.protocol)))  # fmt: skip
+
+
+def _boundary_cadence_problem(plan: Plan) -> str | None:
+    """Why the plan's schedule cannot give a register read at each interval boundary (within
+    the minute after it that counts), or None."""
+    tolerance = min(timedelta(seconds=60), plan.interval / 10)
+    minutes = int(plan.interval.total_seconds() // 60)
+    why = (f"reads Modbus meters' intervals from register reads at each {minutes}-minute boundary (within "
+           f"{tolerance.total_seconds():g} s after it), which this schedule never gives; use a divisor of "
+           f"{minutes} minutes (e.g. every = \"{minutes}m\") or a cron firing at each boundary")
+    if plan.every is not None:
+        return None if plan.every <= tolerance or plan.interval % plan.every == timedelta(0) else why
+    assert plan.cron is not None
+    day = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday: one day of fire times, every boundary of it
+    fires = CronSim(plan.cron, day - timedelta(seconds=1))
+    boundary, fire = day, next(fires)
+    while boundary < day + timedelta(days=1):
+        while fire < boundary:
+            fire = next(fires)
+        if fire - boundary > tolerance:
+            return why
+        boundary += plan.interval
+    return None
 
 
 def _map_problems(name: str) -> list[str]:

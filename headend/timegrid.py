@@ -30,3 +30,11 @@ def boundary_of(read_at: datetime, step: timedelta, tolerance: timedelta) -> dat
     """The boundary a read taken at `read_at` stands for, or None if it is too far from any."""
     boundary = nearest_boundary(read_at, step)
     return boundary if abs(read_at - boundary) <= tolerance else None
+
+
+def boundary_read_of(read_at: datetime, step: timedelta, tolerance: timedelta) -> datetime | None:
+    """The boundary a register read taken at `read_at` counts for: the last one at or before
+    it, if no more than `tolerance` ago. Never the next one: a read at 10:14:30 holds the
+    energy up to 10:14:30, not up to 10:15, and taking it for 10:15 would cut that interval short."""
+    boundary = floor_to(read_at, step)
+    return boundary if read_at - boundary <= tolerance else None

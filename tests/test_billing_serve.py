@@ -70,4 +70,4 @@ history = "3h"
         asked = dict(db.execute("SELECT meter, max(attempts) FROM rereads GROUP BY meter"))
     assert asked.get("G16") == 3, "the outage was asked again exactly reread_attempts times"
     extra = outage.associations - healthy.associations
-    assert extra <= 3, f"{outage.associations} associations on the outage meter, {healthy.associations} on its neighbour"
+    assert extra <= 3, f"{outage.associations} associations on the outage meter, {healthy.associations} beside it"

@@ -245,3 +245,19 @@ def test_two_meters_with_one_serial_are_refused_at_load() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"links": [link], "meters": meters})
     assert "meters[2] (id \"C\").serial: serial 'LGZ123' is also the serial of meter 'A' (meters[0])" in str(err.value)
+
+
+@pytest.mark.parametrize(("when", "refused"), [
+    ({"every": "30s"}, False), ({"every": "5m"}, False), ({"every": "15m"}, False), ({"cron": "*/15 * * * *"}, False),
+    ({"every": "7m"}, True), ({"every": "1h"}, True), ({"cron": "0 * * * *"}, True), ({"cron": "2-59/15 * * * *"}, True),
+])  # fmt: skip
+def test_a_plan_that_cannot_give_boundary_reads_to_modbus_meters_is_refused(when: dict[str, str],
+                                                                            refused: bool) -> None:  # fmt: skip
+    link = {"id": "gw", "kind": "tcp", "protocol": "modbus-tcp", "host": "h", "port": 502}
+    meter = {"id": "MB", "link": "gw", "address": 1, "map": "sim-relay-meter"}
+    raw = {"links": [link], "meters": [meter], "plans": [{"id": "p", "read": ["profile"], **when}]}
+    if not refused:
+        parse_config(raw)
+        return
+    with pytest.raises(ConfigError, match=r"plans\[0\] \(id \"p\"\)\.(every|cron): reads Modbus meters' intervals"):
+        parse_config(raw)

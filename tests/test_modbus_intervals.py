@@ -11,7 +11,7 @@ from headend.model import Obis, Quality, Reading
 from headend.protocols.modbus import ModbusLink
 from headend.protocols.modbus_intervals import build_intervals
 from headend.protocols.modbus_maps import shipped_maps
-from headend.timegrid import boundary_of
+from headend.timegrid import boundary_read_of
 from simulators.clock import ManualClock
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
 
@@ -21,10 +21,11 @@ TOL = timedelta(seconds=60)
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)
 
 
-def test_a_read_stands_for_a_boundary_only_within_tolerance() -> None:
-    assert boundary_of(T0 + timedelta(seconds=20), STEP, TOL) == T0
-    assert boundary_of(T0 - timedelta(seconds=59), STEP, TOL) == T0
-    assert boundary_of(T0 + timedelta(minutes=3), STEP, TOL) is None
+def test_a_read_stands_for_a_boundary_only_at_or_after_it_within_tolerance() -> None:
+    assert boundary_read_of(T0, STEP, TOL) == T0
+    assert boundary_read_of(T0 + timedelta(seconds=20), STEP, TOL) == T0
+    assert boundary_read_of(T0 - timedelta(seconds=30), STEP, TOL) is None, "before it: the energy up to then only"
+    assert boundary_read_of(T0 + timedelta(minutes=3), STEP, TOL) is None
 
 
 async def test_missed_and_late_boundaries_mark_intervals_missing_never_smeared() -> None:
@@ -52,7 +53,7 @@ async def test_missed_and_late_boundaries_mark_intervals_missing_never_smeared()
     assert missing == [T0 + 2 * STEP, T0 + 3 * STEP, T0 + 4 * STEP, T0 + 5 * STEP]
     assert all(r.qualities == (Quality.MISSING,) for r in intervals if r.value is None)
     good = {r.timestamp: r.value for r in intervals if r.value is not None}
-    by_boundary = {boundary_of(r.timestamp, STEP, TOL): r.value for r in reads}
+    by_boundary = {boundary_read_of(r.timestamp, STEP, TOL): r.value for r in reads}
     for end, value in good.items():
         assert value == pytest.approx(by_boundary[end] - by_boundary[end - STEP])
         assert value > 0

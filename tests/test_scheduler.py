@@ -391,3 +391,23 @@ async def test_a_dead_unit_behind_a_gateway_never_stalls_its_nine_neighbours(tmp
         link.close()
         await sim.stop()
         outbox.close()
+
+
+async def test_a_30_second_plan_takes_each_boundary_read_at_its_boundary_never_before(tmp_path: Path) -> None:
+    """Reads at hh:14:30 and hh:15:30 are within a minute of hh:15 too, but only the read at or
+    after the boundary counts for it, and the first such read stands: every interval equals
+    the register difference between its boundaries."""
+    start = datetime(2026, 3, 9, 10, 0, 0, tzinfo=UTC)
+    async with modbus_site(tmp_path, start, {"read": ["profile"]}) as site:
+        for n in range(2 * 46):  # every 30 s for 46 minutes
+            site.clock.set(start + n * timedelta(seconds=30))
+            result = await site.engine.read_meter("MB", site.plan, site.clock.datetime())
+            assert result.ok
+        intervals = {p.reading.timestamp: p.reading.value for p in site.outbox.take_sync(1000)
+                     if p.reading and p.reading.kind == "interval"}  # fmt: skip
+        meter = site.sim.meters[1]
+    energy = Obis(1, 0, 1, 8, 0)
+    assert sorted(intervals) == [start + k * STEP for k in (1, 2, 3)]
+    for end, value in intervals.items():
+        at_boundaries = meter.expected(energy, end.timestamp()) - meter.expected(energy, (end - STEP).timestamp())
+        assert value == pytest.approx(at_boundaries)

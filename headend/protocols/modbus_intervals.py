@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from headend.model import Obis, Quality, Reading, exact_difference
-from headend.timegrid import boundary_of, nearest_boundary
+from headend.timegrid import boundary_read_of, nearest_boundary
 
 
 def build_intervals(
@@ -31,15 +31,15 @@ def build_intervals(
 ) -> list[Reading]:
     """Intervals ending at each boundary in (start, end], from cumulative register reads.
 
-    Register reads taken off-boundary (beyond `tolerance`) are ignored; for each boundary
-    the read closest to it is used.
+    A register read counts for the boundary at or before it, within `tolerance`; others are
+    ignored; for each boundary the first read after it (the closest) is used.
     """
     at: dict[datetime, Reading] = {}
     for r in register_reads:
         if r.value is None:
             continue
-        b = boundary_of(r.timestamp, step, tolerance)
-        if b is not None and (b not in at or abs(r.timestamp - b) < abs(at[b].timestamp - b)):
+        b = boundary_read_of(r.timestamp, step, tolerance)
+        if b is not None and (b not in at or r.timestamp < at[b].timestamp):  # the first read after it
             at[b] = r
     out = []
     b = nearest_boundary(start, step) + step

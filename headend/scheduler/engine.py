@@ -30,7 +30,7 @@ from headend.scheduler.admission import LinkAdmission
 from headend.scheduler.gate import Lane
 from headend.storage.codec import from_ns, to_ns
 from headend.storage.outbox import Outbox
-from headend.timegrid import boundary_of, floor_to
+from headend.timegrid import boundary_read_of, floor_to
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +295,16 @@ class PollingEngine:
         step = plan.interval
         (register,) = await session.read_registers([IMPORT_ENERGY])
         tolerance = min(timedelta(seconds=60), step / 10)
-        boundary = boundary_of(register.timestamp, step, tolerance)
+        boundary = boundary_read_of(register.timestamp, step, tolerance)
         readings: list[Reading] = [register]
         key_t, key_v = f"boundary:{meter_id}:t", f"boundary:{meter_id}:v"
         saved = self.outbox.cursors(f"boundary:{meter_id}:")
         if boundary is None or register.value is None:
-            result.error = "register read too far from an interval boundary to count for one"
+            result.error = "register read too long after an interval boundary to count for one"
             return readings, from_ns(saved.get(key_t, to_ns(now)))
+        if saved.get(key_t) == to_ns(boundary):
+            # A later read for a boundary already read: the first, closer one stands.
+            return readings, boundary
         if key_t in saved:
             previous = dataclasses.replace(register, timestamp=from_ns(saved[key_t]), value=saved[key_v] / 1e6)
             start = max(previous.timestamp, boundary - plan.history)
