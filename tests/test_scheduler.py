@@ -47,7 +47,8 @@ class Fleet:
         async def no_wait(_seconds: float) -> None:
             return None  # retries without real waiting: backoff timing is not what these tests check
 
-        return PollingEngine(Registry(self.config), self.outbox, session, sleep=no_wait, **kwargs)  # type: ignore[arg-type]
+        return PollingEngine(Registry(self.config), self.outbox, session, sleep=no_wait,  # type: ignore[arg-type]
+                             clock=self.clock.datetime, **kwargs)  # fmt: skip
 
     def plan(self, **overrides: object) -> Plan:
         base = {"id": "lp", "read": ["clock", "profile", "registers"], "channels": ["1-0:1.8.0.255"],
@@ -177,7 +178,8 @@ async def modbus_site(tmp_path: Path, start: datetime, plan: dict[str, object]) 
         "plans": [{"id": "p", "every": "15m", **plan}],
     })  # fmt: skip
     outbox = Outbox(tmp_path / "outbox.sqlite")
-    engine = PollingEngine(Registry(cfg), outbox, lambda m: link.session(m, 1, meter_map, now=clock.datetime))
+    engine = PollingEngine(Registry(cfg), outbox, lambda m: link.session(m, 1, meter_map, now=clock.datetime),
+                           clock=clock.datetime)  # fmt: skip
     try:
         yield ModbusSite(engine, cfg.plans[0], clock, sim, outbox)
     finally:
@@ -200,7 +202,7 @@ async def test_a_hung_meter_is_given_up_at_the_plan_deadline_and_the_rest_finish
         return DlmsSession.tcp_wrapper("127.0.0.1", fleet.ports[m], m, authentication="lls", password=b"12345678",
                                        timeout=60, now=fleet.clock.datetime)  # fmt: skip
 
-    engine = PollingEngine(Registry(fleet.config), fleet.outbox, session)
+    engine = PollingEngine(Registry(fleet.config), fleet.outbox, session, clock=fleet.clock.datetime)
     seen: list[str] = []
     plan = fleet.plan(select={"meters": ["M0", "M1", "M4"]}, read=["profile"])
     report = await engine.run_plan(plan, NOW, deadline_s=0.5, on_result=lambda r: seen.append(r.meter))
@@ -235,7 +237,7 @@ async def test_the_watchdog_restarts_a_plan_loop_that_failed_and_it_goes_on_read
             raise RuntimeError("a bug in a session factory")  # not a MeterError: nothing in the engine catches it
         return healthy.sessions(m)
 
-    engine = PollingEngine(Registry(fleet.config), fleet.outbox, sessions)
+    engine = PollingEngine(Registry(fleet.config), fleet.outbox, sessions, clock=fleet.clock.datetime)
     restarts: list[BaseException] = []
     stop = asyncio.Event()
     plan = fleet.plan(select={"meters": ["M0"]}, read=["clock"], every="15m")
@@ -345,7 +347,7 @@ async def test_a_meter_that_never_stops_talking_is_cut_off_and_the_others_are_re
                                        timeout=2, session_deadline=60, max_get_bytes=1 << 20,
                                        now=fleet.clock.datetime)  # fmt: skip
 
-    engine = PollingEngine(Registry(fleet.config), fleet.outbox, session)
+    engine = PollingEngine(Registry(fleet.config), fleet.outbox, session, clock=fleet.clock.datetime)
     seen: list[str] = []
     plan = fleet.plan(select={"meters": ["M0", "M1", "M4"]}, read=["profile"])
     report = await engine.run_plan(plan, NOW, on_result=lambda r: seen.append(r.meter))
@@ -411,3 +413,17 @@ async def test_a_30_second_plan_takes_each_boundary_read_at_its_boundary_never_b
     for end, value in intervals.items():
         at_boundaries = meter.expected(energy, end.timestamp()) - meter.expected(energy, (end - STEP).timestamp())
         assert value == pytest.approx(at_boundaries)
+
+
+async def test_drift_is_measured_and_the_clock_set_against_the_time_of_the_read_not_the_run(fleet: Fleet) -> None:
+    """A meter read five minutes into a plan's run: its drift is against the time it was read
+    (a correct meter shows none), and a drifting meter is set to that time, not to the run's start."""
+    engine = fleet.engine()
+    plan = fleet.plan(read=["clock"], select={"meters": ["M0", "M1"]})
+    fleet.clock.set(NOW + timedelta(minutes=5))
+    fleet.meters["M1"].faults.clock_offset_s = 7200.0  # two hours fast
+    on_time = await engine.read_meter("M0", plan, NOW)
+    fast = await engine.read_meter("M1", plan, NOW)
+    assert on_time.drift_s == 0.0 and not on_time.clock_synced
+    assert fast.drift_s == 7200.0 and fast.clock_synced
+    assert fleet.meters["M1"].now() == fleet.clock.datetime(), "set to the time of the read, to the second"

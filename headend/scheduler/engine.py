@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from headend.breaker import CircuitBreaker
 from headend.config import Plan
@@ -96,7 +96,11 @@ class PollingEngine:
         jitter: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        """`clock`: the current time, for measuring a meter's drift and setting its clock (a
+        plan's run started earlier: a meter read minutes into the run is compared with now)."""
+        self.clock = clock
         self.registry = registry
         self.outbox = outbox
         self.sessions = sessions
@@ -229,11 +233,14 @@ class PollingEngine:
         cursors: dict[str, int] = {}
         drifting = False
         if "clock" in plan.read:
+            asked = self.clock()
             meter_time = await session.read_clock()
-            result.drift_s = (meter_time - now).total_seconds()
+            answered = self.clock()
+            # The meter read its clock somewhere between the question and the answer: the middle.
+            result.drift_s = (meter_time - (asked + (answered - asked) / 2)).total_seconds()
             drifting = abs(result.drift_s) > plan.clock_tolerance.total_seconds()
             if drifting and plan.sync_clock:
-                await session.set_clock(now)
+                await session.set_clock(self.clock())
                 result.clock_synced = True
         if "profile" in plan.read:
             profile, watermark = await self._profile(session, meter_id, plan, now, result, fresh)
