@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from rich.console import Console
 
 from headend.commission.checks import Options
-from headend.commission.report import Report
+from headend.commission.report import FoundMeter, Report
 from headend.commission.run import RegisterConflict, Target, commission, register, resolve
 from headend.config import Config, DlmsSettings, parse_config
 from headend.localservers import MosquittoServer, free_port
@@ -389,14 +390,28 @@ async def test_register_adds_found_meters_and_refuses_conflicts(modem: NullModem
     finally:
         await sim.stop()
     registry = tmp_path / "meters.toml"
-    registry.write_text('[[meters]]\nid = "OLD"\nlink = "target"\naddress = 2\nserial = "123"\n')
+    registry.write_text("""# Substation 7, feeder 2: hand-kept notes stay
+[[meters]]
+id = "OLD"
+link = "target"
+address = 2
+serial = "123"
+customer = "Hospital St. Anna"  # must never be cut off automatically
+protected = true
+groups = ["feeder-2", "critical"]
+""")
     with pytest.raises(RegisterConflict, match="conflicts with OLD"):
         register(report, target, registry)
     assert "SN70000001" not in registry.read_text()  # nothing written when anything conflicts
     added = register(report, target, registry, force=True)
-    assert added == ["SN70000001", "SN70000002"]
+    assert added == ["SN70000001", "OLD"]
     text = registry.read_text()
-    assert 'id = "SN70000002"' in text and "OLD" not in text and 'map = "eastron-sdm630"' in text
+    assert "# Substation 7, feeder 2: hand-kept notes stay" in text and "# must never be cut off" in text
+    meters = {m["id"]: m for m in tomllib.loads(text)["meters"]}
+    assert meters["OLD"] == {"id": "OLD", "link": "target", "address": 2, "serial": "70000002",
+                             "customer": "Hospital St. Anna", "protected": True, "groups": ["feeder-2", "critical"],
+                             "map": "eastron-sdm630", "model": meters["OLD"]["model"]}, "a new meter in the point"
+    assert meters["SN70000001"]["map"] == "eastron-sdm630"
     assert register(report, target, registry) == []  # the same again: nothing new, no conflict
 
 
@@ -426,3 +441,16 @@ async def test_a_scan_that_runs_out_of_its_time_box_stops_and_says_how_far_it_go
     (boxed,) = [c for c in report.checks if "time box" in c.measured]
     assert boxed.status == "warn" and boxed.measured.endswith("of 247 unit ids") and "--time-box" in boxed.hint
     assert [m.address for m in report.meters] == ["unit:2"]  # what it found before the box closed is checked
+
+
+def test_register_writes_any_serial_as_valid_toml(tmp_path: Path) -> None:
+    """A serial with a newline, quotes or control characters (a meter's answer is input) is
+    escaped: the file still parses and says exactly what the meter said."""
+    serial = 'A"1\n[[meters]]\nid = "X"\x07\\'
+    report = Report(site="s", engineer="e", target="tcp:h:1", protocol="modbus-tcp")
+    report.meters.append(FoundMeter(address="unit:9", protocol="modbus-tcp", serial=serial, map="eastron-sdm630"))
+    target = resolve("tcp:127.0.0.1:1502", None, protocol="modbus-tcp", baud=9600, timeout=0.5)
+    registry = tmp_path / "meters.toml"
+    register(report, target, registry)
+    (meter,) = tomllib.loads(registry.read_text(encoding="utf-8"))["meters"]
+    assert meter["serial"] == serial and meter["address"] == 9

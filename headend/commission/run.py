@@ -10,12 +10,12 @@ TARGET is a link or concentrator id from `--config`, or given directly:
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import tomlkit
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -156,11 +156,16 @@ class RegisterConflict(ValueError):
 
 
 def register(report: Report, target: Target, path: Path, *, force: bool = False) -> list[str]:
-    """Append the meters found to a registry file ([[meters]] entries). An entry with the same
+    """Add the meters found to a registry file ([[meters]] entries). An entry with the same
     id, or the same address on the same link, or the same serial, that says something else is
-    a conflict: refused unless `force` (then replaced)."""
-    existing: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    meters: list[dict[str, Any]] = list(existing.get("meters", []))
+    a conflict: refused unless `force`, which updates that entry with what was found (its id,
+    customer, protection, groups and every other field it has stay: the metering point is
+    the same, the meter in it changed). The file is edited with tomlkit: comments, order and
+    every field are kept, and values are escaped as TOML requires."""
+    doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.exists() else tomlkit.document()
+    if "meters" not in doc:
+        doc.append("meters", tomlkit.aot())
+    meters = doc["meters"]
     added: list[str] = []
     conflicts: list[str] = []
     failed = {c.meter for c in report.checks if c.name == "identity" and c.status == "fail"}
@@ -173,22 +178,61 @@ def register(report: Report, target: Target, path: Path, *, force: bool = False)
                  or (m.get("serial") and m.get("serial") == entry.get("serial"))
                  or (m.get("link", m.get("concentrator")) == entry.get("link", entry.get("concentrator"))
                      and m.get("address") == entry.get("address") and "address" in entry)]  # fmt: skip
-        same = [m for m in clash if all(m.get(k) == v for k, v in entry.items())]
-        if same:
-            continue  # already registered exactly so
+        if any(_says(m, {k: v for k, v in entry.items() if k != "id"}) for m in clash):
+            continue  # already registered so (under its id or an earlier one)
         if clash and not force:
             ids = ", ".join(str(m.get("id")) for m in clash)
-            conflicts.append(f"{found.address} (serial {found.serial}) conflicts with {ids}; --force replaces")
+            conflicts.append(f"{found.address} (serial {found.serial}) conflicts with {ids}; --force updates it")
             continue
-        meters = [m for m in meters if m not in clash] + [entry]
-        added.append(entry["id"])
+        if len(clash) > 1:
+            ids = " and ".join(str(m.get("id")) for m in clash)
+            conflicts.append(f"{found.address} (serial {found.serial}) matches {ids}: edit the registry by hand")
+            continue
+        if clash:
+            (kept,) = clash
+            _update(kept, {k: v for k, v in entry.items() if k != "id"})
+            added.append(str(kept["id"]))
+        else:
+            meters.append(_table(entry))
+            added.append(entry["id"])
     if conflicts:
         raise RegisterConflict("; ".join(conflicts))
     # Written aside and renamed over: a crash or a full disk never leaves half a registry.
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(_dump({**existing, "meters": meters}), encoding="utf-8")
+    partial.write_text(tomlkit.dumps(doc), encoding="utf-8")
     os.replace(partial, path)
     return added
+
+
+def _says(existing: Any, entry: dict[str, Any]) -> bool:
+    """The existing entry already says everything found (nested tables included)."""
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            if not isinstance(existing.get(key), dict) or not _says(existing[key], value):
+                return False
+        elif existing.get(key) != value:
+            return False
+    return True
+
+
+def _update(existing: Any, found: dict[str, Any]) -> None:
+    for key, value in found.items():
+        if isinstance(value, dict) and isinstance(existing.get(key), dict):
+            _update(existing[key], value)  # dlms = {physical}: the authentication and keys stay
+        else:
+            existing[key] = value
+
+
+def _table(entry: dict[str, Any]) -> Any:
+    table = tomlkit.table()
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            inline = tomlkit.inline_table()
+            inline.update(value)
+            table[key] = inline
+        else:
+            table[key] = value
+    return table
 
 
 def _entry(found: FoundMeter, target: Target) -> dict[str, Any]:
@@ -210,36 +254,3 @@ def _entry(found: FoundMeter, target: Target) -> dict[str, Any]:
     if found.model:
         entry["model"] = found.model
     return entry
-
-
-def _dump(data: dict[str, Any]) -> str:
-    """Minimal TOML writer for registry files (scalars, inline tables, arrays of tables)."""
-    lines: list[str] = []
-    for key, value in data.items():
-        if not isinstance(value, list | dict):
-            lines.append(f"{key} = {_value(value)}")
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"\n[{key}]")
-            lines += [f"{k} = {_value(v)}" for k, v in value.items()]
-        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
-            for item in value:
-                lines.append(f"\n[[{key}]]")
-                lines += [f"{k} = {_value(v)}" for k, v in item.items()]
-        elif isinstance(value, list):
-            lines.append(f"{key} = {_value(value)}")
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + " }"
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
