@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -146,6 +147,8 @@ class SimulatedDlmsMeter:
         self.requests = 0
         self.actions = 0
         self.events: list[tuple[datetime, int]] = []  # (meter time, event code), oldest first
+        #: (true time from, clock offset s) of each clock set or jump; empty: never changed.
+        self._clock_changes: list[tuple[datetime, float]] = []
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._stopping = False
@@ -175,27 +178,54 @@ class SimulatedDlmsMeter:
         self.invocation_counter += 1
         return value
 
+    def offset_at(self, true_t: datetime) -> timedelta:
+        """How far the meter's clock was off at a true time: `faults.clock_offset_s` for all
+        time until the clock was first set or jumped, then what each change made it."""
+        offset = self._clock_changes[0][1] if self._clock_changes else self.faults.clock_offset_s
+        for since, value in self._clock_changes:
+            if since < true_t:  # a change at c applies after c
+                offset = value
+        return timedelta(seconds=offset)
+
+    def change_clock(self, offset_s: float) -> None:
+        """The meter's clock is off by `offset_s` from now on (a clock set, or a jump); what
+        was recorded before keeps the stamps it was given."""
+        now = self.clock.datetime()
+        if not self._clock_changes:
+            self._clock_changes.append((datetime.min.replace(tzinfo=UTC), self.faults.clock_offset_s))
+        self._clock_changes.append((now, offset_s))
+        self.faults.clock_offset_s = offset_s
+
+    def captures(self, until: datetime) -> Iterator[tuple[datetime, datetime]]:
+        """(true time, stamp) of every profile capture from installation to `until`, in the
+        order they happened: the meter captures when its own clock passes a boundary of its
+        grid and stamps the row with that boundary (a clock set back repeats stamps, one set
+        forward skips them), as a real meter does. Immutable: a later clock change or relay
+        operation never alters a capture made before it."""
+        bounds = [(since, timedelta(seconds=off)) for since, off in self._clock_changes] or [
+            (datetime.min.replace(tzinfo=UTC), timedelta(seconds=self.faults.clock_offset_s))]
+        for i, (since, off) in enumerate(bounds):
+            # A change at time c applies to captures after c: one at c itself was made before it.
+            next_change = bounds[i + 1][0] if i + 1 < len(bounds) else None
+            stamp = _ceil_quarter(max(since, self.installed) + off)
+            if i and stamp - off <= since:
+                stamp += STEP
+            while (t := stamp - off) <= until and (next_change is None or t <= next_change):
+                yield t, stamp
+                stamp += STEP
+
     def profile_rows(self, start: datetime, end: datetime) -> list[Structure]:
         """Rows stamped (in the meter's own time, as a meter selects by range) start <= t <= end,
         as recorded up to now."""
-        offset = timedelta(seconds=self.faults.clock_offset_s)
-        start, end = start - offset, end - offset
-        last = min(end, self.clock.datetime())
-        epoch = datetime(1970, 1, 1, tzinfo=UTC)
-        t = max(start, self.installed)
-        t = epoch + -((epoch - t) // STEP) * STEP  # round up to a boundary
         rows = []
-        while t <= last:
-            if t not in self.faults.missing_intervals:
-                ts = t.timestamp()
-                meter_time = t + timedelta(seconds=self.faults.clock_offset_s)
-                energies = [Typed(axdr.DOUBLE_LONG_UNSIGNED, self.register_value(o, ts)) for o in ENERGIES]
-                # Status bit 5 (0x20, clock adjusted / invalid) while the meter's clock is off.
-                status = Typed(axdr.UNSIGNED, 0x20 if self.faults.clock_offset_s else 0)
-                rows.append(
-                    Structure([Typed(axdr.OCTET_STRING, DateTime.from_datetime(meter_time)), status, *energies])
-                )
-            t += STEP
+        for true_t, stamp in self.captures(self.clock.datetime()):
+            if not start <= stamp <= end or _ceil_quarter(true_t) in self.faults.missing_intervals:
+                continue
+            ts = true_t.timestamp()
+            energies = [Typed(axdr.DOUBLE_LONG_UNSIGNED, self.register_value(o, ts)) for o in ENERGIES]
+            # Status bit 5 (0x20, clock invalid) while the meter's clock is off.
+            status = Typed(axdr.UNSIGNED, 0x20 if self.offset_at(true_t) else 0)
+            rows.append(Structure([Typed(axdr.OCTET_STRING, DateTime.from_datetime(stamp)), status, *energies]))
         return rows
 
     def power_outage(self, start: datetime, end: datetime) -> None:
@@ -291,7 +321,7 @@ class SimulatedDlmsMeter:
             wanted = DateTime.from_bytes(value).to_utc()
             self.events += [(self.now().replace(microsecond=0), CLOCK_ADJUSTED_OLD),
                             (wanted.replace(microsecond=0), CLOCK_ADJUSTED_NEW)]  # fmt: skip
-            self.faults.clock_offset_s = (wanted - self.clock.datetime()).total_seconds()
+            self.change_clock((wanted - self.clock.datetime()).total_seconds())
             return SUCCESS
         if a.class_id == 70 and a.obis == DISCONNECT and a.index == 4:
             value = axdr.decode(request.data)
@@ -514,6 +544,11 @@ class Association:
         meter.associations += 1
         proof = hls_reply(meter.system_title, meter.next_counter(), meter.keys, self.client_challenge)
         return xdlms.ActionResult(request.invoke_id, 0, axdr.encode(proof)).to_bytes()
+
+
+def _ceil_quarter(t: datetime) -> datetime:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return epoch - ((epoch - t) // STEP) * STEP
 
 
 def _range(parameters: bytes) -> tuple[datetime, datetime]:

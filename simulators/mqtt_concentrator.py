@@ -41,7 +41,7 @@ from headend.protocols.mqtt_schema import (
     data_topic,
     state_topic,
 )
-from simulators.clock import Clock, ManualClock
+from simulators.clock import Clock
 from simulators.physics import LoadModel
 
 log = logging.getLogger(__name__)
@@ -339,10 +339,10 @@ class SimulatedConcentrator:
 
 async def _main(args: argparse.Namespace) -> None:
     host, _, port = args.broker.rpartition(":")
-    clock: Clock = Clock()
-    if args.backlog_days:
-        # Start in the past and publish that backlog at once (benchmarks, catch-up after an outage).
-        clock = ManualClock(Clock().now() - args.backlog_days * 86_400)
+    # The concentrators' clock is the wall clock from the start: a backlog is history they
+    # recorded before, published at once, never a clock that stands still.
+    clock = Clock()
+    backlog = timedelta(days=args.backlog_days)
     fleet = [
         SimulatedConcentrator(
             f"dc-{k:03d}",
@@ -351,18 +351,17 @@ async def _main(args: argparse.Namespace) -> None:
             [f"dc-{k:03d}-m{n:04d}" for n in range(args.meters)],
             clock,
             interval=timedelta(seconds=args.interval),
+            backlog=backlog,
         )
         for k in range(args.concentrators)
     ]
     for dc in fleet:
         await dc.start()
     print(f"{len(fleet)} concentrators x {args.meters} meters on {args.broker}", flush=True)
-    if isinstance(clock, ManualClock):
+    if backlog:
         await asyncio.sleep(args.start_delay)
-        clock.advance(args.backlog_days * 86_400)
         await asyncio.gather(*(dc.publish_until(clock.datetime()) for dc in fleet))
         print(f"published {sum(dc.seq + 1 for dc in fleet)} messages of backlog", flush=True)
-        clock = Clock()
     while True:
         for dc in fleet:
             await dc.publish_until(clock.datetime())

@@ -1,7 +1,9 @@
 """What a simulated meter measures, as a function of (simulated) time.
 
 Power follows a day-shaped curve; energy is its exact integral, so registers only grow and
-interval sums equal register differences; an open relay stops the flow of energy.
+interval sums equal register differences; an open relay stops the flow of energy from the
+moment it opens to the moment it closes, and never changes what was measured before (the
+history of a meter is immutable, as a real meter's is).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class LoadModel:
     base_power_w: float = 3000.0
     energy_start_kwh: float = 12_345.0
     relay_connected: bool = True
-    _lost_kwh: float = field(default=0.0, repr=False)
-    _open_since: float | None = field(default=None, repr=False)
+    #: When the relay was open: (opened, closed or None while it still is).
+    _open: list[tuple[float, float | None]] = field(default_factory=list, repr=False)
 
     @property
     def _phi(self) -> float:
@@ -45,16 +47,22 @@ class LoadModel:
         return joules / 3.6e6
 
     def import_kwh(self, t: float) -> float:
-        lost = self._lost_kwh
-        if self._open_since is not None:
-            lost += self._flowed_kwh(t) - self._flowed_kwh(self._open_since)
+        """The register at t: what flowed up to t, less what did not flow while the relay was
+        open before t (an opening after t changes nothing at t)."""
+        lost = 0.0
+        for opened, closed in self._open:
+            if opened < t:
+                lost += self._flowed_kwh(min(t, closed if closed is not None else t)) - self._flowed_kwh(opened)
         return self.energy_start_kwh + self._flowed_kwh(t) - lost
+
+    def connected_at(self, t: float) -> bool:
+        return not any(opened <= t and (closed is None or t < closed) for opened, closed in self._open)
 
     def export_kwh(self, t: float) -> float:
         return 10.0 + self.seed  # a consumer: export stays put
 
     def power_w(self, t: float) -> float:
-        if not self.relay_connected:
+        if not self.connected_at(t):
             return 0.0
         return self.base_power_w * (1 + 0.5 * math.sin(2 * math.pi * t / DAY + self._phi))
 
@@ -64,11 +72,10 @@ class LoadModel:
     def set_relay(self, connected: bool, t: float) -> None:
         if connected == self.relay_connected:
             return
-        if connected and self._open_since is not None:
-            self._lost_kwh += self._flowed_kwh(t) - self._flowed_kwh(self._open_since)
-            self._open_since = None
+        if connected and self._open and self._open[-1][1] is None:
+            self._open[-1] = (self._open[-1][0], t)
         elif not connected:
-            self._open_since = t
+            self._open.append((t, None))
         self.relay_connected = connected
 
     def value(self, obis: Obis, t: float) -> float:
