@@ -120,6 +120,9 @@ class Quality(StrEnum):
     CLOCK_ERROR = "1.2.0"
     #: Head-end flag: read from a meter whose clock was off by more than the plan's tolerance.
     CLOCK_DRIFT = "2.6.16"
+    #: Head-end flag (data collection): the interval's stamp was corrected by the meter's clock
+    #: offset measured in the same session (this project's code within system 2, category 4).
+    TIME_ADJUSTED = "2.4.128"
 
 
 _QUALITY_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")

@@ -187,13 +187,16 @@ class SimulatedDlmsMeter:
                 offset = value
         return timedelta(seconds=offset)
 
-    def change_clock(self, offset_s: float) -> None:
+    def change_clock(self, offset_s: float, at: datetime | None = None) -> None:
         """The meter's clock is off by `offset_s` from now on (a clock set, or a jump); what
-        was recorded before keeps the stamps it was given."""
-        now = self.clock.datetime()
+        was recorded before keeps the stamps it was given. `at`: when it happened, for a
+        test's history (a jump in the past, before anyone read the meter)."""
+        when = at or self.clock.datetime()
+        if self._clock_changes and when < self._clock_changes[-1][0]:
+            raise ValueError("clock changes happen in order")
         if not self._clock_changes:
             self._clock_changes.append((datetime.min.replace(tzinfo=UTC), self.faults.clock_offset_s))
-        self._clock_changes.append((now, offset_s))
+        self._clock_changes.append((when, offset_s))
         self.faults.clock_offset_s = offset_s
 
     def captures(self, until: datetime) -> Iterator[tuple[datetime, datetime]]:

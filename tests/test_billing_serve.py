@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from simulators.clock import Clock
-from simulators.dlms_meter import HdlcBus, SimulatedDlmsMeter
+from simulators.dlms_meter import A_PLUS, HdlcBus, SimulatedDlmsMeter
 from simulators.ptypair import NullModem
 from tests.conftest import Spawn
 from tests.test_switching_serve import serve
@@ -71,3 +71,75 @@ history = "3h"
     assert asked.get("G16") == 3, "the outage was asked again exactly reread_attempts times"
     extra = outage.associations - healthy.associations
     assert extra <= 3, f"{outage.associations} associations on the outage meter, {healthy.associations} beside it"
+
+
+def stored_profile(path: Path, meter: str) -> list[tuple[int, float, str]]:
+    """(ts in s, value, qualities) of the A+ register at each interval end, as stored."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return [(ts // 10**9, value, quality) for ts, value, quality in db.execute(
+            "SELECT ts, value, quality FROM readings WHERE kind = 'interval' AND meter = ? AND channel = ? "
+            "ORDER BY ts", (meter, "1-0:1.8.0.255"))]  # fmt: skip
+
+
+async def test_meters_with_wrong_clocks_get_every_interval_at_its_true_time_with_its_own_value(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    """Through serve: a meter two hours fast (clock sync on, and off), one whose clock jumped
+    two hours ahead three hours ago, and a good one. Every stored interval is on the grid, at
+    its true time, with the value the meter had then (the simulator's truth); the moved ones
+    are flagged time-adjusted (2.4.128)."""
+    clock = Clock()
+    now = clock.datetime()
+    meters = {name: SimulatedDlmsMeter(name, clock, seed=i + 1) for i, name in enumerate(("F1", "F2", "J1", "N1"))}
+    meters["F1"].faults.clock_offset_s = 7200.0
+    meters["F2"].faults.clock_offset_s = 7200.0
+    jumped = floor_quarter(now) - timedelta(hours=3) + timedelta(minutes=7)
+    meters["J1"].change_clock(7200.0, at=jumped)
+    ports = {name: await m.start() for name, m in meters.items()}
+    body = "".join(f"""
+[[links]]
+id = "l-{name}"
+kind = "tcp"
+protocol = "dlms-wrapper"
+host = "127.0.0.1"
+port = {port}
+timeout = "3s"
+[[meters]]
+id = "{name}"
+link = "l-{name}"
+groups = ["{'unsynced' if name == 'F2' else 'synced'}"]
+dlms = {{ authentication = "lls", password_env = "METER_PASSWORD" }}
+""" for name, port in ports.items()) + "".join(f"""
+[[plans]]
+id = "{group}"
+select = {{ group = "{group}" }}
+read = ["clock", "profile"]
+every = "2s"
+window = "1s"
+history = "6h"
+sync_clock = {str(group == "synced").lower()}
+""" for group in ("synced", "unsynced"))
+    served = await serve(tmp_path, spawn, body, METER_PASSWORD="12345678")
+    readings = tmp_path / "readings.sqlite"
+    try:
+        async with asyncio.timeout(60):
+            # Six hours of quarter hours for each meter; the jumped one needs a second run.
+            while not readings.exists() or any(len(stored_profile(readings, m)) < 24 for m in meters):  # noqa: ASYNC110
+                await asyncio.sleep(0.2)  # another process reads the meters
+    finally:
+        await served.stop()
+        for m in meters.values():
+            await m.stop()
+    for name, meter in meters.items():
+        rows = stored_profile(readings, name)
+        assert all(ts % 900 == 0 for ts, _v, _q in rows), f"{name}: an interval off the grid"
+        for ts, value, _q in rows:
+            assert value == meter.register_value(A_PLUS, ts) / 1000, f"{name} at {ts}: not the meter's value then"
+        adjusted = {ts for ts, _v, q in rows if "2.4.128" in q}
+        if name in ("F1", "F2"):
+            assert adjusted == {ts for ts, _v, _q in rows if ts <= now.timestamp()}, name
+        elif name == "J1":
+            assert adjusted == {ts for ts, _v, _q in rows if jumped.timestamp() < ts <= now.timestamp()}
+        else:
+            assert not adjusted
+    assert meters["F1"].faults.clock_offset_s != 7200.0 and meters["F2"].faults.clock_offset_s == 7200.0

@@ -12,6 +12,7 @@ link's circuit breaker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -28,6 +29,7 @@ from headend.protocols.modbus_intervals import build_intervals
 from headend.registry import Registry
 from headend.scheduler.admission import LinkAdmission
 from headend.scheduler.gate import Lane
+from headend.scheduler.placement import place_on_grid
 from headend.storage.codec import from_ns, to_ns
 from headend.storage.outbox import Outbox
 from headend.timegrid import boundary_read_of, floor_to
@@ -52,6 +54,10 @@ class MeterResult:
     unsupported: list[str] = field(default_factory=list)
     #: Not tried this run: its own breaker, or its link's, is open.
     skipped: bool = False
+    #: Profile values moved to their true interval end by the measured clock offset.
+    time_adjusted: int = 0
+    #: Profile values that could not be placed on the grid: held in quarantine, not stored.
+    held: int = 0
     error: str = ""
     #: The MeterError class behind `error` (LinkDown, Timeout, Refused, BadFrame, Unsupported).
     error_type: str = ""
@@ -232,18 +238,27 @@ class PollingEngine:
         readings: list[Reading] = []
         cursors: dict[str, int] = {}
         drifting = False
+        # A profile's rows are placed by the meter's clock offset: measured whenever one is read
+        # (a meter without a clock, Modbus, has boundary reads stamped by the head-end instead).
+        meter_time = None
+        asked = answered = self.clock()
         if "clock" in plan.read:
-            asked = self.clock()
             meter_time = await session.read_clock()
             answered = self.clock()
+        elif "profile" in plan.read:
+            with contextlib.suppress(Unsupported):
+                meter_time = await session.read_clock()
+            answered = self.clock()
+        if meter_time is not None:
             # The meter read its clock somewhere between the question and the answer: the middle.
             result.drift_s = (meter_time - (asked + (answered - asked) / 2)).total_seconds()
             drifting = abs(result.drift_s) > plan.clock_tolerance.total_seconds()
-            if drifting and plan.sync_clock:
+            if drifting and plan.sync_clock and "clock" in plan.read:
                 await session.set_clock(self.clock())
                 result.clock_synced = True
         if "profile" in plan.read:
-            profile, watermark = await self._profile(session, meter_id, plan, now, result, fresh)
+            offset = timedelta(seconds=result.drift_s) if drifting and result.drift_s is not None else None
+            profile, watermark = await self._profile(session, meter_id, plan, now, result, fresh, offset)
             readings += profile
             if not fresh:
                 cursors[_cursor_key(meter_id, plan)] = to_ns(watermark)
@@ -264,7 +279,7 @@ class PollingEngine:
                 result.events = len(events)
                 if events and not fresh:
                     cursors[events_key] = to_ns(max(e.timestamp for e in events))
-        if drifting:
+        if drifting and "profile" not in plan.read:
             readings = [_flag(r, Quality.CLOCK_DRIFT) if r.kind == "interval" else r for r in readings]
         cursors |= self._boundary_cursors.pop(meter_id, {})
         # The profile cursor commits with the readings: it never runs ahead of what is stored.
@@ -272,22 +287,35 @@ class PollingEngine:
         result.readings = len(readings)
 
     async def _profile(
-        self, session: MeterSession, meter_id: str, plan: Plan, now: datetime, result: MeterResult, fresh: bool
+        self, session: MeterSession, meter_id: str, plan: Plan, now: datetime, result: MeterResult, fresh: bool,
+        offset: timedelta | None = None,
     ) -> tuple[list[Reading], datetime]:
         """Read from the completeness watermark (all intervals up to it are stored), so gaps are
-        read again on every run until they fill or fall past `history` (the buffer depth)."""
+        read again on every run until they fill or fall past `history` (the buffer depth).
+        `offset`: the meter's clock error measured in this session; the range is asked in the
+        meter's time and every row placed at the true interval end it belongs to."""
         step = plan.interval
         last_boundary = floor_to(now, step)
         oldest = last_boundary - plan.history
         key = _cursor_key(meter_id, plan)
         cursor = None if fresh else self.outbox.cursors(key).get(key)
         since = max(from_ns(cursor), oldest) if cursor is not None else oldest
+        shift = offset or timedelta(0)
         try:
-            readings = await session.read_profile(plan.profile, since, now)
+            read = await session.read_profile(plan.profile, since + shift, now + shift)
         except Unsupported:
             # No load profile in the meter (Modbus): intervals come from the energy register
             # read at each boundary, a missed boundary leaves its intervals marked missing.
             return await self._boundary_profile(session, meter_id, plan, now, result)
+        placed = place_on_grid(read, offset, step, plan.clock_tolerance)
+        readings = placed.readings
+        result.time_adjusted = placed.adjusted
+        if placed.held:
+            result.held = len(placed.held)
+            for reason in dict.fromkeys(why for _r, why in placed.held):
+                group = [r for r, why in placed.held if why == reason]
+                log.warning("%s: %d profile values held, not stored: %s", meter_id, len(group), reason)
+                await asyncio.to_thread(self.outbox.hold_sync, group, f"{meter_id}: {reason}")
         got = {r.timestamp for r in readings if r.value is not None}
         expected = [since + k * step for k in range(1, (last_boundary - since) // step + 1)]
         result.expected_intervals = len(expected)

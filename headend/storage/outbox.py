@@ -185,7 +185,7 @@ class Outbox:
             reason = f"{reason} [{len(payload)} bytes, sha256 {digest}, first {len(kept)} kept]"
         with self._lock:
             known = self._db.execute("SELECT 1 FROM quarantine WHERE id = ?", (row_id,)).fetchone() is not None
-            if self._raw_rows is None:
+            if self._raw_rows is None:  # held readings (negative ids too) count against the cap, never refused by it
                 self._raw_rows = int(self._db.execute("SELECT count(*) FROM quarantine WHERE id < 0").fetchone()[0])
             if not known and self._raw_rows >= self.max_raw_quarantine:
                 return False
@@ -216,13 +216,28 @@ class Outbox:
 
     def drop_raw_sync(self, ids: Sequence[int] | None = None) -> int:
         """Delete quarantined raw messages (all, or those `ids`); readings are never dropped."""
+        wanted = None if ids is None else set(ids)
+        raw = [r.id for r in self.quarantine_rows() if not r.requeueable and (wanted is None or r.id in wanted)]
         with self._lock, write_transaction(self._db) as db:
-            if ids is None:
-                dropped = db.execute("DELETE FROM quarantine WHERE id < 0").rowcount
-            else:
-                dropped = sum(db.execute("DELETE FROM quarantine WHERE id = ? AND id < 0", (i,)).rowcount for i in ids)
+            db.executemany("DELETE FROM quarantine WHERE id = ?", [(i,) for i in raw])
             self._raw_rows = None
-        return dropped
+        return len(raw)
+
+    def hold_sync(self, readings: Sequence[Reading], reason: str) -> int:
+        """Keep readings that must not reach the store as they are (an interval the head-end
+        cannot place on the grid) in the quarantine, with the reason: the same reading held
+        again on the next read is one row. Returns how many were new."""
+        now = time.time_ns()
+        rows = []
+        for r in readings:
+            body = codec.encode(r)
+            key = f"held {r.kind} {r.meter} {r.channel} {r.timestamp.isoformat()} {r.value!r}"
+            rows.append((_raw_id("held", key.encode()), body, reason, now))
+        with self._lock, write_transaction(self._db) as db:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
+                           rows)  # fmt: skip
+            return db.total_changes - before
 
     def requeue_sync(self, ids: Sequence[int] | None = None) -> int:
         """Move quarantined readings (all, or those `ids`) back into the outbox, in one

@@ -107,8 +107,11 @@ def alignment(series: Series, ctx: Context) -> None:
 
 
 def clock(series: Series, ctx: Context) -> None:
+    """Captured by a clock the meter marked invalid or the head-end found off, unless the
+    head-end moved it to its true interval end (time-adjusted, placed within tolerance)."""
     for s in series.slots:
-        if Quality.CLOCK_DRIFT in s.qualities or _status_bits(s) & CLOCK_INVALID_BIT:
+        placed = Quality.TIME_ADJUSTED in s.qualities
+        if Quality.CLOCK_DRIFT in s.qualities or (_status_bits(s) & CLOCK_INVALID_BIT and not placed):
             flag(s, "clock")
 
 
