@@ -139,7 +139,10 @@ def to_utc(ts: datetime, what: str = "timestamp") -> datetime:
         raise ValueError(f"{what} must be a datetime, got {type(ts).__name__}")
     if ts.tzinfo is None or ts.utcoffset() is None:
         raise ValueError(f"{what} {ts.isoformat()} has no timezone; readings are stamped in UTC")
-    return ts.astimezone(UTC)
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59-23:59 is past the last datetime in UTC
+        raise ValueError(f"{what} {ts.isoformat()} is out of range") from None
 
 
 def exact_product(a: float, b: float, scaler: int = 0) -> float:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,8 @@ import uvicorn
 from fastapi import Depends, HTTPException
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from headend.api.app import create_app
@@ -48,7 +51,23 @@ from headend.vee.store import VeeStore
 log = logging.getLogger(__name__)
 
 
-#: LinkStats counters published as headend_mqtt_link_events{event}.
+class LinkEvents(Collector):
+    """The MQTT links' own counters, as Prometheus counters (`headend_mqtt_link_events_total`)."""
+
+    def __init__(self, sessions: SessionFactory) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("headend_mqtt_link_events", "MQTT link events since start: connects, gaps, "
+                                     "backfills, duplicates, bad_messages (unkept_: quarantine full), "
+                                     "refused_answers, refused_messages", labels=["link", "event"])  # fmt: skip
+        for link_id, mqtt in self.sessions.mqtt.items():
+            for event in MQTT_EVENTS:
+                family.add_metric([link_id, event], getattr(mqtt.stats, event))
+        yield family
+
+
+#: LinkStats counters published as headend_mqtt_link_events_total{event}.
 MQTT_EVENTS = ("connects", "gaps", "backfills", "duplicates", "bad_messages", "unkept_bad_messages",
                "refused_answers", "refused_messages")
 
@@ -84,10 +103,6 @@ class Metrics:
                                      "(disk full, I/O), since start", registry=self.registry)  # fmt: skip
         self.meter_breakers_open = Gauge("headend_meter_breakers_open", "Meters whose own circuit breaker is "
                                          "open (not asked until its cooldown)", registry=self.registry)  # fmt: skip
-        self.mqtt_events = Gauge("headend_mqtt_link_events", "MQTT link events since start: connects, gaps, "
-                                 "backfills, duplicates, bad_messages (unkept_: quarantine full), refused_answers, "
-                                 "refused_messages",
-                                 ["link", "event"], registry=self.registry)  # fmt: skip
         self.commands = Gauge("headend_switching_commands", "Switching commands in the journal by action and state",
                               ["action", "state"], registry=self.registry)  # fmt: skip
         self.confirm_seconds = Histogram("headend_switching_confirmation_seconds",
@@ -159,6 +174,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir, headend_id=headend_id,
                                   supervisor=supervisor)  # fmt: skip
         await sessions.start()
+        metrics.registry.register(LinkEvents(sessions))
         # One admission for polling, on-demand reads, VEE re-reads and switching.
         admission = LinkAdmission(registry, sessions)
         polling = PollingEngine(registry, pipeline.outbox, sessions, admission=admission)
@@ -180,14 +196,11 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
 
         @app.get("/metrics", response_class=PlainTextResponse)
         async def metrics_endpoint() -> str:
-            metrics.outbox_depth.set(pipeline.outbox.depth())
+            metrics.outbox_depth.set(await asyncio.to_thread(pipeline.outbox.depth))
             metrics.hook_failures.set(pipeline.writer.stats.hook_failures)
             metrics.outbox_failures.set(pipeline.writer.stats.outbox_failures)
             for link_id, state in sessions.link_states().items():
                 metrics.link_up.labels(link_id).set(1 if state == "up" else 0)
-            for link_id, mqtt in sessions.mqtt.items():
-                for event in MQTT_EVENTS:
-                    metrics.mqtt_events.labels(link_id, event).set(getattr(mqtt.stats, event))
             for link_id, breaker in polling.breakers.items():
                 metrics.breaker_open.labels(link_id).set(1 if breaker.is_open else 0)
             metrics.meter_breakers_open.set(sum(1 for b in polling.meter_breakers.values() if b.is_open))

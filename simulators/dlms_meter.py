@@ -78,6 +78,8 @@ class DlmsFaults:
     stuck_relay: bool = False
     #: Every GET is answered in blocks that never end (a meter that never stops talking).
     endless_blocks: bool = False
+    #: ... and with block number 1 every time, and no data (a count that never grows).
+    repeat_block_number: bool = False
 
 
 @dataclass
@@ -410,8 +412,9 @@ class SimulatedDlmsMeter:
         except (xdlms.XdlmsError, ValueError):
             return xdlms.ExceptionResult(2, 1).to_bytes(), []
         if isinstance(request, xdlms.GetRequestNext) and self.faults.endless_blocks:
-            n = request.block_number + 1
-            return xdlms.GetResult(request.invoke_id, data=bytes(self.block_size), block_number=n,
+            n = 1 if self.faults.repeat_block_number else request.block_number + 1
+            size = 0 if self.faults.repeat_block_number else self.block_size
+            return xdlms.GetResult(request.invoke_id, data=bytes(size), block_number=n,
                                    last_block=False).to_bytes(), [b""]  # fmt: skip
         if isinstance(request, xdlms.GetRequestNext):
             if not blocks or request.block_number > len(blocks) or request.block_number < 1:

@@ -270,7 +270,11 @@ async def test_a_meter_that_never_stops_sending_blocks_is_cut_off(
         async with session(meter, clock, session_deadline=0.5) as s:
             await s.read_clock()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50_000  # KiB
-    meter.faults.endless_blocks = False
+    meter.faults.repeat_block_number = True  # block 1 again and again, with no data
+    with pytest.raises(BadFrame, match="block 1 where block 2 was due"):
+        async with session(meter, clock) as s:
+            await s.read_clock()
+    meter.faults.endless_blocks = meter.faults.repeat_block_number = False
     async with session(meter, clock) as s:
         assert await s.read_clock() == NOW
 

@@ -121,7 +121,7 @@ async def test_a_rogue_taking_the_head_ends_client_id_costs_nothing_on_serve(
         await sim.publish_until(clock.datetime())  # 4 intervals per meter
         await stored_until(tmp_path / "readings.sqlite", 8)
         client_id = f"headend-{installation_id(tmp_path / 'state')}"
-        connects = 'headend_mqtt_link_events{event="connects",link="broker"}'
+        connects = 'headend_mqtt_link_events_total{event="connects",link="broker"}'
         assert await metric(served, connects) == 1
         async with aiomqtt.Client("127.0.0.1", mosquitto_server.port, identifier=client_id, clean_start=True,
                                   protocol=aiomqtt.ProtocolVersion.V5):  # fmt: skip
@@ -137,7 +137,7 @@ async def test_a_rogue_taking_the_head_ends_client_id_costs_nothing_on_serve(
         for meter in meters:  # every quarter hour up to the last one published, none missing
             stamps = interval_stamps(tmp_path / "readings.sqlite", meter)
             assert stamps == list(range(stamps[0], end + 1, 900)) and stamps[0] <= START.timestamp() + 900
-        assert await metric(served, 'headend_mqtt_link_events{event="gaps",link="broker"}') >= 1
+        assert await metric(served, 'headend_mqtt_link_events_total{event="gaps",link="broker"}') >= 1
     finally:
         with contextlib.suppress(Exception):
             await sim.stop()

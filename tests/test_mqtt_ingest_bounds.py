@@ -80,7 +80,7 @@ async def test_a_huge_seq_is_quarantined_and_its_neighbours_still_count(site: tu
 
 async def test_a_refused_message_leaves_its_seq_for_the_genuine_one(site: tuple[Site, ConcentratorLink]) -> None:
     s, link = site
-    await s.publish(data_topic(s.dc), message(11, "M9", value=666.0))  # M9 is not behind this concentrator
+    await s.publish(data_topic(s.dc), message(11, "M9", value=666.0))  # M9 not behind this concentrator
     await link.until(lambda: link.stats.bad_messages == 1)
     assert link.concentrators[s.dc].highest == 10
     await s.publish(data_topic(s.dc), message(11, "M1", value=2.5))

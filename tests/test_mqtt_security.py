@@ -203,6 +203,33 @@ async def test_with_answer_keys_a_forger_cannot_beat_a_slow_concentrator(
         assert done.state == CommandState.CONFIRMED and dc.loads["Q1"].relay_connected
 
 
+async def test_a_forged_answer_with_a_mac_in_non_ascii_text_never_stops_the_link(
+    tmp_path: Path, mosquitto_server: MosquittoServer
+) -> None:
+    """Such a MAC once raised inside the comparison and restarted the link at every answer,
+    failing every command in flight; now the answer is refused as malformed (quarantined)."""
+    key = bytes(range(32))
+
+    def non_ascii_mac(name: str, command: Command) -> list[tuple[str, Response]]:
+        if name not in ("relay", "relay_state"):
+            return []
+        response = Response.model_construct(correlation_id=command.correlation_id, meter=command.meter, command=name,
+                                            status="ok", error=None, message=None,
+                                            result={"state": RelayState.CONNECTED.value}, mac="é" * 64)  # fmt: skip
+        return [(command.reply_to, response)]
+
+    async with site(tmp_path, mosquitto_server.port, link_auth={"answer_keys": {}},
+                    dc_auth={"answer_key": key}) as (engine, link, dc):  # fmt: skip
+        link.answer_keys = {dc.id: key}
+        dc.faults.answer_delay = 0.3
+        connects = link.stats.connects
+        async with rogue(mosquitto_server.port, non_ascii_mac) as seen:
+            command = await engine.execute("Q1", RelayAction.RECONNECT, who="billing", why="paid")
+        assert seen and command.state == CommandState.CONFIRMED and dc.loads["Q1"].relay_connected
+        assert link.stats.connects == connects, "the link never dropped"
+        assert link.stats.bad_messages >= 1
+
+
 def test_an_answer_key_from_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cfg = parse_config({"links": [{"id": "broker", "kind": "mqtt", "host": "127.0.0.1", "port": 1}],
                         "concentrators": [{"id": "dc-k", "link": "broker", "answer_key_env": "DC_K"}],

@@ -141,7 +141,8 @@ def test_raw_quarantine_is_bounded_and_the_same_message_is_one_row(tmp_path: Pat
     """A flood of garbage on the broker cannot fill the disk: the same bytes again (a retained
     message at every reconnect) are one row, a huge message keeps its first 64 KiB with its
     size and digest, and past the cap raw messages are refused (counted by the caller), while
-    quarantined readings are never dropped."""
+    quarantined readings are never dropped. Room made by another process (`quarantine
+    drop-raw` while serve runs) is seen."""
     outbox = Outbox(tmp_path / "outbox.sqlite", max_raw_quarantine=3)
     try:
         for _ in range(5):
@@ -154,9 +155,16 @@ def test_raw_quarantine_is_bounded_and_the_same_message_is_one_row(tmp_path: Pat
         rows = outbox.quarantine_rows()
         assert len(rows) == 3 and not any(r.requeueable for r in rows)
         big = next(r for r in rows if "1048576 bytes" in r.reason)
-        assert len(big.body) < 64 * 1024 * 2 + 100 and "first 65536 kept" in big.reason
-        assert outbox.drop_raw_sync([big.id]) == 1
+        assert len(big.body) < 16 * 1024 * 2 + 100 and "first 16384 kept" in big.reason
+        other = Outbox(tmp_path / "outbox.sqlite")  # `headend quarantine drop-raw`, another process
+        assert other.drop_raw_sync([big.id]) == 1
+        other.close()
+        outbox._counted_at = -1e9  # the recount is due (it runs at most every RECOUNT_S)
         assert outbox.quarantine_raw_sync("mqtt a/data", b"one too many", "does not parse"), "room again"
         assert outbox.drop_raw_sync() == 3 and outbox.quarantine_rows() == []
+        small = Outbox(tmp_path / "small.sqlite", max_raw_bytes=3000)  # each row is about 2,000 bytes as stored
+        assert small.quarantine_raw_sync("s", b"x" * 1000, "r") and small.quarantine_raw_sync("s", b"y" * 1000, "r")
+        assert not small.quarantine_raw_sync("s", b"z" * 1000, "r"), "past the byte cap"
+        small.close()
     finally:
         outbox.close()

@@ -58,6 +58,10 @@ class MeterSession(Protocol):
     """An open session with one meter. Use as `async with driver.session(meter) as s:`."""
 
     meter: str
+    #: The profile's rows carry the stamps of the clock `read_clock` reads, so a measured
+    #: offset places them (a meter's own profile). False where another device stamps them
+    #: (a concentrator stamps its meters' intervals with its own clock).
+    profile_on_meter_clock: bool
 
     async def __aenter__(self) -> Self: ...
 

@@ -272,6 +272,8 @@ class ModbusLink:
 class ModbusMeterSession:
     """MeterSession for one unit on a ModbusLink."""
 
+    profile_on_meter_clock = True
+
     def __init__(
         self,
         link: ModbusLink,

@@ -76,6 +76,43 @@ from headend.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 86_400
+#: QoS 1 messages the broker may have in flight to the head-end (MQTT 5 Receive Maximum):
+#: with the acks sent only after the commit, this bounds what a flood can pile up in memory.
+RECEIVE_MAXIMUM = 1000
+#: Messages received and not yet handled, at most (QoS 0 beyond it is dropped by aiomqtt:
+#: concentrators publish QoS 1, which the Receive Maximum already bounds).
+MAX_QUEUED_INCOMING = 5000
+#: Characters of a topic kept in the quarantine and the log.
+MAX_TOPIC_KEPT = 200
+
+
+class BadMessageLog:
+    """Bad messages logged at most `per_minute` a minute in full, then counted in one line: a
+    flood of garbage cannot fill the disk through the log."""
+
+    def __init__(self, per_minute: int = 20, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.monotonic = monotonic
+        self._window = 0.0
+        self._logged = 0
+        self._silenced = 0
+
+    def note(self, topic: str, payload: bytes, reason: str) -> None:
+        now = self.monotonic()
+        if now - self._window >= 60:
+            if self._silenced:
+                log.error("%d more bad MQTT messages in the last minute (not logged one by one)", self._silenced)
+            self._window, self._logged, self._silenced = now, 0, 0
+        if self._logged < self.per_minute:
+            self._logged += 1
+            log.error("bad MQTT message on %s (%s); raw %s", topic[:MAX_TOPIC_KEPT], reason, payload[:200].hex())
+        else:
+            self._silenced += 1
+
+    def unkept(self, count: int, cap: int) -> None:
+        if self._logged < self.per_minute:
+            log.error("%d bad MQTT messages not kept: the quarantine is full (%d raw messages or its byte cap); "
+                      "`headend quarantine list`, then `drop-raw`", count, cap)  # fmt: skip
 _ERRORS: dict[str, type[MeterError]] = {
     "unknown_meter": Refused,
     "refused": Refused,
@@ -294,6 +331,8 @@ class ConcentratorLink:
         self.protocol = protocol
         self.monotonic = monotonic
         self.stats = LinkStats()
+        self._bad_log = BadMessageLog()
+        self._bad_batch: list[tuple[str, bytes, str]] = []
         self.concentrators: dict[str, ConcentratorState] = {}
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -371,9 +410,11 @@ class ConcentratorLink:
     def _new_client(self) -> aiomqtt.Client:
         v5 = self.protocol == aiomqtt.ProtocolVersion.V5
         props = None
-        if v5 and not self.observer:
+        if v5:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
+            if not self.observer:
+                props.SessionExpiryInterval = SESSION_EXPIRY_S
         client = aiomqtt.Client(
             self.host,
             self.port,
@@ -386,6 +427,7 @@ class ConcentratorLink:
             properties=props,
             keepalive=15,
             tls_context=self.tls,
+            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
         )
         # Acks are sent by us after the outbox commit. Set before connecting: a persistent
         # session's queued messages arrive right after CONNACK. (aiomqtt has no public API
@@ -477,6 +519,7 @@ class ConcentratorLink:
     async def _handle_batch(self, batch: Sequence[aiomqtt.Message]) -> None:
         readings: list[Reading] = []
         touched: set[str] = set()
+        self._bad_batch = []
         for message in batch:
             self.stats.received += 1
             topic = str(message.topic)
@@ -488,10 +531,16 @@ class ConcentratorLink:
                     self._on_state(concentrator_of(topic), State.model_validate_json(payload))
                 elif topic.endswith("/data"):
                     concentrator = concentrator_of(topic)
-                    readings += await self._on_data(concentrator, topic, payload, Data.model_validate_json(payload))
+                    readings += self._on_data(concentrator, topic, payload, Data.model_validate_json(payload))
                     touched.add(concentrator)
             except (ValidationError, ValueError, InvalidReading) as exc:
-                await self._bad(topic, payload, str(exc))
+                self._bad(topic, payload, str(exc))
+            except Exception as exc:
+                # A bug or an input nobody foresaw: this message is kept aside, the rest go on
+                # (re-raised it would be redelivered after the restart, and stop it again).
+                log.exception("MQTT message on %s could not be handled", topic[:200])
+                self._bad(topic, payload, f"could not be handled: {type(exc).__name__}: {exc}")
+        await self._keep_bad()
         if touched:
             cursors: dict[str, int] = {}
             for concentrator in touched:
@@ -504,17 +553,23 @@ class ConcentratorLink:
             await self.outbox.accept(readings, cursors=cursors)
             self.stats.accepted_readings += len(readings)
 
-    async def _bad(self, topic: str, payload: bytes, reason: str) -> None:
+    def _bad(self, topic: str, payload: bytes, reason: str) -> None:
+        """Note a message that is refused or does not parse; kept by `_keep_bad` before the ack."""
         reason = reason.replace("\n", "; ")[:500]
-        log.error("bad MQTT message on %s (%s); raw %s", topic, reason, payload[:200].hex())
-        # Kept, not dropped: the raw message goes to the outbox's quarantine before the ack
-        # (the same bytes again are one row), up to the quarantine's cap on raw messages.
-        if not await self.outbox.quarantine_raw(f"mqtt {topic}", payload, reason):
-            self.stats.unkept_bad_messages += 1
-            if self.stats.unkept_bad_messages % 1000 == 1:
-                log.error("quarantine holds %d raw messages: bad messages are counted but not kept "
-                          "(`headend quarantine list`, then `drop-raw`)", self.outbox.max_raw_quarantine)  # fmt: skip
         self.stats.bad_messages += 1
+        self._bad_log.note(topic, payload, reason)
+        self._bad_batch.append((f"mqtt {topic[:MAX_TOPIC_KEPT]}", payload, reason))
+
+    async def _keep_bad(self) -> None:
+        """Keep the batch's bad messages in the outbox's quarantine, in one transaction (the
+        same bytes again are one row), up to the quarantine's caps."""
+        if not self._bad_batch:
+            return
+        bad, self._bad_batch = self._bad_batch, []
+        kept = await asyncio.to_thread(self.outbox.quarantine_raw_many_sync, bad)
+        if kept < len(bad):
+            self.stats.unkept_bad_messages += len(bad) - kept
+            self._bad_log.unkept(len(bad) - kept, self.outbox.max_raw_quarantine)
 
     def _on_state(self, concentrator: str, state: State) -> None:
         if not self._configured(concentrator):
@@ -554,9 +609,9 @@ class ConcentratorLink:
     def _configured(self, concentrator: str) -> bool:
         return self.meters_of is None or concentrator in self.meters_of
 
-    async def _on_data(self, concentrator: str, topic: str, payload: bytes, data: Data) -> list[Reading]:
+    def _on_data(self, concentrator: str, topic: str, payload: bytes, data: Data) -> list[Reading]:
         if not self._configured(concentrator):
-            await self._bad(topic, payload, f"{concentrator} is not a concentrator of this link")
+            self._bad(topic, payload, f"{concentrator} is not a concentrator of this link")
             return []
         c = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
         if c.seen(data.seq):
@@ -564,18 +619,24 @@ class ConcentratorLink:
             return []
         if c.highest is not None and data.seq > c.highest + self.max_seq_gap:
             # Not a gap to fill: a forged or broken seq would make us ask for millions.
-            await self._bad(topic, payload, f"seq {data.seq} is {data.seq - c.highest} past the highest seen "
-                                            f"({c.highest}); more than max_seq_gap {self.max_seq_gap}")  # fmt: skip
+            self._bad(topic, payload, f"seq {data.seq} is {data.seq - c.highest} past the highest seen "
+                                      f"({c.highest}); more than max_seq_gap {self.max_seq_gap}")  # fmt: skip
             return []
         own = self.meters_of[concentrator] if self.meters_of is not None else None
         readings: list[Reading] = []
+        refused: list[str] = []
         for block in data.blocks:
             unknown = (c.meters and block.meter not in c.meters) or (own is not None and block.meter not in own)
             if unknown:
-                reason = f"meter {block.meter!r} is not behind {concentrator} (its inventory or the registry)"
-                await self._bad(topic, block.model_dump_json().encode(), reason)
+                refused.append(block.meter)
                 continue
             readings += self._readings(concentrator, block)
+        if refused:
+            # The message once, whatever the number of blocks refused (the rest is stored).
+            names = ", ".join(repr(m[:40]) for m in list(dict.fromkeys(refused))[:5])
+            more = f" and {len(set(refused)) - 5} more" if len(set(refused)) > 5 else ""
+            self._bad(topic, payload, f"{len(refused)} blocks refused: meter {names}{more} not behind {concentrator} "
+                                      "(its inventory or the registry)")  # fmt: skip
         if not readings:
             return []  # nothing taken: the seq stays free for the genuine message
         gaps = len(c.gaps)
@@ -604,7 +665,8 @@ class ConcentratorLink:
                       concentrator, response.meter, response.command, *asked)  # fmt: skip
             return
         key = self.answer_keys.get(concentrator)
-        if key is not None and not hmac.compare_digest(response.mac or "", response.mac_with(concentrator, key)):
+        expected = response.mac_with(concentrator, key).encode() if key is not None else b""
+        if key is not None and not hmac.compare_digest((response.mac or "").encode(), expected):
             self.stats.refused_answers += 1
             log.error("answer to command %s for %s refused: its MAC does not verify with %s's answer key (forged)",
                       response.correlation_id, pending.meter, concentrator)  # fmt: skip
@@ -700,6 +762,8 @@ class ConcentratorLink:
 class ConcentratorMeterSession:
     """MeterSession for a meter behind a concentrator: every call is a command round trip."""
 
+    profile_on_meter_clock = False
+
     def __init__(self, link: ConcentratorLink, meter: str, concentrator: str, multiplier: float = 1.0) -> None:
         self.link = link
         self.meter = meter
@@ -725,7 +789,7 @@ class ConcentratorMeterSession:
     def _parse(self, build: Callable[[], list[Reading]]) -> list[Reading]:
         try:
             return build()
-        except (ValidationError, ValueError, KeyError, TypeError) as exc:
+        except (ValidationError, ValueError, KeyError, TypeError, OverflowError) as exc:
             raise BadFrame(f"{self.concentrator} answered with an unreadable result: {exc}", meter=self.meter) from None
 
     async def read_registers(self, channels: Sequence[Obis]) -> list[Reading]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from headend.config import ObisCode
 
@@ -53,6 +53,21 @@ def concentrator_of(topic: str) -> str:
     return parts[3]
 
 
+def _plausible(t: datetime) -> datetime:
+    """A time a reading can have: with an offset, 1970..2200 (a year 9999 with -23:59 would
+    not even convert to UTC)."""
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise ValueError("a time needs its UTC offset")
+    if not EARLIEST <= t <= LATEST:
+        raise ValueError(f"{t.isoformat()} is outside {EARLIEST.year}..{LATEST.year}")
+    return t
+
+
+#: The times a reading may carry.
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+Stamp = Annotated[datetime, AfterValidator(_plausible)]
+
+
 class Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,11 +89,13 @@ class State(Payload):
     #: The last data `seq` published before this birth (gap detection across reconnects).
     seq: int | None = Field(default=None, ge=-1, le=MAX_SEQ)
     meters: list[InventoryMeter] = []
-    ts: datetime | None = None
+    ts: Stamp | None = None
+
+
 
 
 class Point(Payload):
-    t: datetime
+    t: Stamp
     v: float | None
     q: list[str] = []
     raw: float | None = None
@@ -125,7 +142,7 @@ class Response(Payload):
     message: str | None = None
     result: dict[str, Any] = {}
     #: HMAC-SHA256 (hex) of `signed_text()` with the concentrator's answer key, if it has one.
-    mac: str | None = None
+    mac: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
     def signed_text(self, concentrator: str) -> bytes:
         """What the MAC covers: the answer and whose it is, in one canonical JSON text."""

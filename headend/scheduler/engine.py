@@ -245,7 +245,7 @@ class PollingEngine:
         if "clock" in plan.read:
             meter_time = await session.read_clock()
             answered = self.clock()
-        elif "profile" in plan.read:
+        elif "profile" in plan.read and session.profile_on_meter_clock:
             with contextlib.suppress(Unsupported):
                 meter_time = await session.read_clock()
             answered = self.clock()
@@ -257,7 +257,8 @@ class PollingEngine:
                 await session.set_clock(self.clock())
                 result.clock_synced = True
         if "profile" in plan.read:
-            offset = timedelta(seconds=result.drift_s) if drifting and result.drift_s is not None else None
+            placing = drifting and result.drift_s is not None and session.profile_on_meter_clock
+            offset = timedelta(seconds=result.drift_s) if placing and result.drift_s is not None else None
             profile, watermark = await self._profile(session, meter_id, plan, now, result, fresh, offset)
             readings += profile
             if not fresh:
@@ -279,7 +280,8 @@ class PollingEngine:
                 result.events = len(events)
                 if events and not fresh:
                     cursors[events_key] = to_ns(max(e.timestamp for e in events))
-        if drifting and "profile" not in plan.read:
+        if drifting and ("profile" not in plan.read or not session.profile_on_meter_clock):
+            # Not placed by the offset (another device stamps them): flagged for validation.
             readings = [_flag(r, Quality.CLOCK_DRIFT) if r.kind == "interval" else r for r in readings]
         cursors |= self._boundary_cursors.pop(meter_id, {})
         # The profile cursor commits with the readings: it never runs ahead of what is stored.

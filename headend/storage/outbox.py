@@ -82,7 +82,12 @@ class WriterLocked(RuntimeError):
 #: by the store are real reads and are always kept.
 MAX_RAW_QUARANTINE = 100_000
 #: Bytes of one raw message kept as evidence; its size and SHA-256 name the whole.
-MAX_RAW_BYTES = 64 * 1024
+MAX_RAW_BYTES = 16 * 1024
+#: Bytes all raw messages in quarantine may take (as stored): the outbox's disk is the one
+#: genuine reads are accepted on.
+MAX_RAW_TOTAL = 256 * 1024 * 1024
+#: Seconds between recounts of a full quarantine (a recount reads all of it).
+RECOUNT_S = 10.0
 
 
 def _raw_id(source: str, payload: bytes) -> int:
@@ -93,10 +98,15 @@ def _raw_id(source: str, payload: bytes) -> int:
 
 
 class Outbox:
-    def __init__(self, path: str | Path, *, max_raw_quarantine: int = MAX_RAW_QUARANTINE) -> None:
+    def __init__(self, path: str | Path, *, max_raw_quarantine: int = MAX_RAW_QUARANTINE,
+                 max_raw_bytes: int = MAX_RAW_TOTAL) -> None:  # fmt: skip
         self.path = Path(path)
         self.max_raw_quarantine = max_raw_quarantine
-        self._raw_rows: int | None = None  # counted once, then kept up to date here
+        self.max_raw_bytes = max_raw_bytes
+        # Counted once, then kept up to date here (counted again when at a cap).
+        self._raw_rows: int | None = None
+        self._raw_bytes: int | None = None
+        self._counted_at = 0.0
         # One connection, used from worker threads one at a time under the lock.
         self._db = connect_durable(self.path, _SCHEMA)
         self._lock = threading.Lock()
@@ -174,26 +184,47 @@ class Outbox:
 
     async def quarantine_raw(self, source: str, payload: bytes, reason: str) -> bool:
         """Keep a message that never became readings (it does not parse), with the reason;
-        False if it was not kept because the quarantine holds `max_raw_quarantine` of them."""
+        False if it was not kept because the quarantine is at its cap on raw messages."""
         return await asyncio.to_thread(self.quarantine_raw_sync, source, payload, reason)
 
     def quarantine_raw_sync(self, source: str, payload: bytes, reason: str) -> bool:
-        row_id = _raw_id(source, payload)
-        kept = payload[:MAX_RAW_BYTES]
-        if len(kept) < len(payload):
-            digest = hashlib.sha256(payload).hexdigest()
-            reason = f"{reason} [{len(payload)} bytes, sha256 {digest}, first {len(kept)} kept]"
-        with self._lock:
-            known = self._db.execute("SELECT 1 FROM quarantine WHERE id = ?", (row_id,)).fetchone() is not None
-            if self._raw_rows is None:  # held readings (negative ids too) count against the cap, never refused by it
-                self._raw_rows = int(self._db.execute("SELECT count(*) FROM quarantine WHERE id < 0").fetchone()[0])
-            if not known and self._raw_rows >= self.max_raw_quarantine:
-                return False
-            with write_transaction(self._db) as db:
-                db.execute("INSERT OR REPLACE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
-                           (row_id, f"{source} {kept.hex()}", reason, time.time_ns()))  # fmt: skip
-            self._raw_rows += 0 if known else 1
-        return True
+        return self.quarantine_raw_many_sync([(source, payload, reason)]) == 1
+
+    def quarantine_raw_many_sync(self, items: Sequence[tuple[str, bytes, str]]) -> int:
+        """Keep many raw messages (source, payload, reason) in one transaction; returns how many
+        are kept (already there counts as kept)."""
+        kept = 0
+        with self._lock, write_transaction(self._db) as db:
+            if self._raw_rows is None or self._raw_bytes is None or (
+                    self._full() and time.monotonic() - self._counted_at > RECOUNT_S):
+                # Counted again when full (at most every RECOUNT_S): `quarantine drop-raw` in
+                # another process makes room that this one must see.
+                self._counted_at = time.monotonic()
+                rows, size = db.execute("SELECT count(*), coalesce(sum(length(body)), 0) FROM quarantine "
+                                        "WHERE id < 0").fetchone()  # fmt: skip
+                self._raw_rows, self._raw_bytes = int(rows), int(size)
+            for source, payload, reason in items:
+                row_id = _raw_id(source, payload)
+                if db.execute("SELECT 1 FROM quarantine WHERE id = ?", (row_id,)).fetchone() is not None:
+                    kept += 1
+                    continue
+                if self._full():
+                    continue
+                part = payload[:MAX_RAW_BYTES]
+                if len(part) < len(payload):
+                    digest = hashlib.sha256(payload).hexdigest()
+                    reason = f"{reason} [{len(payload)} bytes, sha256 {digest}, first {len(part)} kept]"
+                body = f"{source} {part.hex()}"
+                db.execute("INSERT INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
+                           (row_id, body, reason, time.time_ns()))  # fmt: skip
+                self._raw_rows += 1
+                self._raw_bytes += len(body)
+                kept += 1
+        return kept
+
+    def _full(self) -> bool:
+        assert self._raw_rows is not None and self._raw_bytes is not None
+        return self._raw_rows >= self.max_raw_quarantine or self._raw_bytes >= self.max_raw_bytes
 
     # -- state -------------------------------------------------------------------------
 
@@ -220,7 +251,7 @@ class Outbox:
         raw = [r.id for r in self.quarantine_rows() if not r.requeueable and (wanted is None or r.id in wanted)]
         with self._lock, write_transaction(self._db) as db:
             db.executemany("DELETE FROM quarantine WHERE id = ?", [(i,) for i in raw])
-            self._raw_rows = None
+            self._raw_rows = self._raw_bytes = None
         return len(raw)
 
     def hold_sync(self, readings: Sequence[Reading], reason: str) -> int:

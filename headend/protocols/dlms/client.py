@@ -45,6 +45,8 @@ _CONTROL_STATES = {0: RelayState.DISCONNECTED, 1: RelayState.CONNECTED, 2: Relay
 
 
 class DlmsSession:
+    profile_on_meter_clock = True
+
     def __init__(
         self,
         transport: WrapperTransport | HdlcTransport,
@@ -264,6 +266,7 @@ class DlmsSession:
         request = xdlms.GetRequest(invoke, xdlms.Attribute(class_id, obis, attribute), selector, parameters)
         response = await self._service(request.to_bytes())
         data = bytearray()
+        blocks = 0
         while True:
             if not isinstance(response, xdlms.GetResult):
                 raise self._bad("GET answered with another service", b"")
@@ -272,7 +275,12 @@ class DlmsSession:
             data += response.data or b""
             if response.block_number is None or response.last_block:
                 break
-            if len(data) > self.max_get_bytes or response.block_number >= self.max_get_blocks:
+            blocks += 1  # counted here: a meter's own numbers can repeat forever
+            if response.block_number != blocks:
+                await self._close()
+                raise self._bad(f"GET {class_id}/{obis}/{attribute}: block {response.block_number} where block "
+                                f"{blocks} was due", bytes(data[:64]))  # fmt: skip
+            if len(data) > self.max_get_bytes or blocks >= self.max_get_blocks:
                 await self._close()
                 raise self._bad(f"GET {class_id}/{obis}/{attribute}: more than {self.max_get_bytes} bytes or "
                                 f"{self.max_get_blocks} blocks and no end in sight", bytes(data[:64]))  # fmt: skip
