@@ -349,7 +349,8 @@ class Selector(Strict):
 class Plan(Strict):
     id: Identifier
     select: Selector = Selector()
-    read: list[Literal["profile", "registers", "events", "clock"]] = Field(min_length=1)
+    #: billing: the meter's frozen billing-period registers (daily and monthly billing profiles).
+    read: list[Literal["profile", "registers", "events", "clock", "billing"]] = Field(min_length=1)
     channels: list[ObisCode] = []
     profile: ObisCode = Obis(1, 0, 99, 1, 0)
     every: Duration | None = None

@@ -217,7 +217,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
 
         class ReadIn(BaseModel):
             model_config = ConfigDict(extra="forbid")
-            read: list[Literal["profile", "registers", "events", "clock"]] = Field(min_length=1)
+            read: list[Literal["profile", "registers", "events", "clock", "billing"]] = Field(min_length=1)
             channels: list[str] = []
             hours: float = Field(24.0, gt=0, le=24 * 31)
 

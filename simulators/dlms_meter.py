@@ -108,6 +108,10 @@ REGISTERS: dict[Obis, RegisterSpec] = {
 ENERGIES = (A_PLUS, A_MINUS, R_PLUS, R_MINUS)
 CAPTURE = [(8, CLOCK, 2), (1, STATUS, 2), (3, A_PLUS, 2), (3, A_MINUS, 2), (3, R_PLUS, 2), (3, R_MINUS, 2)]
 EVENT_CAPTURE = [(8, CLOCK, 2), (1, EVENT_CODE, 2)]
+MAX_DEMAND = Obis(1, 0, 1, 6, 0)  # class 4: the month's highest 15-minute import demand, with its time
+#: Daily and monthly billing profiles: the energy registers frozen at midnight, at the month's start.
+BILLING_PROFILES = (Obis(0, 0, 98, 1, 0), Obis(0, 0, 98, 2, 0))
+BILLING_CAPTURE = [(8, CLOCK, 2), (3, A_PLUS, 2), (3, A_MINUS, 2), (3, R_PLUS, 2), (3, R_MINUS, 2)]
 
 
 class SimulatedDlmsMeter:
@@ -201,7 +205,7 @@ class SimulatedDlmsMeter:
         self._clock_changes.append((when, offset_s))
         self.faults.clock_offset_s = offset_s
 
-    def captures(self, until: datetime) -> Iterator[tuple[datetime, datetime]]:
+    def captures(self, until: datetime, step: timedelta = STEP) -> Iterator[tuple[datetime, datetime]]:
         """(true time, stamp) of every profile capture from installation to `until`, in the
         order they happened: the meter captures when its own clock passes a boundary of its
         grid and stamps the row with that boundary (a clock set back repeats stamps, one set
@@ -212,12 +216,12 @@ class SimulatedDlmsMeter:
         for i, (since, off) in enumerate(bounds):
             # A change at time c applies to captures after c: one at c itself was made before it.
             next_change = bounds[i + 1][0] if i + 1 < len(bounds) else None
-            stamp = _ceil_quarter(max(since, self.installed) + off)
+            stamp = _ceil_to(max(since, self.installed) + off, step)
             if i and stamp - off <= since:
-                stamp += STEP
+                stamp += step
             while (t := stamp - off) <= until and (next_change is None or t <= next_change):
                 yield t, stamp
-                stamp += STEP
+                stamp += step
 
     def profile_rows(self, start: datetime, end: datetime) -> list[Structure]:
         """Rows stamped (in the meter's own time, as a meter selects by range) start <= t <= end,
@@ -232,6 +236,32 @@ class SimulatedDlmsMeter:
             status = Typed(axdr.UNSIGNED, 0x20 if self.offset_at(true_t) else 0)
             rows.append(Structure([Typed(axdr.OCTET_STRING, DateTime.from_datetime(stamp)), status, *energies]))
         return rows
+
+    def billing_rows(self, start: datetime, end: datetime, *, monthly: bool) -> list[Structure]:
+        """The daily (0-0:98.1.0) or monthly (0-0:98.2.0) billing profile: the energy registers
+        frozen when the meter's clock passes midnight (the 1st of the month), stamped with it."""
+        rows = []
+        for true_t, stamp in self.captures(self.clock.datetime(), timedelta(days=1)):
+            if not start <= stamp <= end or (monthly and stamp.day != 1):
+                continue
+            ts = true_t.timestamp()
+            energies = [Typed(axdr.DOUBLE_LONG_UNSIGNED, self.register_value(o, ts)) for o in ENERGIES]
+            rows.append(Structure([Typed(axdr.OCTET_STRING, DateTime.from_datetime(stamp)), *energies]))
+        return rows
+
+    def max_demand(self) -> tuple[int, datetime]:
+        """The highest 15-minute average import power (W) since the month began, and when that
+        quarter hour ended."""
+        now = self.clock.datetime()
+        t = max(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0), self.installed)
+        t = _ceil_quarter(t)
+        best, at = 0, t
+        while t + STEP <= now:
+            watts = round((self.load.import_kwh((t + STEP).timestamp()) - self.load.import_kwh(t.timestamp())) * 4000)
+            if watts > best:
+                best, at = watts, t + STEP
+            t += STEP
+        return best, at
 
     def power_outage(self, start: datetime, end: datetime) -> None:
         """The meter was without supply: no profile rows in between, power down/up logged."""
@@ -255,6 +285,7 @@ class SimulatedDlmsMeter:
         """Return the attribute's value, or a bare int: the data-access-result of a failure."""
         a = request.attribute
         t = self.clock.now()
+        t_now = self.clock.datetime()
         if a.class_id == 8 and a.obis == CLOCK:
             if a.index == 1:
                 return CLOCK.to_bytes()
@@ -262,6 +293,29 @@ class SimulatedDlmsMeter:
                 return Typed(axdr.OCTET_STRING, DateTime.from_datetime(self.now()))
             if a.index == 3:
                 return Typed(axdr.LONG, 0)
+        if a.class_id == 4 and a.obis == MAX_DEMAND:
+            if a.index == 1:
+                return a.obis.to_bytes()
+            if a.index == 2:
+                return Typed(axdr.DOUBLE_LONG_UNSIGNED, self.max_demand()[0])
+            if a.index == 3:
+                return Structure([Typed(axdr.INTEGER, 0), Typed(axdr.ENUM, UNIT_W)])
+            if a.index == 5:
+                return Typed(axdr.OCTET_STRING, DateTime.from_datetime(self.max_demand()[1] + self.offset_at(t_now)))
+        if a.class_id == 7 and a.obis in BILLING_PROFILES:
+            monthly = a.obis == BILLING_PROFILES[1]
+            if a.index == 3:
+                u16, i8 = axdr.LONG_UNSIGNED, axdr.INTEGER
+                return [Structure([Typed(u16, c), o.to_bytes(), Typed(i8, i), Typed(u16, 0)])
+                        for c, o, i in BILLING_CAPTURE]  # fmt: skip
+            if a.index == 4:
+                return Typed(axdr.DOUBLE_LONG_UNSIGNED, (31 if monthly else 1) * 86_400)
+            if a.index == 2:
+                if request.selector is None:
+                    return self.billing_rows(self.installed, self.now(), monthly=monthly)
+                if request.selector != 1:
+                    return OBJECT_UNAVAILABLE
+                return self.billing_rows(*_range(request.parameters), monthly=monthly)
         if a.class_id == 3 and a.obis in REGISTERS:
             spec = REGISTERS[a.obis]
             if a.index == 1:
@@ -552,9 +606,13 @@ class Association:
         return xdlms.ActionResult(request.invoke_id, 0, axdr.encode(proof)).to_bytes()
 
 
-def _ceil_quarter(t: datetime) -> datetime:
+def _ceil_to(t: datetime, step: timedelta) -> datetime:
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    return epoch - ((epoch - t) // STEP) * STEP
+    return epoch - ((epoch - t) // step) * step
+
+
+def _ceil_quarter(t: datetime) -> datetime:
+    return _ceil_to(t, STEP)
 
 
 def _range(parameters: bytes) -> tuple[datetime, datetime]:

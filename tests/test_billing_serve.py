@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from simulators.clock import Clock
@@ -143,3 +145,67 @@ sync_clock = {str(group == "synced").lower()}
         else:
             assert not adjusted
     assert meters["F1"].faults.clock_offset_s != 7200.0 and meters["F2"].faults.clock_offset_s == 7200.0
+
+
+async def test_frozen_billing_registers_and_the_meters_own_maximum_demand_reach_the_bill(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    """A day's determinants start and end on the registers the meter froze at midnight (its
+    daily billing profile, named as the source) and carry the meter's own maximum demand
+    with its time, each equal to the simulator's to the Wh and W, compared as text."""
+    clock = Clock()
+    meter = SimulatedDlmsMeter("B1", clock, seed=5)
+    port = await meter.start()
+    body = f"""
+[[links]]
+id = "l-B1"
+kind = "tcp"
+protocol = "dlms-wrapper"
+host = "127.0.0.1"
+port = {port}
+timeout = "3s"
+[[meters]]
+id = "B1"
+link = "l-B1"
+dlms = {{ authentication = "lls", password_env = "METER_PASSWORD" }}
+[[plans]]
+id = "daily"
+select = {{ meters = ["B1"] }}
+read = ["clock", "profile", "billing", "registers"]
+channels = ["1-0:1.6.0.255"]
+every = "1h"
+window = "1m"
+history = "2d"
+"""
+    served = await serve(tmp_path, spawn, body, METER_PASSWORD="12345678")
+    midnight = clock.datetime().replace(hour=0, minute=0, second=0, microsecond=0)
+    try:
+        r = await served.post("/meters/B1/read", "anna", {"read": ["clock", "profile", "billing", "registers"],
+                                                            "channels": ["1-0:1.6.0.255"], "hours": 48})  # fmt: skip
+        assert r.status_code == 200, r.text
+        period = {"start": (midnight - timedelta(days=1)).isoformat(), "end": midnight.isoformat()}
+        async with asyncio.timeout(30):
+            while True:
+                d = await served.client.get("/billing/meters/B1/determinants", params=period,
+                                            headers=served.auth("billing"))  # fmt: skip
+                raw = json.loads(d.text, parse_float=str)
+                if raw["start_register_source"]:
+                    break
+                await asyncio.sleep(0.1)  # the writer stores what the read brought
+        month = midnight.replace(day=1) - timedelta(days=1)  # the month so far, whatever today is
+        this_month = {"start": month.isoformat(), "end": (midnight + timedelta(days=1)).isoformat()}
+        whole = await served.client.get("/billing/meters/B1/determinants", headers=served.auth("billing"),
+                                        params=this_month)  # fmt: skip
+        demand = json.loads(whole.text, parse_float=str)
+    finally:
+        await served.stop()
+        await meter.stop()
+    frozen = {t: meter.register_value(A_PLUS, t.timestamp()) for t in (midnight - timedelta(days=1), midnight)}
+    daily, monthly = "billing profile daily 0-0:98.1.0.255", "billing profile monthly 0-0:98.2.0.255"
+    assert raw["start_register_source"] == (monthly if (midnight - timedelta(days=1)).day == 1 else daily)
+    assert raw["end_register_source"] == (monthly if midnight.day == 1 else daily)  # the same value, both froze it
+    assert Decimal(raw["start_register_kwh"]) == Decimal(frozen[midnight - timedelta(days=1)]).scaleb(-3)
+    assert Decimal(raw["end_register_kwh"]) == Decimal(frozen[midnight]).scaleb(-3)
+    watts, reached = meter.max_demand()
+    assert Decimal(demand["meter_max_demand_kw"]) == Decimal(watts).scaleb(-3)
+    assert demand["meter_max_demand_at"] == reached.isoformat()

@@ -355,6 +355,10 @@ class ModbusMeterSession:
             meter=self.meter,
         )
 
+    async def read_billing(self, since: datetime, until: datetime | None = None) -> list[Reading]:
+        raise Unsupported(f"{self.map.manufacturer} {self.map.model} map has no frozen billing registers",
+                          meter=self.meter)  # fmt: skip
+
     async def read_events(self, since: datetime, until: datetime | None = None) -> list[Reading]:
         raise Unsupported(f"{self.map.model} has no event log over Modbus", meter=self.meter)
 

@@ -822,6 +822,11 @@ class ConcentratorMeterSession:
 
         return self._parse(build)
 
+    async def read_billing(self, since: datetime, until: datetime | None = None) -> list[Reading]:
+        # The concentrator pushes its meters' daily frozen registers with the data.
+        raise Unsupported("a concentrator pushes its meters' frozen registers; there is none to ask for",
+                          meter=self.meter)  # fmt: skip
+
     async def read_events(self, since: datetime, until: datetime | None = None) -> list[Reading]:
         until = until or datetime.now(UTC)
         result = await self._call("events", start=since.isoformat(), end=until.isoformat())

@@ -32,9 +32,13 @@ from headend.scheduler.gate import Lane
 from headend.scheduler.placement import place_on_grid
 from headend.storage.codec import from_ns, to_ns
 from headend.storage.outbox import Outbox
-from headend.timegrid import boundary_read_of, floor_to
+from headend.timegrid import boundary_read_of, floor_to, nearest_boundary
 
 log = logging.getLogger(__name__)
+
+
+#: How far back a first read of the frozen billing registers goes (two monthly periods).
+FROZEN_HISTORY = timedelta(days=62)
 
 
 @dataclass
@@ -256,9 +260,21 @@ class PollingEngine:
             if drifting and plan.sync_clock and "clock" in plan.read:
                 await session.set_clock(self.clock())
                 result.clock_synced = True
+        placing = drifting and result.drift_s is not None and session.profile_on_meter_clock
+        offset = timedelta(seconds=result.drift_s) if placing and result.drift_s is not None else None
+        if "billing" in plan.read:
+            frozen_key = f"billing:{meter_id}"
+            saved_at = None if fresh else self.outbox.cursors(frozen_key).get(frozen_key)
+            since = from_ns(saved_at) if saved_at is not None else now - max(plan.history, FROZEN_HISTORY)
+            try:
+                frozen = await self._frozen(session, since, now, offset, plan.clock_tolerance)
+            except Unsupported as exc:
+                result.unsupported.append(f"billing: {exc}")
+            else:
+                readings += frozen
+                if frozen and not fresh:
+                    cursors[frozen_key] = to_ns(max(r.timestamp for r in frozen))
         if "profile" in plan.read:
-            placing = drifting and result.drift_s is not None and session.profile_on_meter_clock
-            offset = timedelta(seconds=result.drift_s) if placing and result.drift_s is not None else None
             profile, watermark = await self._profile(session, meter_id, plan, now, result, fresh, offset)
             readings += profile
             if not fresh:
@@ -287,6 +303,24 @@ class PollingEngine:
         # The profile cursor commits with the readings: it never runs ahead of what is stored.
         await self.outbox.accept(readings, cursors=cursors)
         result.readings = len(readings)
+
+    @staticmethod
+    async def _frozen(session: MeterSession, since: datetime, now: datetime, offset: timedelta | None,
+                      tolerance: timedelta) -> list[Reading]:  # fmt: skip
+        """The meter's frozen billing registers, at the true midnight each belongs to."""
+        shift = offset or timedelta(0)
+        frozen = await session.read_billing(since + shift, now + shift)
+        placed = []
+        for r in frozen:
+            true_t = r.timestamp - shift
+            day = nearest_boundary(true_t, timedelta(days=1))
+            qualities = r.qualities
+            if shift and day != r.timestamp:
+                qualities = (*qualities, Quality.TIME_ADJUSTED)
+            if abs(true_t - day) > tolerance:
+                qualities = (*qualities, Quality.CLOCK_DRIFT)
+            placed.append(dataclasses.replace(r, timestamp=day, qualities=qualities))
+        return placed
 
     async def _profile(
         self, session: MeterSession, meter_id: str, plan: Plan, now: datetime, result: MeterResult, fresh: bool,

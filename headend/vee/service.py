@@ -67,6 +67,9 @@ class Validation:
     #: Decimal places of the meter's register (its resolution after scaler and CT/PT):
     #: every value served is rounded to them, so no binary float noise reaches a bill.
     decimals: int = DEFAULT_DECIMALS
+    #: Where the start and end registers come from: a billing profile, the load profile, a read.
+    start_register_source: str | None = None
+    end_register_source: str | None = None
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(i.status for i in self.intervals))
@@ -91,6 +94,12 @@ class Determinants:
     consumption_reason: str | None = None
     energy: Energy = IMPORT
     decimals: int = DEFAULT_DECIMALS
+    start_register_source: str | None = None
+    end_register_source: str | None = None
+    #: The meter's own maximum demand register (kW or kvar), the highest it reported in the
+    #: period, and when it was reached.
+    meter_max_demand: float | None = None
+    meter_max_demand_at: datetime | None = None
 
 
 Fetched = tuple[list[Reading], list[Reading], list[Reading], list[Reading]]  # cumulative, deltas, registers, events
@@ -103,7 +112,9 @@ class Loaded:
     ctx: rules.Context
     registers: list[Reading]  # register reads inside the period
     start_register: float | None
+    start_register_source: str | None
     end_register: float | None
+    end_register_source: str | None
     readings: list[Reading]  # what the period was built from (their resolution is the output's)
 
 
@@ -153,7 +164,8 @@ class VeeService:
         intervals = await asyncio.to_thread(self._validate, meter, start, loaded.series, loaded.history, loaded.ctx,
                                             energy, decimals)  # fmt: skip
         return Validation(meter.id, start, end, step, energy.unit, intervals, loaded.registers, rereads,
-                          loaded.start_register, loaded.end_register, energy, decimals)  # fmt: skip
+                          loaded.start_register, loaded.end_register, energy, decimals,
+                          loaded.start_register_source, loaded.end_register_source)  # fmt: skip
 
     def _claim_rereads(self, meter_id: str, series: Series) -> list[datetime]:
         """The gaps (runs of missing intervals, by their ends) that may be re-read now; what
@@ -216,15 +228,21 @@ class VeeService:
         profile = {r.timestamp: r.value for r in cumulative if r.value is not None}
         reads = [r for r in registers if r.value is not None and start - step < r.timestamp <= end + step]
 
-        def register_at(t: datetime) -> float | None:
-            """From the load profile at the boundary, else the register read nearest to it
-            (within one interval)."""
+        def register_at(t: datetime) -> tuple[float | None, str | None]:
+            """The meter's frozen billing register at the boundary, else its load profile there,
+            else the register read nearest to it (within one interval); and where it came from."""
+            frozen = [r for r in reads if r.timestamp == t and "billing-" in r.source]
+            if frozen:
+                return frozen[0].value, frozen[0].source.split(" ", 1)[-1].replace("billing-", "billing profile ", 1)
             if t in profile:
-                return profile[t]
+                return profile[t], "load profile"
             close = [r for r in reads if abs(r.timestamp - t) <= step]
-            return min(close, key=lambda r: abs(r.timestamp - t)).value if close else None
+            if not close:
+                return None, None
+            nearest = min(close, key=lambda r: abs(r.timestamp - t))
+            return nearest.value, f"register read at {nearest.timestamp.isoformat()}"
 
-        return Loaded(series, history, ctx, in_period, register_at(start), register_at(end),
+        return Loaded(series, history, ctx, in_period, *register_at(start), *register_at(end),
                       [*cumulative, *deltas, *registers])  # fmt: skip
 
     def _disconnected(self, meter_id: str) -> list[tuple[datetime, datetime]]:
@@ -315,11 +333,18 @@ class VeeService:
         hours = v.step / timedelta(hours=1)
         actual = sum(1 for i in v.intervals if i.status == "actual")
         qualities: Counter[str] = Counter(q for i in v.intervals for q in i.qualities)
+        demands = [r for r in await self.store.query(meter_id, energy.demand, start, end, kind="register")
+                   if r.value is not None]  # fmt: skip
+        own = max(demands, key=lambda r: r.value or 0.0, default=None)
+        own_kw = None
+        if own is not None and own.value is not None:
+            own_kw = own.value / 1000 if own.unit in ("W", "var") else own.value
         return Determinants(
             meter_id, v.start, v.end, v.start_register, v.end_register, consumption,
             round(peak[1] / hours, v.decimals) if peak else None, peak[0] if peak else None, len(v.intervals),
             actual / len(v.intervals) if v.intervals else 1.0, v.counts(), dict(qualities), reason, energy,
-            v.decimals,
+            v.decimals, v.start_register_source, v.end_register_source,
+            own_kw, own.timestamp if own is not None else None,
         )  # fmt: skip
 
 

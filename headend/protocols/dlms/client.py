@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -28,6 +29,8 @@ from headend.protocols.dlms.transport import HdlcTransport, WrapperTransport
 log = logging.getLogger(__name__)
 
 CLOCK = Obis(0, 0, 1, 0, 0)
+#: The billing profiles: registers frozen at each day's and month's end (IEC 62056-6-1 / IDIS).
+BILLING_PROFILES = ((Obis(0, 0, 98, 1, 0), "daily"), (Obis(0, 0, 98, 2, 0), "monthly"))
 CURRENT_ASSOCIATION = Obis(0, 0, 40, 0, 0)
 DISCONNECT_CONTROL = Obis(0, 0, 96, 3, 10)
 EVENT_CODE = Obis(0, 0, 96, 11, 0)
@@ -327,13 +330,50 @@ class DlmsSession:
         )
 
     async def read_registers(self, channels: Sequence[Obis]) -> list[Reading]:
+        """Registers as read now; a maximum demand (D = 6, an extended register) is stamped with
+        the time the meter says it was reached."""
         readings = []
         for obis in channels:
-            scaler, unit = await self._scaler_unit(obis)
-            value = await self.get(3, obis, 2)
+            class_id = 4 if obis.d == 6 else 3
+            scaler, unit = await self._scaler_unit(obis, class_id)
+            value = await self.get(class_id, obis, 2)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise self._bad(f"value of {obis} is not a number: {value!r}", b"")
-            readings.append(self._reading(obis, value, scaler, unit, self.now(), kind="register"))
+            t = self.now()
+            if class_id == 4:
+                captured = await self.get(4, obis, 5)
+                try:
+                    t = DateTime.from_bytes(captured).to_utc()
+                except axdr.AxdrError as exc:
+                    raw = captured if isinstance(captured, bytes) else b""
+                    raise self._bad(f"capture time of {obis}: {exc}", raw) from None
+            readings.append(self._reading(obis, value, scaler, unit, t, kind="register"))
+        return readings
+
+    async def read_billing(self, since: datetime, until: datetime | None = None) -> list[Reading]:
+        """The energy registers the meter froze at the end of each day and month (its daily
+        and monthly billing profiles) with since < t <= until, as register readings whose
+        source names the profile. A meter without them raises Unsupported."""
+        readings: list[Reading] = []
+        found = False
+        for profile, name in BILLING_PROFILES:
+            try:
+                columns, rows = await self._buffer(profile, since, until or self.now())
+            except Unsupported:
+                continue
+            found = True
+            value_cols = [(i, o) for i, (c, o, a) in enumerate(columns) if c in (3, 4) and a == 2]
+            scalers = {o: await self._scaler_unit(o, 3) for _i, o in value_cols}
+            for t, row in rows:
+                for i, obis in value_cols:
+                    value = row[i]
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        raise self._bad(f"{name} billing value of {obis} at {t} is not a number: {value!r:.60}", b"")
+                    scaler, unit = scalers[obis]
+                    reading = self._reading(obis, value, scaler, unit, t, kind="register")
+                    readings.append(dataclasses.replace(reading, source=f"{self.source} billing-{name} {profile}"))
+        if not found:
+            raise Unsupported("no daily or monthly billing profile (0-0:98.1.0, 0-0:98.2.0)", meter=self.meter)
         return readings
 
     async def read_clock(self) -> datetime:
