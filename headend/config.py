@@ -523,6 +523,9 @@ class VeeConfig(Strict):
     #: a few associations, not one per validation (GPRS money, meters that lock out).
     reread_attempts: int = Field(3, ge=0, le=20)
     reread_spacing: Duration = timedelta(minutes=15)
+    #: How often the collection KPIs (each link's completeness of the last complete day, from
+    #: the store, every protocol) are computed again.
+    kpi_refresh: Duration = timedelta(minutes=15)
     #: Where a billing day starts and ends (day rules: spike, high/low, like days).
     timezone: str = "UTC"
 

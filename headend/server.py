@@ -45,6 +45,7 @@ from headend.switching.policy import SwitchingPolicy
 from headend.switching.ratelimit import LinkLimiter
 from headend.switching.runner import CommandRunner
 from headend.vee.arrival import ArrivalValidator
+from headend.vee.collection import day_completeness
 from headend.vee.service import VeeService
 from headend.vee.store import VeeStore
 
@@ -103,6 +104,12 @@ class Metrics:
                                      "(disk full, I/O), since start", registry=self.registry)  # fmt: skip
         self.meter_breakers_open = Gauge("headend_meter_breakers_open", "Meters whose own circuit breaker is "
                                          "open (not asked until its cooldown)", registry=self.registry)  # fmt: skip
+        self.collection = Gauge("headend_collection_completeness_ratio", "Share of the last complete UTC day's "
+                                "intervals stored, per link or concentrator (every protocol)", ["link"],
+                                registry=self.registry)  # fmt: skip
+        self.collection_meters = Gauge("headend_collection_meters", "Meters per link by the last complete day's "
+                                       "intervals: complete, partial, silent", ["link", "state"],
+                                       registry=self.registry)  # fmt: skip
         self.commands = Gauge("headend_switching_commands", "Switching commands in the journal by action and state",
                               ["action", "state"], registry=self.registry)  # fmt: skip
         self.confirm_seconds = Histogram("headend_switching_confirmation_seconds",
@@ -274,6 +281,18 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         tasks = [supervisor.start(f"plan-{p.id}", lambda p=p: metrics.watch(p, polling).run(stop)) for p in cfg.plans]
         http = asyncio.create_task(server.serve(), name="http")
         validating = supervisor.start("vee-on-arrival", lambda: arrival.run(stop))
+
+        async def collection_kpis() -> None:
+            while not stop.is_set():
+                day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+                for link_id, kpi in (await day_completeness(pipeline.store, registry, day, cfg.vee.interval)).items():
+                    metrics.collection.labels(link_id).set(kpi.ratio)
+                    for state in ("complete", "partial", "silent"):
+                        metrics.collection_meters.labels(link_id, state).set(getattr(kpi, state))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), cfg.vee.kpi_refresh.total_seconds())
+
+        kpis = supervisor.start("collection-kpis", collection_kpis)
         if ready is not None:
             ready.set()
         log.info("headend serving %d meters, %d plans, API on %s:%d", len(cfg.meters), len(cfg.plans),
@@ -285,7 +304,8 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         # Validation on arrival is redone from the store at any time: it does not hold up a
         # stop (a re-read it asked for may wait on a meter or a full outbox for long).
         validating.cancel()
-        await asyncio.gather(*tasks, validating, return_exceptions=True)
+        kpis.cancel()
+        await asyncio.gather(*tasks, validating, kpis, return_exceptions=True)
         await http
         await runner.stop()
         await sessions.close()

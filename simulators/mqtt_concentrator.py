@@ -181,6 +181,13 @@ class SimulatedConcentrator:
         stamp = end + timedelta(seconds=self.faults.clock_drift_s)
         return Point(t=stamp, v=raw / 1000, raw=raw, scaler=-3)
 
+    def _frozen(self, meter: str, midnight: datetime) -> Block:
+        """The import register each meter froze at midnight, as a concentrator sends it daily."""
+        wh = round(self.loads[meter].import_kwh(midnight.timestamp()) * 1000)
+        stamp = midnight + timedelta(seconds=self.faults.clock_drift_s)
+        return Block(meter=meter, kind="register", channel=IMPORT_ENERGY, unit="kWh",
+                     readings=[Point(t=stamp, v=wh / 1000, raw=wh, scaler=-3)])  # fmt: skip
+
     def _block(self, meter: str, ends: list[datetime]) -> Block:
         return Block(
             meter=meter,
@@ -205,9 +212,11 @@ class SimulatedConcentrator:
         while self.published_until + self.interval <= t:
             end = self.published_until + self.interval
             for i in range(0, len(meters), self.meters_per_message):
-                await self._publish_live(
-                    self._next([self._block(m, [end]) for m in meters[i : i + self.meters_per_message]])
-                )
+                group = meters[i : i + self.meters_per_message]
+                blocks = [self._block(m, [end]) for m in group]
+                if end.hour == 0 and end.minute == 0:
+                    blocks += [self._frozen(m, end) for m in group]  # each meter's register frozen at midnight
+                await self._publish_live(self._next(blocks))
                 n += 1
             self.published_until = end
         if self._held is not None:

@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from simulators.clock import Clock
+from headend.localservers import MosquittoServer
+from headend.protocols.mqtt_schema import state_topic
+from simulators.clock import Clock, ManualClock
 from simulators.dlms_meter import A_PLUS, HdlcBus, SimulatedDlmsMeter
+from simulators.mqtt_concentrator import SimulatedConcentrator
 from simulators.ptypair import NullModem
 from tests.conftest import Spawn
+from tests.test_mqtt_attacks_serve import concentrator_site, mosquitto_publish_clear
 from tests.test_switching_serve import serve
 
 STEP = timedelta(minutes=15)
@@ -209,3 +214,77 @@ history = "2d"
     watts, reached = meter.max_demand()
     assert Decimal(demand["meter_max_demand_kw"]) == Decimal(watts).scaleb(-3)
     assert demand["meter_max_demand_at"] == reached.isoformat()
+
+
+async def test_concentrator_meters_have_start_and_end_registers_from_their_daily_frozen_values(
+    tmp_path: Path, spawn: Spawn, mosquitto_server: MosquittoServer
+) -> None:
+    day = datetime(2026, 3, 9, tzinfo=UTC)
+    clock = ManualClock(day - timedelta(minutes=20))
+    dc_id = f"dc-{uuid.uuid4().hex[:8]}"
+    meters = [f"{dc_id}-m0", f"{dc_id}-m1"]
+    sim = SimulatedConcentrator(dc_id, "127.0.0.1", mosquitto_server.port, meters, clock)
+    served = await serve(tmp_path, spawn, concentrator_site(mosquitto_server.port, dc_id, meters))
+    period = {"start": day.isoformat(), "end": (day + timedelta(days=1)).isoformat()}
+    try:
+        await sim.start()
+        clock.set(day + timedelta(days=1, minutes=5))
+        await sim.publish_until(clock.datetime())
+        async with asyncio.timeout(60):
+            while True:
+                d = (await served.client.get(f"/billing/meters/{meters[1]}/determinants", params=period,
+                                             headers=served.auth("billing"))).json()  # fmt: skip
+                if d["end_register_kwh"] is not None and d["consumption_kwh"] is not None:
+                    break
+                await asyncio.sleep(0.2)  # the writer stores what the concentrator pushed
+    finally:
+        await sim.stop()
+        await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc_id))
+        await served.stop()
+    load = sim.loads[meters[1]]
+    frozen = [round(load.import_kwh(t.timestamp()) * 1000) for t in (day, day + timedelta(days=1))]
+    assert Decimal(str(d["start_register_kwh"])) == Decimal(frozen[0]).scaleb(-3)
+    assert Decimal(str(d["end_register_kwh"])) == Decimal(frozen[1]).scaleb(-3)
+    assert d["start_register_source"] == f"register read at {day.isoformat()}"
+    assert d["completeness_pct"] == 100.0
+
+
+async def test_collection_kpis_count_meters_behind_a_concentrator(
+    tmp_path: Path, spawn: Spawn, mosquitto_server: MosquittoServer
+) -> None:
+    """Meters that push through MQTT are in no plan; the collection KPI counts them from the
+    store: a concentrator that delivered all of yesterday is at 1.0 with its meters complete,
+    one that delivered half of it is at 0.5."""
+    full_id, half_id = f"dc-{uuid.uuid4().hex[:8]}", f"dc-{uuid.uuid4().hex[:8]}"
+    full = SimulatedConcentrator(full_id, "127.0.0.1", mosquitto_server.port, [f"{full_id}-m0", f"{full_id}-m1"],
+                                 Clock(), backlog=timedelta(days=2))  # fmt: skip
+    half = SimulatedConcentrator(half_id, "127.0.0.1", mosquitto_server.port, [f"{half_id}-m0"], Clock())
+    yesterday = floor_quarter(datetime.now(UTC)).replace(hour=0, minute=0) - timedelta(days=1)
+    body = concentrator_site(mosquitto_server.port, full_id, list(full.loads))
+    body += f'[[concentrators]]\nid = "{half_id}"\nlink = "broker"\n'
+    body += f'[[meters]]\nid = "{half_id}-m0"\nconcentrator = "{half_id}"\n'
+    served = await serve(tmp_path, spawn, '[vee]\nkpi_refresh = "1s"\n' + body)
+    try:
+        await full.start()
+        await half.start()
+        await full.publish_until(datetime.now(UTC))
+        half.published_until = yesterday  # it recorded only the first half of yesterday
+
+        await half.publish_until(yesterday + timedelta(hours=12))
+        ratio = f'headend_collection_completeness_ratio{{link="{full_id}"}}'
+        half_ratio = f'headend_collection_completeness_ratio{{link="{half_id}"}}'
+        async with asyncio.timeout(60):
+            while True:
+                text = (await served.client.get("/metrics")).text
+                values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                          if line.startswith("headend_collection")}  # fmt: skip
+                if values.get(ratio) == 1.0 and values.get(half_ratio) == 0.5:
+                    break
+                await asyncio.sleep(0.2)  # another process computes them
+        assert values[f'headend_collection_meters{{link="{full_id}",state="complete"}}'] == 2
+        assert values[f'headend_collection_meters{{link="{half_id}",state="partial"}}'] == 1
+    finally:
+        for dc in (full, half):
+            await dc.stop()
+            await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc.id))
+        await served.stop()
