@@ -87,8 +87,15 @@ def export_wh(n: int, seed: int) -> list[int]:
 
 
 def export_readings(meter: str, n: int, seed: int) -> list[Reading]:
-    return [Reading.from_raw(meter, EXPORT_ENERGY, t_of(k - 1), wh, scaler=-3, unit="kWh")
-            for k, wh in enumerate(export_wh(n, seed))]  # fmt: skip
+    """The export load profile, and the export register frozen at each midnight (the meter's
+    daily billing profile, as the DLMS client names its source)."""
+    values = export_wh(n, seed)
+    profile = [Reading.from_raw(meter, EXPORT_ENERGY, t_of(k - 1), wh, scaler=-3, unit="kWh")
+               for k, wh in enumerate(values)]  # fmt: skip
+    frozen = [Reading.from_raw(meter, EXPORT_ENERGY, t_of(k - 1), wh, scaler=-3, unit="kWh", kind="register",
+                               source="dlms/sim:4059 billing-daily 0-0:98.1.0.255")
+              for k, wh in enumerate(values) if k % PER_DAY == 0]  # fmt: skip
+    return profile + frozen
 
 
 def month_of(meter: str, i: int) -> list[Reading]:
@@ -176,6 +183,8 @@ async def test_a_month_of_100_meters_flags_each_fault_where_it_is_and_nowhere_el
         flagged = {index_of(x["timeStamp"]) for x in rows if x["validationRules"]}
         expected = FAULTS[meter].expected if meter in FAULTS else set()
         assert flagged == expected, meter
+        if meter not in FAULTS:
+            assert {x["status"] for x in rows} == {"actual"}, f"{meter}: no false suspects"
         for x in rows:  # never suspect or missing data as actual
             codes = {q["ref"] for q in x["ReadingQualities"]}
             if x["status"] == "actual":
@@ -301,6 +310,7 @@ async def test_pv_customers_are_billed_on_import_and_export_at_the_meters_own_re
     assert set(raw["energies"]) == {"import", "export"}
     export = raw["energies"]["export"]
     assert number(export["start_register_kwh"]) == kwh(registers[HISTORY])
+    assert export["start_register_source"] == export["end_register_source"] == "billing profile daily 0-0:98.1.0.255"
     assert number(export["end_register_kwh"]) == kwh(registers[HISTORY + MONTH])
     assert number(export["consumption_kwh"]) == kwh(registers[HISTORY + MONTH] - registers[HISTORY])
     assert export["register_channel"] == "1-0:2.8.0.255" and export["completeness_pct"] == "100.0"
