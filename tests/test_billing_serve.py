@@ -18,8 +18,9 @@ from simulators.dlms_meter import A_PLUS, HdlcBus, SimulatedDlmsMeter
 from simulators.mqtt_concentrator import SimulatedConcentrator
 from simulators.ptypair import NullModem
 from tests.conftest import Spawn
+from tests.sites import tcp_link
 from tests.test_mqtt_attacks_serve import concentrator_site, mosquitto_publish_clear
-from tests.test_switching_serve import serve
+from tests.test_switching_serve import ModbusSite, modbus_meters, serve
 
 STEP = timedelta(minutes=15)
 
@@ -288,3 +289,39 @@ async def test_collection_kpis_count_meters_behind_a_concentrator(
             await dc.stop()
             await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc.id))
         await served.stop()
+
+
+def register_reads(path: Path) -> dict[str, int]:
+    if not path.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return dict(db.execute("SELECT meter, count(*) FROM readings WHERE kind = 'register' GROUP BY meter"))
+
+
+async def test_a_dead_unit_behind_a_gateway_never_stalls_its_neighbours_on_serve(tmp_path: Path, spawn: Spawn) -> None:
+    site = ModbusSite(10)
+    site.sim.meters[5].faults.no_response = True
+    await site.sim.start_tcp("127.0.0.1", site.port)
+    body = tcp_link("gw", "modbus-tcp", site.port, "300ms") + modbus_meters(10) + """
+[[plans]]
+id = "registers"
+select = { link = "gw" }
+read = ["registers"]
+channels = ["1-0:1.8.0.255"]
+every = "2s"
+window = "1s"
+"""
+    served = await serve(tmp_path, spawn, body)
+    try:
+        neighbours = [f"C{u:03d}" for u in range(1, 11) if u != 5]
+        async with asyncio.timeout(90):
+            while min(register_reads(tmp_path / "readings.sqlite").get(m, 0) for m in neighbours) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)  # another process reads the meters
+        text = (await served.client.get("/metrics")).text
+    finally:
+        await served.stop()
+        await site.sim.stop()
+    reads = register_reads(tmp_path / "readings.sqlite")
+    assert "C005" not in reads and all(reads[f"C{u:03d}"] >= 4 for u in range(1, 11) if u != 5)
+    assert 'headend_link_breaker_open{link="gw"} 0.0' in text
+    assert "headend_meter_breakers_open 1.0" in text
