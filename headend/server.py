@@ -253,7 +253,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         @app.get("/status")
         async def status(_who: Annotated[Principal, Depends(authenticated(tokens))]) -> dict[str, object]:
             return {
-                "outbox_depth": pipeline.outbox.depth(),
+                "outbox_depth": await asyncio.to_thread(pipeline.outbox.depth),
                 "writer": {"healthy": pipeline.writer.stats.healthy, "written": pipeline.writer.stats.written},
                 "links": sessions.link_states(),
                 "breakers": {k: b.state() for k, b in polling.breakers.items()},

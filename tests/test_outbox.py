@@ -168,3 +168,19 @@ def test_raw_quarantine_is_bounded_and_the_same_message_is_one_row(tmp_path: Pat
         small.close()
     finally:
         outbox.close()
+
+
+def test_cursors_are_found_by_their_exact_prefix(tmp_path: Path) -> None:
+    """A range on the key's index, not LIKE: no scan per meter read, and no case folding
+    (LIKE matched meter "m1"'s cursors for "M1")."""
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    try:
+        outbox.accept_sync([], cursors={"profile:M1:x": 1, "profile:m1:x": 2, "profile:M10:x": 3, "boundary:M1:t": 4})
+        assert outbox.cursors("profile:M1:") == {"profile:M1:x": 1}
+        assert outbox.cursors("profile:M1") == {"profile:M1:x": 1, "profile:M10:x": 3}
+        assert len(outbox.cursors()) == 4
+        plan = outbox._db.execute("EXPLAIN QUERY PLAN SELECT key FROM cursors WHERE key >= ? AND key < ?",
+                                  ("a", "b")).fetchall()  # fmt: skip
+        assert "SEARCH cursors USING" in str(plan) and "INDEX" in str(plan)
+    finally:
+        outbox.close()

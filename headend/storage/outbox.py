@@ -178,9 +178,15 @@ class Outbox:
         await asyncio.to_thread(self.quarantine_sync, items, reason)
 
     def cursors(self, prefix: str = "") -> dict[str, int]:
+        """Cursors whose key starts with `prefix`: a range on the key's index (LIKE would scan
+        every row, 10 ms at 100,000 cursors, once per meter read)."""
         with self._lock:
-            rows = self._db.execute("SELECT key, value FROM cursors WHERE key LIKE ? || '%'", (prefix,)).fetchall()
-        return {k: int(v) for k, v in rows}
+            if prefix:
+                rows = self._db.execute("SELECT key, value FROM cursors WHERE key >= ? AND key < ?",
+                                        (prefix, prefix + "\U0010ffff")).fetchall()  # fmt: skip
+            else:
+                rows = self._db.execute("SELECT key, value FROM cursors").fetchall()
+        return {k: int(v) for k, v in rows if k.startswith(prefix)}
 
     async def quarantine_raw(self, source: str, payload: bytes, reason: str) -> bool:
         """Keep a message that never became readings (it does not parse), with the reason;
