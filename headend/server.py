@@ -70,7 +70,7 @@ class LinkEvents(Collector):
 
 #: LinkStats counters published as headend_mqtt_link_events_total{event}.
 MQTT_EVENTS = ("connects", "gaps", "backfills", "duplicates", "bad_messages", "unkept_bad_messages",
-               "refused_answers", "refused_messages")
+               "refused_answers", "refused_messages", "dropped_qos0")
 
 
 class Metrics:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
@@ -79,9 +80,27 @@ SESSION_EXPIRY_S = 7 * 86_400
 #: QoS 1 messages the broker may have in flight to the head-end (MQTT 5 Receive Maximum):
 #: with the acks sent only after the commit, this bounds what a flood can pile up in memory.
 RECEIVE_MAXIMUM = 1000
-#: Messages received and not yet handled, at most (QoS 0 beyond it is dropped by aiomqtt:
-#: concentrators publish QoS 1, which the Receive Maximum already bounds).
-MAX_QUEUED_INCOMING = 5000
+#: QoS 0 messages received and not yet handled, at most; beyond it they are dropped and
+#: counted (concentrators publish data with QoS 1, which the Receive Maximum bounds).
+MAX_QUEUED_QOS0 = 5000
+
+
+class IngestQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's queue of received messages. A QoS 1 or 2 message always goes in: it is never
+    dropped unacknowledged (it would hold one of the broker's Receive Maximum slots until the
+    next reconnect, and enough of them stall ingest with the link up); the broker sends at
+    most RECEIVE_MAXIMUM of them unacknowledged. A QoS 0 message goes in only while fewer
+    than MAX_QUEUED_QOS0 wait: a flood of them is dropped here, counted, never queued."""
+
+    def __init__(self, maxsize: int = 0, *, on_drop: Callable[[], None] = lambda: None) -> None:
+        super().__init__(maxsize=0)  # bounded by the rules above, not by a count that drops anything
+        self.on_drop = on_drop
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if item.qos == 0 and self.qsize() >= MAX_QUEUED_QOS0:
+            self.on_drop()
+            return
+        super().put_nowait(item)
 #: Characters of a topic kept in the quarantine and the log.
 MAX_TOPIC_KEPT = 200
 
@@ -222,6 +241,8 @@ class LinkStats:
     refused_messages: int = 0
     #: Bad messages not kept because the quarantine was full of raw messages.
     unkept_bad_messages: int = 0
+    #: QoS 0 messages dropped unread while MAX_QUEUED_QOS0 others waited (a flood).
+    dropped_qos0: int = 0
 
 
 #: Commands whose answers say what a relay did: held for `answer_grace` against a contradiction.
@@ -427,7 +448,7 @@ class ConcentratorLink:
             properties=props,
             keepalive=15,
             tls_context=self.tls,
-            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+            queue_type=functools.partial(IngestQueue, on_drop=self._dropped_qos0),  # type: ignore[arg-type]
         )
         # Acks are sent by us after the outbox commit. Set before connecting: a persistent
         # session's queued messages arrive right after CONNACK. (aiomqtt has no public API
@@ -481,6 +502,9 @@ class ConcentratorLink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, self.reconnect_max)
+
+    def _dropped_qos0(self) -> None:
+        self.stats.dropped_qos0 += 1
 
     def _load_cursors(self) -> None:
         stored: dict[str, dict[str, int]] = {}
