@@ -208,8 +208,9 @@ async def test_a_poisoned_message_is_quarantined_and_never_stops_the_link_on_ser
 async def test_a_flood_of_garbage_keeps_memory_bounded_and_genuine_data_flowing_on_serve(
     tmp_path: Path, spawn: Spawn, mosquitto_server: MosquittoServer
 ) -> None:
-    """100,000 distinct garbage messages at QoS 0 with 100 genuine QoS 1 ones among them, and a
-    message with 10,000 blocks for meters that are not the concentrator's: RSS grows by tens
+    """100,000 distinct garbage messages at QoS 0 with 100 genuine QoS 1 ones among them, 20
+    messages of 3 MB (past the head-end's Maximum Packet Size: the broker drops them), and a
+    message with 5,000 blocks for meters that are not the concentrator's: RSS grows by tens
     of MB, not by the flood (it grew by 2 GB before); no QoS 1 message is dropped (a dropped
     one is never acked and, a thousand of them, stall ingest); the refused blocks are one
     quarantine row; a genuine message sent after the flood is stored."""
@@ -234,8 +235,10 @@ async def test_a_flood_of_garbage_keeps_memory_bounded_and_genuine_data_flowing_
                     await client.publish(data_topic(dc_id), genuine, qos=1)
                 if n % 5000 == 0:
                     peak = max(peak, rss_kib(served.proc.pid))
+            for _ in range(20):
+                await client.publish(data_topic(dc_id), b"{" + b" " * (3 << 20) + b"}", qos=1)
             blocks = [Block(meter=f"X{i}", kind="interval", channel="1-0:1.29.0.255", unit="kWh", interval_s=900,
-                            readings=[Point(t=T, v=1.0)]) for i in range(10_000)]  # fmt: skip
+                            readings=[Point(t=T, v=1.0)]) for i in range(5_000)]  # fmt: skip
             many = Data(seq=2, blocks=blocks)
             await client.publish(data_topic(dc_id), many.model_dump_json(), qos=1)
             await client.publish(data_topic(dc_id), message(3, "M1", value=2.5, at=T + timedelta(minutes=15)), qos=1)
@@ -248,7 +251,7 @@ async def test_a_flood_of_garbage_keeps_memory_bounded_and_genuine_data_flowing_
         assert peak - before < 150_000, f"RSS grew by {(peak - before) // 1024} MiB"  # KiB
         with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
             refused = [r for (r,) in db.execute("SELECT reason FROM quarantine WHERE reason LIKE '%blocks refused%'")]
-        assert len(refused) == 1 and refused[0].startswith("10000 blocks refused: meter 'X0'"), refused
+        assert len(refused) == 1 and refused[0].startswith("5000 blocks refused: meter 'X0'"), refused
         await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc_id))
     finally:
         await served.stop()

@@ -78,11 +78,18 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 86_400
 #: QoS 1 messages the broker may have in flight to the head-end (MQTT 5 Receive Maximum):
-#: with the acks sent only after the commit, this bounds what a flood can pile up in memory.
-RECEIVE_MAXIMUM = 1000
-#: QoS 0 messages received and not yet handled, at most; beyond it they are dropped and
-#: counted (concentrators publish data with QoS 1, which the Receive Maximum bounds).
+#: with the acks sent only after the commit, this and MAX_PACKET bound what a flood can
+#: pile up in memory (100 MiB). A batch of 100 messages of 1,000 values commits at once.
+RECEIVE_MAXIMUM = 100
+#: The largest packet the broker may send the head-end (MQTT 5 Maximum Packet Size): larger
+#: ones are dropped by the broker. A concentrator sends a day of a few hundred meters per
+#: message at most (a day of one meter's quarter hours is about 6 KB).
+MAX_PACKET = 1024 * 1024
+#: QoS 0 messages (and their bytes) received and not yet handled, at most; beyond it they
+#: are dropped and counted (concentrators publish data with QoS 1, which the Receive
+#: Maximum bounds).
 MAX_QUEUED_QOS0 = 5000
+MAX_QUEUED_QOS0_BYTES = 16 * 1024 * 1024
 
 
 class IngestQueue(asyncio.Queue[aiomqtt.Message]):
@@ -95,19 +102,31 @@ class IngestQueue(asyncio.Queue[aiomqtt.Message]):
     def __init__(self, maxsize: int = 0, *, on_drop: Callable[[], None] = lambda: None) -> None:
         super().__init__(maxsize=0)  # bounded by the rules above, not by a count that drops anything
         self.on_drop = on_drop
+        self.qos0 = 0
+        self.qos0_bytes = 0
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
-        if item.qos == 0 and self.qsize() >= MAX_QUEUED_QOS0:
-            self.on_drop()
-            return
+        if item.qos == 0:
+            size = len(item.payload) if isinstance(item.payload, bytes | bytearray | str) else 0
+            if self.qos0 >= MAX_QUEUED_QOS0 or self.qos0_bytes + size > MAX_QUEUED_QOS0_BYTES:
+                self.on_drop()
+                return
+            self.qos0, self.qos0_bytes = self.qos0 + 1, self.qos0_bytes + size
         super().put_nowait(item)
+
+    def _get(self) -> aiomqtt.Message:
+        item: aiomqtt.Message = super()._get()  # type: ignore[misc]
+        if item.qos == 0:
+            size = len(item.payload) if isinstance(item.payload, bytes | bytearray | str) else 0
+            self.qos0, self.qos0_bytes = self.qos0 - 1, self.qos0_bytes - size
+        return item
 #: Characters of a topic kept in the quarantine and the log.
 MAX_TOPIC_KEPT = 200
 
 
-class BadMessageLog:
-    """Bad messages logged at most `per_minute` a minute in full, then counted in one line: a
-    flood of garbage cannot fill the disk through the log."""
+class ThrottledLog:
+    """What the broker's clients make the head-end say is logged at most `per_minute` times a
+    minute in full, then counted in one line: a flood cannot fill the disk through the log."""
 
     def __init__(self, per_minute: int = 20, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.per_minute = per_minute
@@ -116,22 +135,28 @@ class BadMessageLog:
         self._logged = 0
         self._silenced = 0
 
-    def note(self, topic: str, payload: bytes, reason: str) -> None:
+    def emit(self, level: int, msg: str, *args: object) -> None:
         now = self.monotonic()
         if now - self._window >= 60:
             if self._silenced:
-                log.error("%d more bad MQTT messages in the last minute (not logged one by one)", self._silenced)
+                log.warning("%d more MQTT messages refused or bad in the last minute (not logged one by one)",
+                            self._silenced)  # fmt: skip
             self._window, self._logged, self._silenced = now, 0, 0
         if self._logged < self.per_minute:
             self._logged += 1
-            log.error("bad MQTT message on %s (%s); raw %s", topic[:MAX_TOPIC_KEPT], reason, payload[:200].hex())
+            log.log(level, msg, *args)
         else:
             self._silenced += 1
 
+    def note(self, topic: str, payload: bytes, reason: str) -> None:
+        self.emit(logging.ERROR, "bad MQTT message on %s (%s); raw %s", topic[:MAX_TOPIC_KEPT], reason,
+                  payload[:200].hex())  # fmt: skip
+
     def unkept(self, count: int, cap: int) -> None:
-        if self._logged < self.per_minute:
-            log.error("%d bad MQTT messages not kept: the quarantine is full (%d raw messages or its byte cap); "
-                      "`headend quarantine list`, then `drop-raw`", count, cap)  # fmt: skip
+        self.emit(logging.ERROR, "%d bad MQTT messages not kept: the quarantine is full (%d raw messages or its "
+                  "byte cap); `headend quarantine list`, then `drop-raw`", count, cap)  # fmt: skip
+
+
 _ERRORS: dict[str, type[MeterError]] = {
     "unknown_meter": Refused,
     "refused": Refused,
@@ -352,7 +377,7 @@ class ConcentratorLink:
         self.protocol = protocol
         self.monotonic = monotonic
         self.stats = LinkStats()
-        self._bad_log = BadMessageLog()
+        self._bad_log = ThrottledLog()
         self._bad_batch: list[tuple[str, bytes, str]] = []
         self.concentrators: dict[str, ConcentratorState] = {}
         self.connected = asyncio.Event()
@@ -434,6 +459,7 @@ class ConcentratorLink:
         if v5:
             props = Properties(PacketTypes.CONNECT)
             props.ReceiveMaximum = RECEIVE_MAXIMUM
+            props.MaximumPacketSize = MAX_PACKET
             if not self.observer:
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
         client = aiomqtt.Client(
@@ -597,7 +623,8 @@ class ConcentratorLink:
 
     def _on_state(self, concentrator: str, state: State) -> None:
         if not self._configured(concentrator):
-            log.warning("state of %s refused: not a concentrator of this link", concentrator)
+            self._bad_log.emit(logging.WARNING, "state of %s refused: not a concentrator of this link",
+                               concentrator[:64])  # fmt: skip
             self.stats.refused_messages += 1
             return
         c = self.concentrators.setdefault(concentrator, ConcentratorState(concentrator))
@@ -605,7 +632,8 @@ class ConcentratorLink:
         # the birth it belongs to (same bdseq), so a stale Will or a forged retained
         # "offline" with a huge bdseq cannot hold a concentrator offline.
         if state.status == "offline" and c.online and state.bdseq != c.bdseq:
-            log.info("%s: offline for bdseq %d ignored (current birth %d)", concentrator, state.bdseq, c.bdseq)
+            self._bad_log.emit(logging.INFO, "%s: offline for bdseq %d ignored (current birth %d)", concentrator,
+                               state.bdseq, c.bdseq)  # fmt: skip
             return
         reborn = state.status == "online" and state.bdseq != c.bdseq
         c.bdseq = state.bdseq
@@ -620,15 +648,18 @@ class ConcentratorLink:
                 if reborn and state.seq < c.highest:
                     # A new connection counting from lower down: a replaced or reset unit. Its
                     # new messages are not the old ones: count from here, never drop them.
-                    log.warning("%s: birth %d says seq %d, below the %d seen before: counting starts again",
+                    self._bad_log.emit(logging.WARNING, "%s: birth %d says seq %d, below the %d seen before: "
+                                       "counting starts again",
                                 concentrator, state.bdseq, state.seq, c.highest)  # fmt: skip
                     c.highest, c.gaps = state.seq, []
                 elif state.seq > c.highest + self.max_seq_gap:
-                    log.error("%s: birth says seq %d, %d past the highest seen: not treated as a gap (max_seq_gap "
+                    self._bad_log.emit(logging.ERROR, "%s: birth says seq %d, %d past the highest seen: not treated "
+                                       "as a gap (max_seq_gap "
                               "%d)", concentrator, state.seq, state.seq - c.highest, self.max_seq_gap)  # fmt: skip
                 else:
                     c.expect(state.seq, self.monotonic())
-        log.info("%s is %s (bdseq %d, %d meters)", concentrator, state.status, state.bdseq, len(c.meters))
+        self._bad_log.emit(logging.INFO, "%s is %s (bdseq %d, %d meters)", concentrator, state.status, state.bdseq,
+                           len(c.meters))  # fmt: skip
 
     def _configured(self, concentrator: str) -> bool:
         return self.meters_of is None or concentrator in self.meters_of
@@ -667,7 +698,8 @@ class ConcentratorLink:
         c.note(data.seq, self.monotonic())
         if len(c.gaps) > gaps:
             self.stats.gaps += 1
-            log.warning("%s: seq gap before %d (%d gaps open)", concentrator, data.seq, len(c.gaps))
+            self._bad_log.emit(logging.WARNING, "%s: seq gap before %d (%d gaps open)", concentrator, data.seq,
+                               len(c.gaps))  # fmt: skip
         return readings
 
     def _readings(self, concentrator: str, block: Block) -> list[Reading]:
@@ -679,28 +711,32 @@ class ConcentratorLink:
     def _on_response(self, concentrator: str, response: Response) -> None:
         pending = self._pending.get(response.correlation_id)
         if pending is None:
-            log.info("response %s matches no pending command (late or duplicate)", response.correlation_id)
+            self._bad_log.emit(logging.INFO, "response %s matches no pending command (late or duplicate)",
+                               response.correlation_id)  # fmt: skip
             return
         asked = (pending.concentrator, pending.meter, pending.name)
         if (concentrator, response.meter, response.command) != asked:
             self.stats.refused_answers += 1
-            log.error("answer to command %s refused: it came on %s's topic for meter %s, command %s; the command "
-                      "went to %s for meter %s, command %s (forged or misrouted)", response.correlation_id,
-                      concentrator, response.meter, response.command, *asked)  # fmt: skip
+            self._bad_log.emit(logging.ERROR, "answer to command %s refused: it came on %s's topic for meter %s, "
+                               "command %s; the command went to %s for meter %s, command %s (forged or misrouted)",
+                               response.correlation_id, concentrator[:64], response.meter, response.command,
+                               *asked)  # fmt: skip
             return
         key = self.answer_keys.get(concentrator)
         expected = response.mac_with(concentrator, key).encode() if key is not None else b""
         if key is not None and not hmac.compare_digest((response.mac or "").encode(), expected):
             self.stats.refused_answers += 1
-            log.error("answer to command %s for %s refused: its MAC does not verify with %s's answer key (forged)",
-                      response.correlation_id, pending.meter, concentrator)  # fmt: skip
+            self._bad_log.emit(logging.ERROR, "answer to command %s for %s refused: its MAC does not verify with "
+                               "%s's answer key (forged)", response.correlation_id, pending.meter,
+                               concentrator)  # fmt: skip
             return
         if not pending.future.done():
             pending.future.set_result(response)
         elif pending.future.result() != response and pending.conflict is None:
             self.stats.refused_answers += 1
             pending.conflict = f"{pending.future.result().result} and then {response.result}"
-            log.error("%s: two different answers to %s %s for %s: %s; someone else answers for the concentrator",
+            self._bad_log.emit(logging.ERROR, "%s: two different answers to %s %s for %s: %s; someone else answers "
+                               "for the concentrator",
                       concentrator, pending.name, response.correlation_id, pending.meter, pending.conflict)  # fmt: skip
 
     async def _watch_gaps(self) -> None:

@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from headend.config import ObisCode
 
@@ -72,11 +72,20 @@ class Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Every text a message carries is short: a long one is copied into each reading (and row) it
+#: touches, so one 4 MiB message could otherwise cost gigabytes and minutes.
+Name = Annotated[str, Field(max_length=64)]
+Text = Annotated[str, Field(max_length=500)]
+#: Points one data message may carry in all its blocks (a day of 1,000 meters' quarter
+#: hours is 96,000; send more in several messages).
+MAX_POINTS = 100_000
+
+
 class InventoryMeter(Payload):
-    id: str
-    serial: str | None = None
-    model: str | None = None
-    address: str | None = None
+    id: Name
+    serial: Name | None = None
+    model: Name | None = None
+    address: Name | None = None
 
 
 class State(Payload):
@@ -85,10 +94,10 @@ class State(Payload):
     status: Literal["online", "offline"]
     #: Birth/death sequence: bumps on every (re)connect; a death with an older bdSeq is stale.
     bdseq: int = Field(ge=0, le=MAX_SEQ)
-    firmware: str | None = None
+    firmware: Name | None = None
     #: The last data `seq` published before this birth (gap detection across reconnects).
     seq: int | None = Field(default=None, ge=-1, le=MAX_SEQ)
-    meters: list[InventoryMeter] = []
+    meters: list[InventoryMeter] = Field(default=[], max_length=100_000)
     ts: Stamp | None = None
 
 
@@ -97,7 +106,7 @@ class State(Payload):
 class Point(Payload):
     t: Stamp
     v: float | None
-    q: list[str] = []
+    q: list[Annotated[str, Field(max_length=16)]] = Field(default=[], max_length=8)
     raw: float | None = None
     scaler: int = 0
 
@@ -105,10 +114,10 @@ class Point(Payload):
 class Block(Payload):
     """The reads of one channel of one meter: an interval block or a register snapshot."""
 
-    meter: str
+    meter: Name
     kind: Literal["interval", "register", "event"]
     channel: ObisCode
-    unit: str = ""
+    unit: Annotated[str, Field(max_length=16)] = ""
     interval_s: int | None = Field(default=None, gt=0)
     readings: list[Point] = Field(min_length=1, max_length=10_000)
 
@@ -120,26 +129,33 @@ class Data(Payload):
     blocks: list[Block] = Field(min_length=1, max_length=10_000)
     replay: bool = False
 
+    @model_validator(mode="after")
+    def _bounded(self) -> Data:
+        points = sum(len(b.readings) for b in self.blocks)
+        if points > MAX_POINTS:
+            raise ValueError(f"{points} points in one message; at most {MAX_POINTS}")
+        return self
+
 
 class Command(Payload):
     """Head-end -> concentrator. Correlation and reply topic also travel in the payload so a
     v3.1.1 session (no MQTT 5 properties) can answer too."""
 
-    correlation_id: str
-    reply_to: str
-    meter: str | None = None
+    correlation_id: Name
+    reply_to: Annotated[str, Field(max_length=200)]
+    meter: Name | None = None
     args: dict[str, Any] = {}
 
 
 class Response(Payload):
-    correlation_id: str
+    correlation_id: Name
     #: The command's meter and name, echoed: an answer is matched on all three.
-    meter: str | None = None
-    command: str | None = None
+    meter: Name | None = None
+    command: Name | None = None
     status: Literal["ok", "error"]
     #: On error: unknown_meter, meter_timeout, refused, unsupported, bad_request.
-    error: str | None = None
-    message: str | None = None
+    error: Name | None = None
+    message: Text | None = None
     result: dict[str, Any] = {}
     #: HMAC-SHA256 (hex) of `signed_text()` with the concentrator's answer key, if it has one.
     mac: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
