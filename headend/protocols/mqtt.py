@@ -120,6 +120,9 @@ class IngestQueue(asyncio.Queue[aiomqtt.Message]):
             size = len(item.payload) if isinstance(item.payload, bytes | bytearray | str) else 0
             self.qos0, self.qos0_bytes = self.qos0 - 1, self.qos0_bytes - size
         return item
+#: Messages (bytes) and blocks (points) handled in a worker thread rather than on the loop.
+BIG_MESSAGE = 64 * 1024
+BIG_BLOCK = 1000
 #: Characters of a topic kept in the quarantine and the log.
 MAX_TOPIC_KEPT = 200
 
@@ -581,7 +584,11 @@ class ConcentratorLink:
                     self._on_state(concentrator_of(topic), State.model_validate_json(payload))
                 elif topic.endswith("/data"):
                     concentrator = concentrator_of(topic)
-                    readings += self._on_data(concentrator, topic, payload, Data.model_validate_json(payload))
+                    # A big message is decoded in a worker thread: the event loop (the API,
+                    # switching) gets its turns meanwhile instead of waiting a second or two.
+                    data = (await asyncio.to_thread(Data.model_validate_json, payload) if len(payload) > BIG_MESSAGE
+                            else Data.model_validate_json(payload))  # fmt: skip
+                    readings += await self._on_data(concentrator, topic, payload, data)
                     touched.add(concentrator)
             except (ValidationError, ValueError, InvalidReading) as exc:
                 self._bad(topic, payload, str(exc))
@@ -664,7 +671,7 @@ class ConcentratorLink:
     def _configured(self, concentrator: str) -> bool:
         return self.meters_of is None or concentrator in self.meters_of
 
-    def _on_data(self, concentrator: str, topic: str, payload: bytes, data: Data) -> list[Reading]:
+    async def _on_data(self, concentrator: str, topic: str, payload: bytes, data: Data) -> list[Reading]:
         if not self._configured(concentrator):
             self._bad(topic, payload, f"{concentrator} is not a concentrator of this link")
             return []
@@ -685,7 +692,10 @@ class ConcentratorLink:
             if unknown:
                 refused.append(block.meter)
                 continue
-            readings += self._readings(concentrator, block)
+            if len(block.readings) > BIG_BLOCK:
+                readings += await asyncio.to_thread(self._readings, concentrator, block)
+            else:
+                readings += self._readings(concentrator, block)
         if refused:
             # The message once, whatever the number of blocks refused (the rest is stored).
             names = ", ".join(repr(m[:40]) for m in list(dict.fromkeys(refused))[:5])
