@@ -37,8 +37,9 @@ async def test_a_real_outage_costs_a_bounded_number_of_re_reads_and_its_neighbou
     the same bus is read every run."""
     clock = Clock()
     outage, healthy = SimulatedDlmsMeter("G16", clock, seed=16), SimulatedDlmsMeter("H17", clock, seed=17)
-    last = floor_quarter(clock.datetime()) - STEP
-    outage.power_outage(last - 3 * STEP, last)  # a permanent hour of nothing
+    # A permanent hour of nothing yesterday (a closed day: validated on arrival once it is stored).
+    yesterday = floor_quarter(clock.datetime()).replace(hour=10, minute=0) - timedelta(days=1)
+    outage.power_outage(yesterday, yesterday + 3 * STEP)
     bus = HdlcBus({16: outage, 17: healthy})
     with NullModem() as modem:
         await bus.start_serial(modem.a)
@@ -64,7 +65,7 @@ select = { group = "bus" }
 read = ["profile"]
 every = "1s"
 window = "1s"
-history = "3h"
+history = "2d"
 """
         served = await serve(tmp_path, spawn, body, BUS_PASSWORD="12345678")
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,20 @@ async def test_what_arrives_is_validated_and_failures_counted(site: Site) -> Non
     assert site.arrival.failing() == {"gap": 2, "negative_delta": 1}
     versions = site.vee.versions.versions("A", IMPORT_INTERVAL, T0, T0 + PER_DAY * STEP)
     assert sorted(versions) == [t_of(5), t_of(6)]  # the estimates are already versions
+
+
+async def test_live_data_costs_no_lookup_and_a_day_is_validated_once_it_has_closed(site: Site) -> None:
+    """Values newer than anything stored cannot replace one: no query for them. A meter-day
+    is validated when it closes, not at each batch, and again when a late value touches it."""
+    clock = {"now": T0 + timedelta(hours=12)}
+    site.arrival.now = lambda: clock["now"]
+    readings = deltas("A", 2 * PER_DAY)
+    await site.deliver(readings[: PER_DAY // 2])  # the morning, while the day is open
+    assert site.arrival.validated == 0 and site.arrival.lookups == 1  # the one look at what is stored
+    clock["now"] = T0 + timedelta(days=1, hours=12)
+    await site.deliver(readings[PER_DAY // 2 :])  # the rest of the day and the next morning
+    assert site.arrival.lookups == 1, "newer than anything stored: nothing looked up"
+    assert site.arrival.validated == 1, "the closed day validated once; the open one waits"
+    late = dataclasses.replace(readings[10], value=readings[10].value + 1.0)  # type: ignore[operator]
+    await site.deliver([late])
+    assert site.arrival.lookups == 2 and site.arrival.conflicts == 1 and site.arrival.validated == 2

@@ -2,10 +2,13 @@
 
 Before a batch is written, values that would replace a *different* stored value for the
 same interval are noted (the store keeps one value per interval; VEE keeps the doubt: the
-interval fails the duplicate rule until someone edits it). After the batch is stored, the
-meters and days it touched are validated in the background (estimates become versions and
-rule failures are counted), so billing finds the work done and operators see failures on
-the day they happen.
+interval fails the duplicate rule until someone edits it). Only values at or below what is
+already stored for their meter and channel can replace anything, so only those are looked
+up (one range query per meter and channel); live data, always newer, costs no query.
+
+After the batch is stored, the meter-days it touched are noted, and each is validated in the
+background once the day has closed (estimates become versions, rule failures are counted),
+and again only when a late value touches it: not five weeks of history per batch.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Obis, Reading
 from headend.registry import UnknownMeter
@@ -25,15 +28,33 @@ log = logging.getLogger(__name__)
 WATCHED = (IMPORT_ENERGY, IMPORT_INTERVAL)
 
 
+DAY = timedelta(days=1)
+
+
 class ArrivalValidator:
-    def __init__(self, vee: VeeService) -> None:
+    def __init__(self, vee: VeeService, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.vee = vee
+        self.now = now
         #: meter -> rule -> intervals failing it, in the meter's latest validated period
         self.last_flags: dict[str, Counter[str]] = {}
         self.validated = 0
         self.conflicts = 0
-        self._dirty: dict[str, tuple[datetime, datetime]] = {}
+        #: Lookups made for values that might replace a stored one (live data makes none).
+        self.lookups = 0
+        #: meter -> UTC days touched and not validated since
+        self._dirty: dict[str, set[datetime]] = {}
+        #: (meter, channel) -> the latest interval stored (None: not known yet in this process)
+        self._stored_up_to: dict[tuple[str, Obis], datetime | None] = {}
         self._wake = asyncio.Event()
+
+    async def _latest(self, meter: str, channel: Obis, before: datetime) -> datetime | None:
+        """The latest stored interval of a meter and channel, asked of the store once."""
+        key = (meter, channel)
+        if key not in self._stored_up_to:
+            self.lookups += 1
+            earlier = await self.vee.store.query(meter, channel, before - self.vee.cfg.max_period, before)
+            self._stored_up_to[key] = max((r.timestamp for r in earlier), default=None)
+        return self._stored_up_to[key]
 
     async def before_write(self, batch: Sequence[Reading]) -> None:
         spans: dict[tuple[str, Obis], list[Reading]] = {}
@@ -42,11 +63,18 @@ class ArrivalValidator:
                 spans.setdefault((r.meter, r.channel), []).append(r)
         found: list[tuple[str, Obis, datetime, float]] = []
         for (meter, channel), readings in spans.items():
-            first = min(r.timestamp for r in readings)
-            last = max(r.timestamp for r in readings)
+            newest = max(r.timestamp for r in readings)
+            latest = await self._latest(meter, channel, newest)
+            older = [r for r in readings if latest is not None and r.timestamp <= latest]
+            self._stored_up_to[(meter, channel)] = max(newest, latest) if latest is not None else newest
+            if not older:
+                continue  # all newer than anything stored: nothing to replace
+            self.lookups += 1
+            first = min(r.timestamp for r in older)
+            last = max(r.timestamp for r in older)
             stored = {s.timestamp: s.value for s in
                       await self.vee.store.query(meter, channel, first - timedelta(microseconds=1), last)}  # fmt: skip
-            for r in readings:
+            for r in older:
                 old = stored.get(r.timestamp)
                 if old is not None and r.value is not None and abs(old - r.value) > 1e-9 * max(1.0, abs(old)):
                     found.append((meter, channel, r.timestamp, old))
@@ -60,8 +88,8 @@ class ArrivalValidator:
         for r in batch:
             if r.kind != "interval" or r.channel not in WATCHED:
                 continue
-            lo, hi = self._dirty.get(r.meter, (r.timestamp, r.timestamp))
-            self._dirty[r.meter] = (min(lo, r.timestamp), max(hi, r.timestamp))
+            # An interval ending at midnight belongs to the day before.
+            self._dirty.setdefault(r.meter, set()).add(_day_of(r.timestamp))
         if self._dirty:
             self._wake.set()
 
@@ -69,27 +97,37 @@ class ArrivalValidator:
         while not stop.is_set():
             waiting = asyncio.ensure_future(self._wake.wait())
             stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            now = self.now()
+            next_midnight = now.replace(hour=0, minute=0, second=0, microsecond=0) + DAY
+            # Woken by new data, or at midnight: the day that closes is validated then.
+            await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED,
+                               timeout=(next_midnight - now).total_seconds() + 1)  # fmt: skip
             waiting.cancel()
             stopping.cancel()
             self._wake.clear()
             await self.drain()
 
     async def drain(self) -> None:
-        """Validate every meter and period noted so far."""
-        dirty, self._dirty = self._dirty, {}
-        for meter, (lo, hi) in dirty.items():
-            day = lo.replace(hour=0, minute=0, second=0, microsecond=0)
-            start = max(day, hi - self.vee.cfg.max_period + timedelta(days=1))
-            try:
-                result = await self.vee.validate(meter, start, hi)
-            except UnknownMeter:
-                continue  # readings of a meter no longer in the registry: nothing to validate against
-            except Exception:
-                log.exception("validation on arrival of %s failed", meter)
+        """Validate every meter-day noted so far whose day has closed; the open day waits."""
+        today = _day_of(self.now() + timedelta(microseconds=1))
+        for meter in list(self._dirty):
+            days = self._dirty[meter]
+            closed = sorted(d for d in days if d < today)
+            if not closed:
                 continue
-            self.validated += 1
-            self.last_flags[meter] = Counter(rule for i in result.intervals for rule in i.rules)
+            days.difference_update(closed)
+            if not days:
+                del self._dirty[meter]
+            for start, end in _spans(closed, self.vee.cfg.max_period):
+                try:
+                    result = await self.vee.validate(meter, start, end)
+                except UnknownMeter:
+                    break  # readings of a meter no longer in the registry: nothing to validate against
+                except Exception:
+                    log.exception("validation on arrival of %s failed", meter)
+                    continue
+                self.validated += 1
+                self.last_flags[meter] = Counter(rule for i in result.intervals for rule in i.rules)
 
     def failing(self) -> Counter[str]:
         """Intervals failing each rule, over every meter's latest validated period."""
@@ -97,3 +135,19 @@ class ArrivalValidator:
         for flags in self.last_flags.values():
             total.update(flags)
         return total
+
+
+def _day_of(t: datetime) -> datetime:
+    """The UTC day an interval ending at `t` belongs to (one ending at midnight: the day before)."""
+    return (t - timedelta(microseconds=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _spans(days: list[datetime], longest: timedelta) -> list[tuple[datetime, datetime]]:
+    """Consecutive days joined into (start, end) periods of at most `longest`."""
+    spans: list[tuple[datetime, datetime]] = []
+    for day in days:
+        if spans and spans[-1][1] == day and day + DAY - spans[-1][0] <= longest:
+            spans[-1] = (spans[-1][0], day + DAY)
+        else:
+            spans.append((day, day + DAY))
+    return spans
