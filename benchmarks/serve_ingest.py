@@ -11,7 +11,7 @@ The limit it is compared with, measured in the same run: the head-end's InfluxSt
 the same number of readings with the same schema straight to influxd (two writers), no
 MQTT, no outbox, no VEE.
 
-    python benchmarks/serve_ingest.py [--concentrators 10] [--meters 100] [--days 1]
+    python benchmarks/serve_ingest.py [--concentrators 10] [--meters 100] [--days 1] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, inf
     total = args.concentrators * args.meters * int(args.days * 96)
     api = free_port()
     (work / "site.toml").write_text(site(work, broker.port, influx.url, api, args.concentrators, args.meters))
+    profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
     serve = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "headend.cli", "serve", "--config", str(work / "site.toml"), cwd=ROOT,
+        sys.executable, *profile, "-m", "headend.cli", "serve", "--config", str(work / "site.toml"), cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     store = InfluxStore(influx.url, "serve")
@@ -101,8 +102,18 @@ async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, inf
             sys.executable, "-m", "simulators.mqtt_concentrator", "--broker", f"127.0.0.1:{broker.port}",
             "--concentrators", str(args.concentrators), "--meters", str(args.meters),
             "--backlog-days", str(args.days), "--start-delay", "0.5",
-            cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        published = 0.0
+
+        async def producer() -> None:
+            nonlocal published
+            assert sim.stdout is not None
+            async for line in sim.stdout:
+                if b"backlog" in line:
+                    published = time.perf_counter() - began
+
+        watching = asyncio.create_task(producer())
         try:
             stored = 0
             async with asyncio.timeout(1800):
@@ -112,6 +123,7 @@ async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, inf
         finally:
             sim.terminate()
             await sim.wait()
+            watching.cancel()
     finally:
         serve.terminate()
         await serve.wait()
@@ -121,6 +133,7 @@ async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, inf
     print(f"{args.concentrators} concentrators x {args.meters} meters x {args.days:g} day(s) = {total:,} values "
           f"through headend serve (VEE on arrival on) in {seconds:.1f} s: {rate:,.0f} values/s "
           "in InfluxDB")  # fmt: skip
+    print(f"  the simulator had published them all {published:.1f} s after its start (with its own start-up)")
     print(f"  limit (same run): InfluxStore straight to influxd, same schema, 2 writers: {store_limit:,.0f} values/s; "
           f"ratio {rate / store_limit:.2f}")  # fmt: skip
     await store.close()
@@ -131,7 +144,10 @@ def main() -> None:
     p.add_argument("--concentrators", type=int, default=10)
     p.add_argument("--meters", type=int, default=100)
     p.add_argument("--days", type=float, default=1)
+    p.add_argument("--profile", help="run serve under cProfile and write its stats here")
     args = p.parse_args()
+    if args.profile:
+        args.profile = str(Path(args.profile).resolve())  # serve runs in another directory
     print(f"{platform.python_implementation()} {platform.python_version()}; {os.cpu_count()} cores; simulator, "
           "mosquitto and influxd on the same machine")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -85,7 +86,13 @@ def _format_duration(value: timedelta) -> str:
 def _parse_obis(value: object) -> Obis:
     if isinstance(value, Obis):
         return value
+    if isinstance(value, str):
+        return _parse_obis_text(value)
     return Obis.parse(value)  # type: ignore[arg-type]
+
+
+# Every block of every concentrator message names its channel: parsed once per text.
+_parse_obis_text = lru_cache(maxsize=4096)(Obis.parse)
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(_format_duration)]
@@ -142,6 +149,9 @@ class InfluxConfig(Strict):
 
 class WriterConfig(Strict):
     batch_size: int = Field(5000, ge=1, le=100_000)
+    #: After a batch smaller than batch_size, wait this long for more (one store request per
+    #: few thousand values rather than per message); at most this much latency added.
+    linger: Duration = timedelta(milliseconds=50)
     max_backoff: Duration = timedelta(seconds=30)
     #: Outbox depth above which the writer logs a warning (the store is not keeping up).
     warn_depth: int = Field(1_000_000, ge=1)

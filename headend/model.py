@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from functools import lru_cache
 from typing import Literal
 
 MAX_METER_ID_LENGTH = 64
@@ -47,6 +48,16 @@ def validate_meter_id(meter: str) -> str:
         if unicodedata.category(ch).startswith("C"):
             raise ValueError(f"meter id {meter!r} contains control character U+{ord(ch):04X}")
     return meter
+
+
+# A fleet has few distinct meter ids, units and sources, each checked once rather than with
+# every reading (a character-by-character check was a tenth of ingest's time).
+_valid_meter_id = lru_cache(maxsize=1 << 17)(validate_meter_id)
+
+
+@lru_cache(maxsize=4096)
+def _printable(text: str) -> bool:
+    return not any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 _OBIS_RE = re.compile(r"^(\d{1,3})-(\d{1,3}):(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:\.(\d{1,3}))?$")
@@ -182,7 +193,7 @@ class Reading:
 
     def __post_init__(self) -> None:
         try:
-            validate_meter_id(self.meter)
+            _valid_meter_id(self.meter) if isinstance(self.meter, str) else validate_meter_id(self.meter)
         except ValueError as exc:
             raise InvalidReading(f"meter: {exc}") from None
         if not isinstance(self.channel, Obis):
@@ -214,7 +225,7 @@ class Reading:
             )
         for name in ("unit", "source"):
             text = getattr(self, name)
-            if not isinstance(text, str) or any(unicodedata.category(ch) == "Cc" for ch in text):
+            if not isinstance(text, str) or not _printable(text):
                 raise InvalidReading(f"{name} must be a string without control characters, got {text!r}")
 
     def _check_number(self, name: str, value: object, *, optional: bool) -> None:

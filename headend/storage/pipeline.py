@@ -33,8 +33,6 @@ def build_store(cfg: StorageConfig, env: Mapping[str, str] | None = None) -> Rea
     env = os.environ if env is None else env
     if cfg.backend == "sqlite":
         return SqliteStore(cfg.sqlite.path)
-    # Imported here: influxdb-client costs 0.15 s of start-up that an SQLite site never needs,
-    # and a restart should answer its API at once.
     from headend.storage.influx import InfluxStore
 
     influx = cfg.influx
@@ -71,6 +69,7 @@ class Pipeline:
             batch_size=cfg.writer.batch_size,
             max_backoff=cfg.writer.max_backoff.total_seconds(),
             warn_depth=cfg.writer.warn_depth,
+            linger=cfg.writer.linger.total_seconds(),
         )
         self.flush_timeout = flush_timeout
         self._task: asyncio.Task[None] | None = None

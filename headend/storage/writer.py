@@ -51,6 +51,7 @@ class BatchWriter:
         min_backoff: float = 0.1,
         max_backoff: float = 30.0,
         poll_interval: float = 1.0,
+        linger: float = 0.0,
         warn_depth: int = 1_000_000,
         before_write: BatchHook | None = None,
         after_write: BatchHook | None = None,
@@ -61,6 +62,10 @@ class BatchWriter:
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.poll_interval = poll_interval
+        #: After a batch smaller than batch_size, wait this long for more before the next one:
+        #: data trickling in (a message of 100 values at a time) goes to the store in batches
+        #: of thousands, not in a request per message.
+        self.linger = linger
         self.warn_depth = warn_depth
         #: Called with each batch before it is written (e.g. VEE noting values it will replace)
         #: and after the store confirmed it (e.g. VEE validating what arrived). A hook's error
@@ -75,7 +80,10 @@ class BatchWriter:
     async def run(self) -> None:
         """Write until `stop()`; never returns on store errors, only backs off."""
         backoff = self.min_backoff
+        small = False
         while not self._stop.is_set():
+            if small and self.linger:
+                await self._wait(self.linger, wake_on_data=False)
             self._new_data.clear()
             try:
                 batch = await self.outbox.take(self.batch_size)
@@ -89,6 +97,7 @@ class BatchWriter:
                 await self._wait(self.poll_interval, wake_on_data=True)
                 continue
             self._drained.clear()
+            small = len(batch) < self.batch_size
             try:
                 await self._write(batch)
             except (sqlite3.Error, OSError) as exc:
