@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -134,6 +135,21 @@ class Quality(StrEnum):
     #: Head-end flag (data collection): the interval's stamp was corrected by the meter's clock
     #: offset measured in the same session (this project's code within system 2, category 4).
     TIME_ADJUSTED = "2.4.128"
+
+
+#: Meter status bits (IDIS AMR profile status), passed through as quality "1.0.<status>":
+#: the meter's clock was invalid, the supply was off.
+CLOCK_INVALID_BIT = 0x20
+POWER_DOWN_BIT = 0x80
+
+
+def meter_status(qualities: Iterable[str]) -> int:
+    """The status bits a meter gave a reading (its "1.0.<status>" qualities)."""
+    bits = 0
+    for q in qualities:
+        if q.startswith("1.0."):
+            bits |= int(q.rsplit(".", 1)[1])
+    return bits
 
 
 _QUALITY_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")

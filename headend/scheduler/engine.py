@@ -260,8 +260,10 @@ class PollingEngine:
             if drifting and plan.sync_clock and "clock" in plan.read:
                 await session.set_clock(self.clock())
                 result.clock_synced = True
-        placing = drifting and result.drift_s is not None and session.profile_on_meter_clock
-        offset = timedelta(seconds=result.drift_s) if placing and result.drift_s is not None else None
+        # Rows stamped by the clock just measured are placed by its offset (drifting implies a drift).
+        offset = None
+        if drifting and result.drift_s is not None and session.profile_on_meter_clock:
+            offset = timedelta(seconds=result.drift_s)
         if "billing" in plan.read:
             frozen_key = f"billing:{meter_id}"
             saved_at = None if fresh else self.outbox.cursors(frozen_key).get(frozen_key)

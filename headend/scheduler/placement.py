@@ -23,11 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from headend.model import Quality, Reading
+from headend.model import CLOCK_INVALID_BIT, Quality, Reading, meter_status
 from headend.timegrid import nearest_boundary
-
-#: The DLMS profile status bit a meter sets on rows captured while its clock was invalid.
-CLOCK_INVALID_BIT = 0x20
 
 
 @dataclass
@@ -36,16 +33,6 @@ class Placed:
     #: (reading as read, why it could not be placed)
     held: list[tuple[Reading, str]] = field(default_factory=list)
     adjusted: int = 0
-    #: Stored at the nearest boundary but captured further from it than the tolerance.
-    off_grid: int = 0
-
-
-def status_bits(reading: Reading) -> int:
-    bits = 0
-    for q in reading.qualities:
-        if q.startswith("1.0."):
-            bits |= int(q.rsplit(".", 1)[1])
-    return bits
 
 
 def place_on_grid(readings: Sequence[Reading], offset: timedelta | None, step: timedelta,
@@ -53,20 +40,21 @@ def place_on_grid(readings: Sequence[Reading], offset: timedelta | None, step: t
     """`offset`: how far the meter's clock is ahead of true time, measured in this session,
     or None when it is within tolerance (or was not measured)."""
     out = Placed()
-    marks = any(status_bits(r) & CLOCK_INVALID_BIT for r in readings if r.kind == "interval")
+    def invalid(r: Reading) -> bool:
+        return bool(meter_status(r.qualities) & CLOCK_INVALID_BIT)
+
+    marks = any(invalid(r) for r in readings if r.kind == "interval")
     taken: set[tuple[str, object]] = set()
     # Rows taken as stamped go first: on a collision the row that needed no correction stands.
-    ordered = sorted(readings, key=lambda r: bool(status_bits(r) & CLOCK_INVALID_BIT))
-    for r in ordered:
+    for r in sorted(readings, key=invalid):
         if r.kind != "interval":
             out.readings.append(r)
             continue
-        invalid = bool(status_bits(r) & CLOCK_INVALID_BIT)
-        shift = invalid if marks else offset is not None
+        shift = invalid(r) if marks else offset is not None
         if shift and offset is None:
             out.held.append((r, "captured while the meter's clock was invalid, and its offset is not known now"))
             continue
-        true_t = r.timestamp - offset if shift and offset is not None else r.timestamp
+        true_t = r.timestamp - offset if offset is not None and shift else r.timestamp
         boundary = nearest_boundary(true_t, step)
         if (str(r.channel), boundary) in taken:
             out.held.append((r, f"a second value for {boundary.isoformat()} (the meter's clock moved)"))
@@ -77,7 +65,6 @@ def place_on_grid(readings: Sequence[Reading], offset: timedelta | None, step: t
             qualities = (*qualities, Quality.TIME_ADJUSTED)
         if abs(true_t - boundary) > tolerance:
             qualities = (*qualities, Quality.CLOCK_DRIFT)
-            out.off_grid += 1
         if shift:
             out.adjusted += 1
         if boundary != r.timestamp or qualities != r.qualities:

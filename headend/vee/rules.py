@@ -20,7 +20,7 @@ from statistics import mean
 from zoneinfo import ZoneInfo
 
 from headend.config import Meter, VeeConfig
-from headend.model import Quality
+from headend.model import CLOCK_INVALID_BIT, POWER_DOWN_BIT, Quality, meter_status
 from headend.timegrid import boundary_of, ceil_to
 from headend.vee.series import Series, Slot
 
@@ -41,10 +41,7 @@ CODES: dict[str, str] = {
 #: Failing one of these makes the value unusable: it is estimated. Other failures leave the
 #: read as it is, marked suspect.
 HARD = frozenset({"gap", "duplicate", "alignment", "negative_delta", "rollback"})
-#: Meter status bits (IDIS AMR profile status, passed through as "1.0.<status>") and codes
-#: that mean the meter's clock was invalid or the supply was off.
-CLOCK_INVALID_BIT = 0x20
-POWER_DOWN_BIT = 0x80
+#: The meter's quality code for a power failure.
 POWER_FAILURE = "1.2.32"
 
 
@@ -74,16 +71,8 @@ def flag(slot: Slot, rule: str) -> None:
     slot.flags[rule] = CODES[rule]
 
 
-def _status_bits(slot: Slot) -> int:
-    bits = 0
-    for q in slot.qualities:
-        if q.startswith("1.0."):
-            bits |= int(q.rsplit(".", 1)[1])
-    return bits
-
-
 def in_outage(slot: Slot, ctx: Context, step: timedelta) -> bool:
-    if POWER_FAILURE in slot.qualities or _status_bits(slot) & POWER_DOWN_BIT:
+    if POWER_FAILURE in slot.qualities or meter_status(slot.qualities) & POWER_DOWN_BIT:
         return True
     return any(a < slot.t and slot.t - step < b for a, b in ctx.outages)
 
@@ -111,7 +100,7 @@ def clock(series: Series, ctx: Context) -> None:
     head-end moved it to its true interval end (time-adjusted, placed within tolerance)."""
     for s in series.slots:
         placed = Quality.TIME_ADJUSTED in s.qualities
-        if Quality.CLOCK_DRIFT in s.qualities or (_status_bits(s) & CLOCK_INVALID_BIT and not placed):
+        if Quality.CLOCK_DRIFT in s.qualities or (meter_status(s.qualities) & CLOCK_INVALID_BIT and not placed):
             flag(s, "clock")
 
 
