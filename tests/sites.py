@@ -32,8 +32,9 @@ port = {api_port}
     return path
 
 
-def tcp_link(link_id: str, protocol: str, port: int, timeout: str) -> str:
-    """A `[[links]]` entry for a simulator listening on loopback."""
+def tcp_link(link_id: str, protocol: str, port: int, timeout: str, **extra: str) -> str:
+    """A `[[links]]` entry for a simulator listening on loopback (`extra`: more string keys)."""
+    more = "".join(f'{key} = "{value}"\n' for key, value in extra.items())
     return f"""
 [[links]]
 id = "{link_id}"
@@ -42,4 +43,27 @@ protocol = "{protocol}"
 host = "127.0.0.1"
 port = {port}
 timeout = "{timeout}"
+{more}"""
+
+
+def hdlc_bus_link(link_id: str, device: str) -> str:
+    """A `[[links]]` entry for an HDLC bus on a serial line (a pty in tests)."""
+    return f"""
+[[links]]
+id = "{link_id}"
+kind = "serial"
+protocol = "dlms-hdlc"
+device = "{device}"
+timeout = "5s"
+"""
+
+
+def dlms_meter(meter_id: str, link: str, password_env: str, *, group: str, physical: int | None = None) -> str:
+    """A `[[meters]]` entry for a simulated DLMS meter with LLS (its HDLC address, on a bus)."""
+    address = f", physical = {physical}" if physical is not None else ""
+    return f"""[[meters]]
+id = "{meter_id}"
+link = "{link}"
+groups = ["{group}"]
+dlms = {{ authentication = "lls", password_env = "{password_env}"{address} }}
 """

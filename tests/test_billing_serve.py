@@ -18,7 +18,7 @@ from simulators.dlms_meter import A_PLUS, HdlcBus, SimulatedDlmsMeter
 from simulators.mqtt_concentrator import SimulatedConcentrator
 from simulators.ptypair import NullModem
 from tests.conftest import Spawn
-from tests.sites import tcp_link
+from tests.sites import dlms_meter, hdlc_bus_link, tcp_link
 from tests.test_mqtt_attacks_serve import concentrator_site, mosquitto_publish_clear
 from tests.test_switching_serve import ModbusSite, modbus_meters, serve
 
@@ -43,22 +43,13 @@ async def test_a_real_outage_costs_a_bounded_number_of_re_reads_and_its_neighbou
     bus = HdlcBus({16: outage, 17: healthy})
     with NullModem() as modem:
         await bus.start_serial(modem.a)
-        body = f"""
+        body = """
 [vee]
 reread_attempts = 3
 reread_spacing = "1s"
-[[links]]
-id = "rs485"
-kind = "serial"
-protocol = "dlms-hdlc"
-device = "{modem.b}"
-timeout = "5s"
-""" + "".join(f"""[[meters]]
-id = "{name}"
-link = "rs485"
-groups = ["bus"]
-dlms = {{ authentication = "lls", password_env = "BUS_PASSWORD", physical = {a} }}
-""" for a, name in ((16, "G16"), (17, "H17"))) + """
+""" + hdlc_bus_link("rs485", modem.b) + "".join(
+            dlms_meter(name, "rs485", "BUS_PASSWORD", group="bus", physical=a) for a, name in ((16, "G16"), (17, "H17"))
+        ) + """
 [[plans]]
 id = "profiles"
 select = { group = "bus" }
@@ -105,20 +96,9 @@ async def test_meters_with_wrong_clocks_get_every_interval_at_its_true_time_with
     jumped = floor_quarter(now) - timedelta(hours=3) + timedelta(minutes=7)
     meters["J1"].change_clock(7200.0, at=jumped)
     ports = {name: await m.start() for name, m in meters.items()}
-    body = "".join(f"""
-[[links]]
-id = "l-{name}"
-kind = "tcp"
-protocol = "dlms-wrapper"
-host = "127.0.0.1"
-port = {port}
-timeout = "3s"
-[[meters]]
-id = "{name}"
-link = "l-{name}"
-groups = ["{'unsynced' if name == 'F2' else 'synced'}"]
-dlms = {{ authentication = "lls", password_env = "METER_PASSWORD" }}
-""" for name, port in ports.items()) + "".join(f"""
+    body = "".join(tcp_link(f"l-{name}", "dlms-wrapper", port, "3s")
+                   + dlms_meter(name, f"l-{name}", "METER_PASSWORD", group="unsynced" if name == "F2" else "synced")
+                   for name, port in ports.items()) + "".join(f"""
 [[plans]]
 id = "{group}"
 select = {{ group = "{group}" }}
@@ -163,21 +143,10 @@ async def test_frozen_billing_registers_and_the_meters_own_maximum_demand_reach_
     clock = Clock()
     meter = SimulatedDlmsMeter("B1", clock, seed=5)
     port = await meter.start()
-    body = f"""
-[[links]]
-id = "l-B1"
-kind = "tcp"
-protocol = "dlms-wrapper"
-host = "127.0.0.1"
-port = {port}
-timeout = "3s"
-[[meters]]
-id = "B1"
-link = "l-B1"
-dlms = {{ authentication = "lls", password_env = "METER_PASSWORD" }}
+    body = tcp_link("l-B1", "dlms-wrapper", port, "3s") + dlms_meter("B1", "l-B1", "METER_PASSWORD", group="bill") + """
 [[plans]]
 id = "daily"
-select = {{ meters = ["B1"] }}
+select = { meters = ["B1"] }
 read = ["clock", "profile", "billing", "registers"]
 channels = ["1-0:1.6.0.255"]
 every = "1h"

@@ -24,7 +24,7 @@ from simulators.dlms_meter import SimulatedDlmsMeter
 from simulators.mqtt_concentrator import SimulatedConcentrator
 from tests.conftest import Spawn
 from tests.serving import Served, issue_tokens
-from tests.sites import write_site
+from tests.sites import dlms_meter, tcp_link, write_site
 from tests.test_mqtt_attacks_serve import concentrator_site, mosquitto_publish_clear, readings, rss_kib
 from tests.test_mqtt_ingest_bounds import birth, message
 
@@ -152,21 +152,8 @@ async def test_a_meter_sending_blocks_forever_is_cut_off_and_the_others_are_read
     meters = {m: SimulatedDlmsMeter(m, clock) for m in ("D1", "D2", "D3")}
     meters["D3"].faults.endless_blocks = True
     ports = {m: await sim.start() for m, sim in meters.items()}
-    body = "".join(f"""
-[[links]]
-id = "link-{m}"
-kind = "tcp"
-protocol = "dlms-wrapper"
-host = "127.0.0.1"
-port = {port}
-timeout = "2s"
-session_deadline = "3s"
-[[meters]]
-id = "{m}"
-link = "link-{m}"
-groups = ["dlms"]
-dlms = {{ authentication = "lls", password_env = "DLMS_PASSWORD" }}
-""" for m, port in ports.items()) + """
+    body = "".join(tcp_link(f"link-{m}", "dlms-wrapper", port, "2s", session_deadline="3s")
+                   + dlms_meter(m, f"link-{m}", "DLMS_PASSWORD", group="dlms") for m, port in ports.items()) + """
 [[plans]]
 id = "profiles"
 select = { group = "dlms" }

@@ -270,7 +270,9 @@ async def test_a_plan_runs_at_its_due_times_with_the_deadline_until_the_next_run
     assert deadlines == [900.0] * 3
 
 
-async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:
+async def gate_order(first: Lane, lined_up: list[tuple[str, Lane]]) -> tuple[list[str], int]:
+    """The order a one-session link serves `lined_up`, queued behind a job of lane `first`
+    that holds the link meanwhile; and how many were queued."""
     gate = LinkGate(1)
     order: list[str] = []
     hold = asyncio.Event()
@@ -283,40 +285,29 @@ async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:
                 await hold.wait()
 
     running = asyncio.Event()
-    first = asyncio.create_task(job("bulk-1", Lane.BULK, running))
+    holder = asyncio.create_task(job(f"{first.name.lower()}-0", first, running))
     await running.wait()
-    queued = [asyncio.create_task(job(n, lane)) for n, lane in
-              [("bulk-2", Lane.BULK), ("backfill", Lane.BACKFILL), ("switch", Lane.SWITCHING)]]  # fmt: skip
-    await asyncio.sleep(0)  # let the three line up behind the running job
-    assert gate.queued == 3
+    queued = [asyncio.create_task(job(n, lane)) for n, lane in lined_up]
+    await asyncio.sleep(0)  # let them line up behind the running job
+    waiting = gate.queued
     hold.set()
-    await asyncio.gather(first, *queued)
-    assert order == ["bulk-1", "switch", "backfill", "bulk-2"]
+    await asyncio.gather(holder, *queued)
+    return order, waiting
+
+
+async def test_switching_goes_ahead_of_bulk_reads_on_a_busy_link() -> None:
+    order, queued = await gate_order(Lane.BULK, [("bulk-2", Lane.BULK), ("backfill", Lane.BACKFILL),
+                                                 ("switch", Lane.SWITCHING)])  # fmt: skip
+    assert queued == 3
+    assert order == ["bulk-0", "switch", "backfill", "bulk-2"]
 
 
 async def test_re_reads_and_bulk_reads_take_turns_so_neither_starves() -> None:
     """A fleet of meters with gaps keeps the backfill lane full; the plan's bulk reads still
     get every other turn on the link (and switching still goes first)."""
-    gate = LinkGate(1)
-    order: list[str] = []
-    hold = asyncio.Event()
-
-    async def job(name: str, lane: Lane, started: asyncio.Event | None = None) -> None:
-        async with gate.slot(lane):
-            order.append(name)
-            if started is not None:
-                started.set()
-                await hold.wait()
-
-    running = asyncio.Event()
-    first = asyncio.create_task(job("bulk-0", Lane.BULK, running))
-    await running.wait()
     lined_up = [("reread-1", Lane.BACKFILL), ("reread-2", Lane.BACKFILL), ("reread-3", Lane.BACKFILL),
                 ("bulk-1", Lane.BULK), ("bulk-2", Lane.BULK), ("switch", Lane.SWITCHING)]  # fmt: skip
-    queued = [asyncio.create_task(job(n, lane)) for n, lane in lined_up]
-    await asyncio.sleep(0)  # let them line up behind the running job
-    hold.set()
-    await asyncio.gather(first, *queued)
+    order, _queued = await gate_order(Lane.BULK, lined_up)
     assert order == ["bulk-0", "switch", "reread-1", "bulk-1", "reread-2", "bulk-2", "reread-3"]
 
 

@@ -23,7 +23,7 @@ from simulators.mqtt_concentrator import SimulatedConcentrator
 from simulators.ptypair import NullModem
 from tests.conftest import Spawn
 from tests.serving import Served, issue_tokens
-from tests.sites import tcp_link, write_site
+from tests.sites import dlms_meter, hdlc_bus_link, tcp_link, write_site
 
 ANY_TIME = 'disconnect_windows = [{ days = "mon-sun", start = "00:00", end = "23:59" }]'
 
@@ -254,19 +254,9 @@ async def test_on_one_hdlc_bus_a_disconnect_goes_ahead_of_bulk_reads_and_never_s
         await bus.start_serial(modem.a)
         for meter in meters.values():
             meter.faults.delay = 0.02  # every frame a little slow: a profile read takes a while
-        body = f"""
-[[links]]
-id = "rs485"
-kind = "serial"
-protocol = "dlms-hdlc"
-device = "{modem.b}"
-timeout = "5s"
-""" + "".join(f"""[[meters]]
-id = "H{a}"
-link = "rs485"
-groups = ["bus"]
-dlms = {{ authentication = "lls", password_env = "BUS_PASSWORD", physical = {a} }}
-""" for a in meters) + """
+        body = hdlc_bus_link("rs485", modem.b) + "".join(
+            dlms_meter(f"H{a}", "rs485", "BUS_PASSWORD", group="bus", physical=a) for a in meters
+        ) + """
 [[plans]]
 id = "profiles"
 select = { group = "bus" }
