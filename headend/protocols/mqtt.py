@@ -380,7 +380,8 @@ class ConcentratorLink:
         self.protocol = protocol
         self.monotonic = monotonic
         self.stats = LinkStats()
-        self._bad_log = ThrottledLog()
+        #: What clients make this link say (bad messages, births, gaps), throttled.
+        self._said = ThrottledLog()
         self._bad_batch: list[tuple[str, bytes, str]] = []
         self.concentrators: dict[str, ConcentratorState] = {}
         self.connected = asyncio.Event()
@@ -614,7 +615,7 @@ class ConcentratorLink:
         """Note a message that is refused or does not parse; kept by `_keep_bad` before the ack."""
         reason = reason.replace("\n", "; ")[:500]
         self.stats.bad_messages += 1
-        self._bad_log.note(topic, payload, reason)
+        self._said.note(topic, payload, reason)
         self._bad_batch.append((f"mqtt {topic[:MAX_TOPIC_KEPT]}", payload, reason))
 
     async def _keep_bad(self) -> None:
@@ -626,11 +627,11 @@ class ConcentratorLink:
         kept = await asyncio.to_thread(self.outbox.quarantine_raw_many_sync, bad)
         if kept < len(bad):
             self.stats.unkept_bad_messages += len(bad) - kept
-            self._bad_log.unkept(len(bad) - kept, self.outbox.max_raw_quarantine)
+            self._said.unkept(len(bad) - kept, self.outbox.max_raw_quarantine)
 
     def _on_state(self, concentrator: str, state: State) -> None:
         if not self._configured(concentrator):
-            self._bad_log.emit(logging.WARNING, "state of %s refused: not a concentrator of this link",
+            self._said.emit(logging.WARNING, "state of %s refused: not a concentrator of this link",
                                concentrator[:64])  # fmt: skip
             self.stats.refused_messages += 1
             return
@@ -639,7 +640,7 @@ class ConcentratorLink:
         # the birth it belongs to (same bdseq), so a stale Will or a forged retained
         # "offline" with a huge bdseq cannot hold a concentrator offline.
         if state.status == "offline" and c.online and state.bdseq != c.bdseq:
-            self._bad_log.emit(logging.INFO, "%s: offline for bdseq %d ignored (current birth %d)", concentrator,
+            self._said.emit(logging.INFO, "%s: offline for bdseq %d ignored (current birth %d)", concentrator,
                                state.bdseq, c.bdseq)  # fmt: skip
             return
         reborn = state.status == "online" and state.bdseq != c.bdseq
@@ -655,17 +656,17 @@ class ConcentratorLink:
                 if reborn and state.seq < c.highest:
                     # A new connection counting from lower down: a replaced or reset unit. Its
                     # new messages are not the old ones: count from here, never drop them.
-                    self._bad_log.emit(logging.WARNING, "%s: birth %d says seq %d, below the %d seen before: "
+                    self._said.emit(logging.WARNING, "%s: birth %d says seq %d, below the %d seen before: "
                                        "counting starts again",
                                 concentrator, state.bdseq, state.seq, c.highest)  # fmt: skip
                     c.highest, c.gaps = state.seq, []
                 elif state.seq > c.highest + self.max_seq_gap:
-                    self._bad_log.emit(logging.ERROR, "%s: birth says seq %d, %d past the highest seen: not treated "
+                    self._said.emit(logging.ERROR, "%s: birth says seq %d, %d past the highest seen: not treated "
                                        "as a gap (max_seq_gap "
                               "%d)", concentrator, state.seq, state.seq - c.highest, self.max_seq_gap)  # fmt: skip
                 else:
                     c.expect(state.seq, self.monotonic())
-        self._bad_log.emit(logging.INFO, "%s is %s (bdseq %d, %d meters)", concentrator, state.status, state.bdseq,
+        self._said.emit(logging.INFO, "%s is %s (bdseq %d, %d meters)", concentrator, state.status, state.bdseq,
                            len(c.meters))  # fmt: skip
 
     def _configured(self, concentrator: str) -> bool:
@@ -708,7 +709,7 @@ class ConcentratorLink:
         c.note(data.seq, self.monotonic())
         if len(c.gaps) > gaps:
             self.stats.gaps += 1
-            self._bad_log.emit(logging.WARNING, "%s: seq gap before %d (%d gaps open)", concentrator, data.seq,
+            self._said.emit(logging.WARNING, "%s: seq gap before %d (%d gaps open)", concentrator, data.seq,
                                len(c.gaps))  # fmt: skip
         return readings
 
@@ -721,13 +722,13 @@ class ConcentratorLink:
     def _on_response(self, concentrator: str, response: Response) -> None:
         pending = self._pending.get(response.correlation_id)
         if pending is None:
-            self._bad_log.emit(logging.INFO, "response %s matches no pending command (late or duplicate)",
+            self._said.emit(logging.INFO, "response %s matches no pending command (late or duplicate)",
                                response.correlation_id)  # fmt: skip
             return
         asked = (pending.concentrator, pending.meter, pending.name)
         if (concentrator, response.meter, response.command) != asked:
             self.stats.refused_answers += 1
-            self._bad_log.emit(logging.ERROR, "answer to command %s refused: it came on %s's topic for meter %s, "
+            self._said.emit(logging.ERROR, "answer to command %s refused: it came on %s's topic for meter %s, "
                                "command %s; the command went to %s for meter %s, command %s (forged or misrouted)",
                                response.correlation_id, concentrator[:64], response.meter, response.command,
                                *asked)  # fmt: skip
@@ -736,7 +737,7 @@ class ConcentratorLink:
         expected = response.mac_with(concentrator, key).encode() if key is not None else b""
         if key is not None and not hmac.compare_digest((response.mac or "").encode(), expected):
             self.stats.refused_answers += 1
-            self._bad_log.emit(logging.ERROR, "answer to command %s for %s refused: its MAC does not verify with "
+            self._said.emit(logging.ERROR, "answer to command %s for %s refused: its MAC does not verify with "
                                "%s's answer key (forged)", response.correlation_id, pending.meter,
                                concentrator)  # fmt: skip
             return
@@ -745,7 +746,7 @@ class ConcentratorLink:
         elif pending.future.result() != response and pending.conflict is None:
             self.stats.refused_answers += 1
             pending.conflict = f"{pending.future.result().result} and then {response.result}"
-            self._bad_log.emit(logging.ERROR, "%s: two different answers to %s %s for %s: %s; someone else answers "
+            self._said.emit(logging.ERROR, "%s: two different answers to %s %s for %s: %s; someone else answers "
                                "for the concentrator",
                       concentrator, pending.name, response.correlation_id, pending.meter, pending.conflict)  # fmt: skip
 
