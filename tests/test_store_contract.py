@@ -80,3 +80,21 @@ async def test_awkward_text_round_trips(store: ReadingStore) -> None:
     await store.write(batch)
     for reading in batch:
         assert await store.query(reading.meter, IMPORT, T0, T0 + DAY) == [reading]
+
+
+async def test_the_newest_interval_of_every_meter_comes_in_one_request(store: ReadingStore) -> None:
+    register = Reading(meter="M003", channel=IMPORT, timestamp=T0 + DAY, value=42.0, kind="register", unit="kWh")
+    await store.write([*intervals(1, 0, 20), *intervals(1, 0, 7, channel=EXPORT), *intervals(2, 3, 5), register])
+    latest = await store.latest_intervals([IMPORT, EXPORT])
+    assert latest == {("M001", IMPORT): T0 + 20 * PROFILE_STEP, ("M001", EXPORT): T0 + 7 * PROFILE_STEP,
+                      ("M002", IMPORT): T0 + 5 * PROFILE_STEP}  # fmt: skip
+    assert await store.latest_intervals([EXPORT]) == {("M001", EXPORT): T0 + 7 * PROFILE_STEP}
+
+
+async def test_interval_times_are_the_intervals_with_a_value_per_meter(store: ReadingStore) -> None:
+    gap = Reading(meter="M002", channel=IMPORT, timestamp=T0 + 2 * PROFILE_STEP, value=None,
+                  qualities=(Quality.MISSING,))  # fmt: skip
+    await store.write([*intervals(1, 0, 96 * 2), *intervals(2, 0, 1), gap, *intervals(3, 0, 4, channel=EXPORT)])
+    times = await store.interval_times(["M001", "M002", "M003", "M004"], IMPORT, T0, T0 + DAY)
+    assert times == {"M001": {T0 + (i + 1) * PROFILE_STEP for i in range(96)}, "M002": {T0 + PROFILE_STEP},
+                     "M003": set(), "M004": set()}  # fmt: skip

@@ -51,6 +51,17 @@ class ReadingStore(ABC):
     async def count(self, kind: ReadingKind = "interval") -> int:
         """Number of stored readings of a kind, all meters."""
 
+    @abstractmethod
+    async def latest_intervals(self, channels: Sequence[Obis]) -> dict[tuple[str, Obis], datetime]:
+        """The newest stored interval of every meter for each of `channels`, in one request:
+        what a process that starts knows is stored (meters with none are left out)."""
+
+    @abstractmethod
+    async def interval_times(self, meters: Sequence[str], channel: Obis, start: datetime,
+                             end: datetime) -> dict[str, set[datetime]]:  # fmt: skip
+        """Per meter of `meters`, the timestamps in (start, end] of the channel's intervals that
+        have a value, in as few requests as the store allows (collection KPIs over a fleet)."""
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare the store (create the database or tables)."""
 

@@ -239,6 +239,31 @@ class InfluxStore(ReadingStore):
         rows = await self._influxql(f'SELECT last("quality") FROM "interval" WHERE {self._where(meter, channel)}')
         return from_ns(int(rows[0]["time"])) if rows else None
 
+    async def latest_intervals(self, channels: Sequence[Obis]) -> dict[tuple[str, Obis], datetime]:
+        if not channels:
+            return {}
+        wanted = {str(c): c for c in channels}
+        which = " OR ".join(f'"channel" = {influxql_string(c)}' for c in wanted)
+        rows = await self._influxql(f'SELECT last("quality") FROM "interval" WHERE {which} GROUP BY "meter", "channel"')
+        return {(row["meter"], wanted[row["channel"]]): from_ns(int(row["time"])) for row in rows}
+
+    async def interval_times(self, meters: Sequence[str], channel: Obis, start: datetime,
+                             end: datetime) -> dict[str, set[datetime]]:  # fmt: skip
+        # One query for the fleet: "value" is written only where there is one.
+        rows = await self._influxql(
+            f'SELECT "value" FROM "interval" WHERE "channel" = {influxql_string(str(channel))} '
+            f'AND time > {to_ns(start)} AND time <= {to_ns(end)} GROUP BY "meter"'
+        )
+
+        def times() -> dict[str, set[datetime]]:
+            out: dict[str, set[datetime]] = {m: set() for m in meters}
+            for row in rows:
+                if row["meter"] in out and row.get("value") is not None:
+                    out[row["meter"]].add(from_ns(int(row["time"])))
+            return out
+
+        return await asyncio.to_thread(times)
+
     async def count(self, kind: ReadingKind = "interval") -> int:
         """Points of a measurement across all meters (for tests and the benchmark)."""
         rows = await self._influxql(f'SELECT count("quality") FROM "{kind}"')

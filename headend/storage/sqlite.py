@@ -136,3 +136,21 @@ class SqliteStore(ReadingStore):
     async def count(self, kind: ReadingKind = "interval") -> int:
         rows = await asyncio.to_thread(self._run, "SELECT count(*) FROM readings WHERE kind = ?", (kind,))
         return int(rows[0][0])
+
+    async def latest_intervals(self, channels: Sequence[Obis]) -> dict[tuple[str, Obis], datetime]:
+        wanted = {str(c): c for c in channels}
+        rows = await asyncio.to_thread(self._run, "SELECT meter, channel, max(ts) FROM readings "
+                                       "WHERE kind = 'interval' GROUP BY meter, channel")  # fmt: skip
+        return {(meter, wanted[channel]): from_ns(ts) for meter, channel, ts in rows if channel in wanted}
+
+    async def interval_times(self, meters: Sequence[str], channel: Obis, start: datetime,
+                             end: datetime) -> dict[str, set[datetime]]:  # fmt: skip
+        def times() -> dict[str, set[datetime]]:
+            # One seek on the primary key per meter, all in this thread: the table's key leads
+            # with the meter, so a query across meters would read every row instead.
+            sql = ("SELECT ts FROM readings WHERE kind = 'interval' AND meter = ? AND channel = ? AND ts > ? "
+                   "AND ts <= ? AND value IS NOT NULL")  # fmt: skip
+            bounds = (str(channel), to_ns(start), to_ns(end))
+            return {m: {from_ns(ts) for (ts,) in self._run(sql, (m, *bounds))} for m in meters}
+
+        return await asyncio.to_thread(times)

@@ -4,7 +4,8 @@ Before a batch is written, values that would replace a *different* stored value 
 same interval are noted (the store keeps one value per interval; VEE keeps the doubt: the
 interval fails the duplicate rule until someone edits it). Only values at or below what is
 already stored for their meter and channel can replace anything, so only those are looked
-up (one range query per meter and channel); live data, always newer, costs no query.
+up (one range query per meter and channel); live data, always newer, costs no query. What
+is stored is asked once per process, for the whole fleet in one request.
 
 After the batch is stored, the meter-days it touched are noted, and each is validated in the
 background once the day has closed (estimates become versions, rule failures are counted),
@@ -43,18 +44,16 @@ class ArrivalValidator:
         self.lookups = 0
         #: meter -> UTC days touched and not validated since
         self._dirty: dict[str, set[datetime]] = {}
-        #: (meter, channel) -> the latest interval stored (None: not known yet in this process)
-        self._stored_up_to: dict[tuple[str, Obis], datetime | None] = {}
+        #: (meter, channel) -> the latest interval stored; asked of the store once for the whole
+        #: fleet (None: not yet), then kept up to date with what this process writes.
+        self._stored_up_to: dict[tuple[str, Obis], datetime] | None = None
         self._wake = asyncio.Event()
 
-    async def _latest(self, meter: str, channel: Obis, before: datetime) -> datetime | None:
-        """The latest stored interval of a meter and channel, asked of the store once."""
-        key = (meter, channel)
-        if key not in self._stored_up_to:
+    async def _watermarks(self) -> dict[tuple[str, Obis], datetime]:
+        if self._stored_up_to is None:
             self.lookups += 1
-            earlier = await self.vee.store.query(meter, channel, before - self.vee.cfg.max_period, before)
-            self._stored_up_to[key] = max((r.timestamp for r in earlier), default=None)
-        return self._stored_up_to[key]
+            self._stored_up_to = await self.vee.store.latest_intervals(WATCHED)
+        return self._stored_up_to
 
     async def before_write(self, batch: Sequence[Reading]) -> None:
         spans: dict[tuple[str, Obis], list[Reading]] = {}
@@ -62,11 +61,14 @@ class ArrivalValidator:
             if r.kind == "interval" and r.channel in WATCHED and r.value is not None:
                 spans.setdefault((r.meter, r.channel), []).append(r)
         found: list[tuple[str, Obis, datetime, float]] = []
+        if not spans:
+            return
+        watermarks = await self._watermarks()
         for (meter, channel), readings in spans.items():
             newest = max(r.timestamp for r in readings)
-            latest = await self._latest(meter, channel, newest)
+            latest = watermarks.get((meter, channel))
             older = [r for r in readings if latest is not None and r.timestamp <= latest]
-            self._stored_up_to[(meter, channel)] = max(newest, latest) if latest is not None else newest
+            watermarks[(meter, channel)] = max(newest, latest) if latest is not None else newest
             if not older:
                 continue  # all newer than anything stored: nothing to replace
             self.lookups += 1
