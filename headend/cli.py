@@ -74,7 +74,8 @@ def run_quarantine(args: argparse.Namespace) -> int:
             table.add_column(col, overflow="fold")
         for row in outbox.quarantine_rows():
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.quarantined_ns / 1e9))
-            table.add_row(str(row.id), when, "reading" if row.requeueable else "raw message", row.reason[:200])
+            kind = f"{row.readings} reading(s)" if row.requeueable else "raw message"
+            table.add_row(str(row.id), when, kind, row.reason[:200])
         console.print(table)
         return 0
     finally:

@@ -57,7 +57,7 @@ _valid_meter_id = lru_cache(maxsize=1 << 17)(validate_meter_id)
 
 
 @lru_cache(maxsize=4096)
-def _printable(text: str) -> bool:
+def printable(text: str) -> bool:
     return not any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
@@ -241,7 +241,7 @@ class Reading:
             )
         for name in ("unit", "source"):
             text = getattr(self, name)
-            if not isinstance(text, str) or not _printable(text):
+            if not isinstance(text, str) or not printable(text):
                 raise InvalidReading(f"{name} must be a string without control characters, got {text!r}")
 
     def _check_number(self, name: str, value: object, *, optional: bool) -> None:

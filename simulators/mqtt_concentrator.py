@@ -109,6 +109,7 @@ class SimulatedConcentrator:
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._held: Data | None = None
+        self._encoded: dict[int, str] = {}
         self.ready = asyncio.Event()
 
     # -- connection ------------------------------------------------------------------
@@ -204,10 +205,11 @@ class SimulatedConcentrator:
         self.sent[self.seq] = data
         return data
 
-    async def publish_until(self, t: datetime) -> int:
-        """Publish every interval that ended by `t`, one message per interval (and per
-        `meters_per_message` meters); returns how many messages were made."""
-        n = 0
+    def make_until(self, t: datetime, *, encode: bool = False) -> list[Data]:
+        """The messages of every interval that ended by `t`, one per interval (and per
+        `meters_per_message` meters), numbered and kept for backfill but not yet published;
+        `encode`: their JSON made now too (a recorded backlog, ready to go out at once)."""
+        made = []
         meters = list(self.loads)
         while self.published_until + self.interval <= t:
             end = self.published_until + self.interval
@@ -216,13 +218,24 @@ class SimulatedConcentrator:
                 blocks = [self._block(m, [end]) for m in group]
                 if end.hour == 0 and end.minute == 0:
                     blocks += [self._frozen(m, end) for m in group]  # each meter's register frozen at midnight
-                await self._publish_live(self._next(blocks))
-                n += 1
+                made.append(self._next(blocks))
+                if encode:
+                    self._encoded[made[-1].seq] = made[-1].model_dump_json()
             self.published_until = end
+        return made
+
+    async def publish_made(self, made: list[Data]) -> int:
+        for data in made:
+            await self._publish_live(data)
         if self._held is not None:
             held, self._held = self._held, None
             await self._publish(held)
-        return n
+        return len(made)
+
+    async def publish_until(self, t: datetime) -> int:
+        """Publish every interval that ended by `t` (see `make_until`); returns how many
+        messages were made."""
+        return await self.publish_made(self.make_until(t))
 
     async def _publish_live(self, data: Data) -> None:
         if data.seq in self.faults.drop_seqs:
@@ -239,7 +252,7 @@ class SimulatedConcentrator:
         """Publish, or keep it buffered (in `sent`) while the broker is away, as a real DC does."""
         if self._client is None:
             return
-        payload = data.model_dump_json()
+        payload = self._encoded.pop(data.seq, None) or data.model_dump_json()
         try:
             await self._client.publish(data_topic(self.id), payload, qos=1)
             if self.faults.duplicate:
@@ -369,7 +382,12 @@ async def _main(args: argparse.Namespace) -> None:
     print(f"{len(fleet)} concentrators x {args.meters} meters on {args.broker}", flush=True)
     if backlog:
         await asyncio.sleep(args.start_delay)
-        await asyncio.gather(*(dc.publish_until(clock.datetime()) for dc in fleet))
+        # History a concentrator recorded is in its memory before it goes out: made first.
+        now = clock.datetime()
+        # In a thread: the clients' keepalives go on meanwhile.
+        made = await asyncio.to_thread(lambda: [dc.make_until(now, encode=True) for dc in fleet])
+        print(f"backlog of {sum(map(len, made))} messages made; publishing", flush=True)
+        await asyncio.gather(*(dc.publish_made(m) for dc, m in zip(fleet, made, strict=True)))
         print(f"published {sum(dc.seq + 1 for dc in fleet)} messages of backlog", flush=True)
     while True:
         for dc in fleet:

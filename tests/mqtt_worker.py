@@ -13,20 +13,20 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from headend.model import Reading
 from headend.protocols.mqtt import ConcentratorLink
 from headend.storage.outbox import Outbox
+from headend.storage.series import Series
 
 
 class AnnouncingOutbox(Outbox):
     freeze = False
     accepted = 0
 
-    async def accept(self, readings: Sequence[Reading], *, cursors: Mapping[str, int] | None = None) -> int:
+    async def accept_series(self, items: Sequence[Series], *, cursors: Mapping[str, int] | None = None) -> int:
         if self.freeze:
             print("RECEIVED", flush=True)
             time.sleep(3600)  # noqa: ASYNC251 - freeze the whole process, loop included, until killed
-        n = await super().accept(readings, cursors=cursors)
+        n = await super().accept_series(items, cursors=cursors)
         self.accepted += n
         print(f"ACCEPTED {self.accepted}", flush=True)
         return n

@@ -14,9 +14,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from headend.model import Reading
 from headend.storage.influx import InfluxStore
 from headend.storage.outbox import Outbox
+from headend.storage.series import Series
 from headend.storage.writer import BatchWriter
 from tests.factories import intervals
 
@@ -27,8 +27,8 @@ class AnnouncingStore(InfluxStore):
         self.batches = 0
         self.freeze_after = freeze_after
 
-    async def write(self, batch: Sequence[Reading]) -> None:
-        await super().write(batch)
+    async def write_series(self, batch: Sequence[Series]) -> None:
+        await super().write_series(batch)
         self.batches += 1
         print(f"STORED {self.batches}", flush=True)
         if self.batches == self.freeze_after:

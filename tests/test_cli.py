@@ -42,10 +42,10 @@ def test_quarantine_list_and_requeue_from_the_command_line(tmp_path: Path, capsy
     outbox = Outbox(tmp_path / "outbox.sqlite")
     asyncio.run(outbox.accept(list(intervals(1, 0, 2))))
     outbox.quarantine_sync(outbox.take_sync(10), "store said no")
-    outbox.quarantine_sync([Pending(-1, None, "mqtt/dc-1 ff00")], "does not parse")
+    outbox.quarantine_sync([Pending(-1, None, "mqtt/dc-1 ff00", 0)], "does not parse")
     assert main(["quarantine", "list", "--config", str(site)]) == 0
     listing = capsys.readouterr().out
-    assert listing.count("reading") == 2 and "raw message" in listing and "store said no" in listing
+    assert "2 reading(s)" in listing and "raw message" in listing and "store said no" in listing
     assert main(["quarantine", "requeue", "--config", str(site)]) == 0
     assert "requeued 2 reading(s)" in capsys.readouterr().out
     assert outbox.depth() == 2 and len(outbox.quarantine_rows()) == 1

@@ -68,7 +68,7 @@ async def test_an_exception_in_a_concentrator_link_restarts_it_and_loses_nothing
 ) -> None:
     dc_id = f"dc-{uuid.uuid4().hex[:8]}"
     served = await serve_with_fault(tmp_path, spawn, concentrator_site(mosquitto_server.port, dc_id, ["M1"]),
-                                    "headend.storage.outbox:Outbox.accept:1")  # fmt: skip
+                                    "headend.storage.outbox:Outbox.accept_series:1")  # fmt: skip
     try:
         async with aiomqtt.Client("127.0.0.1", mosquitto_server.port, identifier=f"pub-{dc_id}") as client:
             await client.publish(state_topic(dc_id), birth(0, 1, ["M1"]), qos=1, retain=True)

@@ -67,11 +67,7 @@ def dc(
 
 
 def stored(outbox: Outbox) -> dict[tuple[str, str], float | None]:
-    return {
-        (p.reading.meter, p.reading.timestamp.isoformat()): p.reading.value
-        for p in outbox.take_sync(100_000)
-        if p.reading
-    }
+    return {(r.meter, r.timestamp.isoformat()): r.value for p in outbox.take_sync(100_000) for r in p.readings}
 
 
 async def test_birth_brings_a_concentrator_online_with_its_inventory(
@@ -108,8 +104,8 @@ async def test_interval_blocks_are_accepted_into_the_outbox_before_the_ack(
         round((load.import_kwh(first_end.timestamp()) - load.import_kwh(first_end.timestamp() - 900)) * 1000) / 1000
     )
     assert rows[(meter, first_end.isoformat())] == expected
-    taken = outbox.take_sync(1)[0].reading
-    assert taken is not None and taken.channel == IMPORT_INTERVAL and taken.source == f"mqtt/{sim.id}"
+    taken = outbox.take_sync(1)[0].readings[0]
+    assert taken.channel == IMPORT_INTERVAL and taken.source == f"mqtt/{sim.id}"
     cursors = outbox.cursors(f"mqtt:{sim.id}:")
     assert (cursors[f"mqtt:{sim.id}:watermark"], cursors[f"mqtt:{sim.id}:highest"]) == (15, 15)
     await sim.stop()
@@ -300,7 +296,7 @@ async def test_a_link_from_the_config_accepts_only_registry_meters_with_their_mu
         clock.advance(900)
         await sim.publish_until(clock.datetime())
         await link.until(lambda: link.stats.accepted_readings == 1 and link.stats.bad_messages == 1)
-        (reading,) = [p.reading for p in outbox.take_sync(10)]
+        (reading,) = [r for p in outbox.take_sync(10) for r in p.readings]
         assert reading is not None and reading.meter == f"{cid}-m0" and reading.multiplier == 30.0
         assert reading.value == pytest.approx((reading.raw or 0) / 1000 * 30)
         await sim.stop()

@@ -73,8 +73,8 @@ def test_every_message_is_handled_or_quarantined_in_bounded_time(
             assert len(state.gaps) <= MAX_GAPS
             assert all(g.last - g.first < 100 for g in state.gaps), "no gap wider than max_seq_gap"
         for pending in outbox.take_sync(1000):
-            reading = pending.reading
-            assert reading is not None and (reading.meter, reading.source) in {
+            assert pending.series is not None
+            assert (pending.series.meter, pending.series.source) in {
                 ("M1", "mqtt/dc-own"), ("M2", "mqtt/dc-own"), ("M9", "mqtt/dc-other")}  # fmt: skip
     finally:
         outbox.close()

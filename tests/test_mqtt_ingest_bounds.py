@@ -47,7 +47,7 @@ class Site:
             await client.publish(topic, payload, qos=1, retain=retain)
 
     def values(self) -> dict[str, float | None]:
-        return {p.reading.meter: p.reading.value for p in self.outbox.take_sync(1000) if p.reading}
+        return {r.meter: r.value for p in self.outbox.take_sync(1000) for r in p.readings}
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,9 +12,13 @@ import httpx
 import pytest
 
 from headend.model import InvalidReading, Reading
+from headend.storage import codec
+from headend.storage.base import StoreUnavailable
 from headend.storage.codec import to_ns
 from headend.storage.influx import InfluxStore
 from headend.storage.outbox import Outbox, WriterLocked
+from headend.storage.series import Series
+from headend.storage.sqlite import SqliteStore
 from headend.storage.writer import BatchWriter
 from tests.factories import IMPORT, T0, intervals
 
@@ -23,7 +28,7 @@ async def test_accepted_readings_are_on_disk_when_accept_returns(tmp_path: Path)
     assert await outbox.accept(list(intervals(1, 0, 100))) == 100
     # A second connection (another process after a crash) sees every row.
     other = sqlite3.connect(tmp_path / "outbox.sqlite")
-    assert other.execute("SELECT count(*) FROM outbox").fetchone()[0] == 100
+    assert other.execute("SELECT sum(n) FROM outbox").fetchone()[0] == 100
     assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     other.close()
     outbox.close()
@@ -37,13 +42,40 @@ async def test_outbox_runs_with_synchronous_full(tmp_path: Path) -> None:
 
 
 async def test_taken_rows_decode_back_to_the_same_readings(tmp_path: Path) -> None:
+    """A row is one meter's channel (a series); take() gives whole rows, about as many
+    readings as asked for, oldest first."""
     outbox = Outbox(tmp_path / "outbox.sqlite")
-    batch = list(intervals(1, 0, 10))
-    await outbox.accept(batch)
+    first, second = list(intervals(1, 0, 10)), [*intervals(2, 0, 10), *intervals(3, 0, 5)]
+    await outbox.accept(first)
+    await outbox.accept(second)
+    assert outbox.depth() == 25
     taken = await outbox.take(4)
-    assert [p.reading for p in taken] == batch[:4]
-    await outbox.delete([p.id for p in taken])
-    assert [p.reading for p in await outbox.take(100)] == batch[4:]
+    assert [r for p in taken for r in p.readings] == first
+    await outbox.delete(taken)
+    assert outbox.depth() == 15
+    rest = await outbox.take(100)
+    assert [r for p in rest for r in p.readings] == second and [p.n for p in rest] == [10, 5]
+    outbox.close()
+
+
+async def test_an_outbox_from_before_series_is_drained_as_it_was(tmp_path: Path) -> None:
+    """Rows written one reading per row (the first wave's outbox) are read, counted and
+    written like the rest after an upgrade: nothing accepted before is lost."""
+    path = tmp_path / "outbox.sqlite"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, "
+                "accepted_ns INTEGER NOT NULL)")  # fmt: skip
+    batch = list(intervals(1, 0, 3))
+    old.executemany("INSERT INTO outbox (body, accepted_ns) VALUES (?, 0)", [(codec.encode(r),) for r in batch])
+    old.commit()
+    old.close()
+    outbox = Outbox(path)
+    await outbox.accept(list(intervals(2, 0, 2)))
+    assert outbox.depth() == 5
+    taken = await outbox.take(100)
+    assert [r for p in taken for r in p.readings] == [*batch, *intervals(2, 0, 2)]
+    await outbox.delete(taken)
+    assert outbox.depth() == 0
     outbox.close()
 
 
@@ -184,3 +216,34 @@ def test_cursors_are_found_by_their_exact_prefix(tmp_path: Path) -> None:
         assert "SEARCH cursors USING" in str(plan) and "INDEX" in str(plan)
     finally:
         outbox.close()
+
+
+async def test_batches_in_flight_together_lose_and_double_nothing_when_the_store_fails(tmp_path: Path) -> None:
+    """Two batches on their way at once; the store fails the second of every three requests
+    (one in flight lands, the other fails): every reading ends in the store once, the outbox
+    empties, and its depth counter agrees with its rows all along."""
+    calls = {"n": 0}
+
+    class FlakyStore(SqliteStore):
+        async def write_series(self, batch: Sequence[Series]) -> None:
+            calls["n"] += 1
+            await asyncio.sleep(0.001 * (calls["n"] % 3))  # they land out of order
+            if calls["n"] % 3 == 2:
+                raise StoreUnavailable("store busy")
+            await super().write_series(batch)
+
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    store = FlakyStore(tmp_path / "readings.sqlite")
+    writer = BatchWriter(outbox, store, batch_size=100, min_backoff=0.001, max_backoff=0.01, in_flight=2)
+    for meter in range(1, 31):
+        await outbox.accept(list(intervals(meter, 0, 96)))
+    task = asyncio.create_task(writer.run())
+    async with asyncio.timeout(30):
+        await writer.wait_drained()
+    writer.stop()
+    await task
+    assert await store.count() == 30 * 96 and outbox.depth() == 0
+    assert writer.stats.written == 30 * 96 and writer.stats.store_failures > 0
+    assert outbox._db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+    await store.close()
+    outbox.close()

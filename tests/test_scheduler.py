@@ -104,7 +104,7 @@ async def test_the_next_run_reads_from_where_the_last_complete_interval_is(fleet
     fleet.clock.advance(15 * 60)
     second = (await engine.run_plan(plan, NOW + STEP)).results[0]
     assert second.missing == [] and second.expected_intervals == 4  # re-read from just before the gap
-    stamps = {p.reading.timestamp for p in fleet.outbox.take_sync(10_000) if p.reading}
+    stamps = {r.timestamp for p in fleet.outbox.take_sync(10_000) for r in p.readings}
     assert gap in stamps
 
 
@@ -126,7 +126,7 @@ async def test_clock_drift_is_synced_and_the_intervals_read_meanwhile_flagged(fl
     result = (await engine.run_plan(fleet.plan(select={"meters": ["M2"]}), NOW)).results[0]
     assert result.ok and result.drift_s == pytest.approx(120) and result.clock_synced
     assert fleet.meters["M2"].faults.clock_offset_s == 0
-    readings = [p.reading for p in fleet.outbox.take_sync(10_000) if p.reading]
+    readings = [r for p in fleet.outbox.take_sync(10_000) for r in p.readings]
     intervals = [r for r in readings if r.kind == "interval"]
     assert intervals and all(Quality.CLOCK_DRIFT in r.qualities for r in intervals)
     assert all(Quality.CLOCK_DRIFT not in r.qualities for r in readings if r.kind == "register")
@@ -141,7 +141,7 @@ async def test_the_event_log_is_read_from_the_last_stored_event(fleet: Fleet) ->
     plan = fleet.plan(read=["clock", "events"], select={"meters": ["M3"]})
     first = (await engine.run_plan(plan, NOW)).results[0]
     assert first.ok and first.events == 4 and first.clock_synced
-    events = [p.reading for p in fleet.outbox.take_sync(100) if p.reading and p.reading.kind == "event"]
+    events = [r for p in fleet.outbox.take_sync(100) for r in p.readings if r.kind == "event"]
     # Power down and up, then clock adjusted: the new time (5) and the old one (4) the meter
     # logged in its own time, five minutes ahead.
     assert [(r.timestamp, r.value) for r in events] == [
@@ -321,7 +321,7 @@ async def test_a_meter_without_load_profile_gets_intervals_from_boundary_reads(t
         assert [r.expected_intervals for r in results] == [0, 1, 2, 1]
         assert [r.received_intervals for r in results] == [0, 1, 0, 1]
         assert results[2].missing == [LAST + 2 * STEP, LAST + 3 * STEP]  # both sides of the missed boundary
-        intervals = [p.reading for p in site.outbox.take_sync(100) if p.reading and p.reading.kind == "interval"]
+        intervals = [r for p in site.outbox.take_sync(100) for r in p.readings if r.kind == "interval"]
         meter = site.sim.meters[1]
     first = next(r for r in intervals if r.value is not None)
     energy = Obis(1, 0, 1, 8, 0)
@@ -396,8 +396,8 @@ async def test_a_30_second_plan_takes_each_boundary_read_at_its_boundary_never_b
             site.clock.set(start + n * timedelta(seconds=30))
             result = await site.engine.read_meter("MB", site.plan, site.clock.datetime())
             assert result.ok
-        intervals = {p.reading.timestamp: p.reading.value for p in site.outbox.take_sync(1000)
-                     if p.reading and p.reading.kind == "interval"}  # fmt: skip
+        intervals = {r.timestamp: r.value for p in site.outbox.take_sync(1000) for r in p.readings
+                     if r.kind == "interval"}  # fmt: skip
         meter = site.sim.meters[1]
     energy = Obis(1, 0, 1, 8, 0)
     assert sorted(intervals) == [start + k * STEP for k in (1, 2, 3)]

@@ -89,7 +89,7 @@ async def test_the_concentrator_clock_runs_after_publishing_a_backlog(
                        "--backlog-days", "1", "--start-delay", "0.2", stdout=asyncio.subprocess.PIPE)  # fmt: skip
     assert proc.stdout is not None
     async with asyncio.timeout(30):
-        while b"backlog" not in await proc.stdout.readline():
+        while b"published" not in await proc.stdout.readline():
             pass
     async with aiomqtt.Client("127.0.0.1", mosquitto_server.port, identifier="clock-check") as client:
         await client.subscribe(response_topic("dc-000"), qos=1)

@@ -20,6 +20,7 @@ from headend.model import Reading
 from headend.protocols.mqtt import ConcentratorLink
 from headend.protocols.mqtt_schema import Block, Data, Point, State, data_topic, state_topic
 from headend.storage.outbox import Outbox
+from headend.storage.series import Series
 from headend.storage.sqlite import SqliteStore
 from headend.storage.writer import BatchWriter
 from headend.supervisor import Supervisor
@@ -32,16 +33,16 @@ async def test_a_crashing_concentrator_link_is_restarted_and_loses_nothing(
     dc = f"dc-{uuid.uuid4().hex[:8]}"
     outbox = Outbox(tmp_path / "outbox.sqlite")
     supervisor = Supervisor(min_backoff=0.05)
-    accept = outbox.accept
+    accept = outbox.accept_series
     failures = {"left": 1}
 
-    async def flaky_accept(readings: Sequence[Reading], **kwargs: Any) -> None:
-        if failures["left"] and readings:
+    async def flaky_accept(items: Sequence[Series], **kwargs: Any) -> int:
+        if failures["left"] and items:
             failures["left"] -= 1
             raise RuntimeError("a bug after the message arrived, before it was committed")
-        await accept(readings, **kwargs)
+        return await accept(items, **kwargs)
 
-    monkeypatch.setattr(outbox, "accept", flaky_accept)
+    monkeypatch.setattr(outbox, "accept_series", flaky_accept)
     async with ConcentratorLink("127.0.0.1", mosquitto_server.port, outbox, headend_id=f"he-{dc}",
                                 meters_of={dc: {"M1"}}, supervisor=supervisor) as link:  # fmt: skip
         await link.connected.wait()
@@ -54,7 +55,7 @@ async def test_a_crashing_concentrator_link_is_restarted_and_loses_nothing(
         # The broker delivers the unacknowledged message again to the restarted link.
         await link.until(lambda: outbox.depth() == 1, timeout=30)
     assert supervisor.restarts == {f"mqtt-link-127.0.0.1:{mosquitto_server.port}": 1}
-    assert [p.reading.value for p in outbox.take_sync(10) if p.reading] == [1.25]
+    assert [r.value for p in outbox.take_sync(10) for r in p.readings] == [1.25]
     outbox.close()
 
 
@@ -88,11 +89,11 @@ async def test_the_writer_rides_out_an_outbox_error(tmp_path: Path, monkeypatch:
     take = outbox.take
     failures = {"left": 2}
 
-    async def full_disk(n: int) -> Any:
+    async def full_disk(n: int, *, after: int = 0) -> Any:
         if failures["left"]:
             failures["left"] -= 1
             raise sqlite3.OperationalError("database or disk is full")
-        return await take(n)
+        return await take(n, after=after)
 
     monkeypatch.setattr(outbox, "take", full_disk)
     writer = BatchWriter(outbox, store, min_backoff=0.01)

@@ -54,15 +54,15 @@ from headend.model import (
     RelayState,
     event_readings,
     exact_product,
+    printable,
 )
+from headend.protocols import mqtt_data
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.mqtt_schema import (
     DATA_FILTER,
     RESPONSE_FILTER,
     STATE_FILTER,
-    Block,
     Command,
-    Data,
     InventoryMeter,
     Point,
     Response,
@@ -571,7 +571,7 @@ class ConcentratorLink:
             self._changed.notify_all()
 
     async def _handle_batch(self, batch: Sequence[aiomqtt.Message]) -> None:
-        readings: list[Reading] = []
+        readings = mqtt_data.SeriesBuilder(time.time_ns())
         touched: set[str] = set()
         self._bad_batch = []
         for message in batch:
@@ -586,10 +586,11 @@ class ConcentratorLink:
                 elif topic.endswith("/data"):
                     concentrator = concentrator_of(topic)
                     # A big message is decoded in a worker thread: the event loop (the API,
-                    # switching) gets its turns meanwhile instead of waiting a second or two.
-                    data = (await asyncio.to_thread(Data.model_validate_json, payload) if len(payload) > BIG_MESSAGE
-                            else Data.model_validate_json(payload))  # fmt: skip
-                    readings += await self._on_data(concentrator, topic, payload, data)
+                    # switching) gets its turns meanwhile.
+                    data = (await asyncio.to_thread(mqtt_data.decode, payload) if len(payload) > BIG_MESSAGE
+                            else mqtt_data.decode(payload))  # fmt: skip
+                    parts = await self._on_data(concentrator, topic, payload, data, big=len(payload) > BIG_MESSAGE)
+                    readings.add(parts, f"mqtt/{concentrator}")
                     touched.add(concentrator)
             except (ValidationError, ValueError, InvalidReading) as exc:
                 self._bad(topic, payload, str(exc))
@@ -608,8 +609,7 @@ class ConcentratorLink:
                     cursors |= {watermark_key: c.watermark, highest_key: c.highest}
                     if c.bdseq >= 0:  # which birth these seqs count from, for after a restart
                         cursors[f"mqtt:{concentrator}:bdseq"] = c.bdseq
-            await self.outbox.accept(readings, cursors=cursors)
-            self.stats.accepted_readings += len(readings)
+            self.stats.accepted_readings += await self.outbox.accept_series(readings.series(), cursors=cursors)
 
     def _bad(self, topic: str, payload: bytes, reason: str) -> None:
         """Note a message that is refused or does not parse; kept by `_keep_bad` before the ack."""
@@ -672,7 +672,8 @@ class ConcentratorLink:
     def _configured(self, concentrator: str) -> bool:
         return self.meters_of is None or concentrator in self.meters_of
 
-    async def _on_data(self, concentrator: str, topic: str, payload: bytes, data: Data) -> list[Reading]:
+    async def _on_data(self, concentrator: str, topic: str, payload: bytes, data: mqtt_data.DataMessage, *,
+                       big: bool = False) -> list[mqtt_data.Part]:  # fmt: skip
         if not self._configured(concentrator):
             self._bad(topic, payload, f"{concentrator} is not a concentrator of this link")
             return []
@@ -686,17 +687,18 @@ class ConcentratorLink:
                                       f"({c.highest}); more than max_seq_gap {self.max_seq_gap}")  # fmt: skip
             return []
         own = self.meters_of[concentrator] if self.meters_of is not None else None
-        readings: list[Reading] = []
         refused: list[str] = []
+        blocks = []
         for block in data.blocks:
             unknown = (c.meters and block.meter not in c.meters) or (own is not None and block.meter not in own)
             if unknown:
                 refused.append(block.meter)
-                continue
-            if len(block.readings) > BIG_BLOCK:
-                readings += await asyncio.to_thread(self._readings, concentrator, block)
             else:
-                readings += self._readings(concentrator, block)
+                blocks.append(block)
+        source = f"mqtt/{concentrator}"
+        if not printable(source):
+            raise ValueError(f"concentrator {concentrator!r} has control characters")
+        readings = await asyncio.to_thread(self._parts, blocks) if big else self._parts(blocks)
         if refused:
             # The message once, whatever the number of blocks refused (the rest is stored).
             names = ", ".join(repr(m[:40]) for m in list(dict.fromkeys(refused))[:5])
@@ -713,11 +715,8 @@ class ConcentratorLink:
                                len(c.gaps))  # fmt: skip
         return readings
 
-    def _readings(self, concentrator: str, block: Block) -> list[Reading]:
-        multiplier = self.multipliers.get(block.meter, 1.0)
-        source = f"mqtt/{concentrator}"
-        m, ch, kind, unit = block.meter, block.channel, block.kind, block.unit
-        return [point_reading(m, ch, kind, unit, p, multiplier, source) for p in block.readings]
+    def _parts(self, blocks: Sequence[mqtt_data.DataBlock]) -> list[mqtt_data.Part]:
+        return [mqtt_data.part_of(b, self.multipliers.get(b.meter, 1.0)) for b in blocks]
 
     def _on_response(self, concentrator: str, response: Response) -> None:
         pending = self._pending.get(response.correlation_id)

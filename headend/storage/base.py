@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from headend.model import Obis, Reading, ReadingKind
+from headend.storage.series import Series, readings_of
 
 
 class StoreError(Exception):
@@ -31,6 +32,10 @@ class ReadingStore(ABC):
     @abstractmethod
     async def write(self, batch: Sequence[Reading]) -> None:
         """Store every reading of the batch, or raise. Returning means the store confirmed it."""
+
+    async def write_series(self, batch: Sequence[Series]) -> None:
+        """`write` for readings in series; stores that can write columns directly do so."""
+        await self.write(list(readings_of(batch)))
 
     @abstractmethod
     async def query(

@@ -6,16 +6,19 @@ InfluxQL over `/query`, chunked so large ranges never hit the server's row limit
 Line protocol is written here (`to_line`), held by the tests to the text influxdb-client's
 `Point` writes for the same reading, with the escaping done once per series and string.
 
-Schema: measurement = reading kind (`interval`, `register`, `event`); tags `meter`,
-`channel`; fields `value`, `raw`, `scaler`, `multiplier`, `unit`, `quality` (comma-joined
-IEC 61968-9 codes), `source`, `collected_at` (epoch ns).
+Schema (lean): measurement = reading kind (`interval`, `register`, `event`); tags `meter`,
+`channel` (a point's identity is measurement, meter, channel and time: nothing that can
+change between two reads of one interval is a tag); fields `collected_at` (epoch ns) and
+`quality` (comma-joined IEC 61968-9 codes, "" for none) on every point, `value` (absent for
+a marked gap), and only where not the default: `raw` (the meter's own number), `scaler`
+(not 0), `multiplier` (not 1), `unit` and `source` (not empty). Points written before (with
+every field) read back the same: an absent field is its default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -26,6 +29,7 @@ import httpx
 from headend.model import Obis, Reading, ReadingKind
 from headend.storage.base import ReadingStore, StoreError, StoreRejected, StoreUnavailable
 from headend.storage.codec import from_ns, parse_obis, to_ns
+from headend.storage.series import Series, of_readings
 
 _CHUNK_SIZE = 10_000
 
@@ -52,31 +56,38 @@ def _string(text: str) -> str:
     return '"' + text.translate(_ESCAPE_STRING) + '"'
 
 
-def _field(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        text = str(value)
-        return f"{name}={text[:-2] if text.endswith('.0') else text}"
-    if isinstance(value, bool):
-        return f"{name}={str(value).lower()}"
-    if isinstance(value, int):
-        return f"{name}={value}i"
-    return f"{name}={_string(str(value))}"
+def _number(value: float) -> str:
+    # As influxdb-client writes a float: its repr, without a trailing ".0".
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def series_lines(s: Series) -> list[str]:
+    """The series' points in line protocol, as influxdb-client's Point writes them (fields in
+    key order), in the lean schema: a field at its default (no raw, scaler 0, multiplier 1,
+    no unit or source) is left out, and what a series shares is escaped once."""
+    head = _series(s.kind, s.meter, s.channel) + f"collected_at={s.collected_ns}i"
+    if s.multiplier != 1.0:
+        head += ",multiplier=" + _number(s.multiplier)
+    head += ",quality="
+    texts = (",source=" + _string(s.source) if s.source else "") + (",unit=" + _string(s.unit) if s.unit else "")
+    lines = []
+    for t, v, raw, scaler, q in zip(s.times, s.values, s.raws, s.scalers, s.qualities, strict=True):
+        line = head + _string(q)
+        if raw is not None:
+            line += ",raw=" + _number(raw)
+        if scaler:
+            line += f",scaler={scaler}i"
+        line += texts
+        if v is not None:
+            line += ",value=" + _number(v)
+        lines.append(f"{line} {t}")
+    return lines
 
 
 def to_line(r: Reading) -> str:
-    """One point of line protocol, as influxdb-client's Point writes it (the tests hold the
-    two to the same text), without building a Point: the series part and the strings are
-    escaped once per meter, channel, unit and source (a tenth of the writer's time before)."""
-    fields = [f for f in (
-        _field("collected_at", to_ns(r.collected_at)), _field("multiplier", r.multiplier),
-        _field("quality", ",".join(r.qualities)), _field("raw", r.raw), _field("scaler", r.scaler),
-        _field("source", r.source), _field("unit", r.unit), _field("value", r.value),
-    ) if f is not None]  # fmt: skip
-    return f"{_series(r.kind, r.meter, r.channel)}{','.join(fields)} {to_ns(r.timestamp)}"
+    """One reading's point (see `series_lines`)."""
+    return series_lines(of_readings([r])[0])[0]
 
 
 def influxql_string(text: str) -> str:
@@ -177,9 +188,12 @@ class InfluxStore(ReadingStore):
             raise StoreUnavailable(f"InfluxDB at {self.url}: {type(exc).__name__}: {exc}") from exc
 
     async def write(self, batch: Sequence[Reading]) -> None:
+        await self.write_series(of_readings(batch))
+
+    async def write_series(self, batch: Sequence[Series]) -> None:
         if not batch:
             return
-        body = "\n".join(to_line(r) for r in batch).encode()
+        body = "\n".join(line for s in batch for line in series_lines(s)).encode()
         if self.api == "v2":
             response = await self._post(
                 "/api/v2/write",

@@ -3,8 +3,13 @@
 SQLite in WAL mode with synchronous=FULL: when the commit returns, the rows are on disk and
 survive a crash or power cut. Only after that may a source be acknowledged (MQTT ack, poll
 cursor). The writer drains the oldest rows to the ReadingStore and deletes only what the
-store confirmed; a row that the store refuses on its own is moved to `quarantine` with the
-reason, never dropped.
+store confirmed; a reading that the store refuses on its own is moved to `quarantine` with
+the reason, never dropped.
+
+A row holds a Series (one meter's channel, many values; `n` of them), so a message of 100
+meters is 100 rows, not 9,600. The number of readings waiting is kept in `counters`, updated
+in the transaction that changes it: `depth()` is one lookup, not a count over millions of
+rows, and right whichever process (serve, a separate writer, the CLI) changed it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,7 +28,8 @@ from pathlib import Path
 from typing import IO
 
 from headend.model import Reading
-from headend.storage import codec
+from headend.storage import codec, series
+from headend.storage.series import Series
 from headend.storage.sqlite_db import connect_durable, write_transaction
 
 log = logging.getLogger(__name__)
@@ -31,7 +38,12 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     body TEXT NOT NULL,
-    accepted_ns INTEGER NOT NULL
+    accepted_ns INTEGER NOT NULL,
+    n INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cursors (
     key TEXT PRIMARY KEY,
@@ -52,25 +64,32 @@ class QuarantinedRow:
     body: str
     reason: str
     quarantined_ns: int
-    #: A reading (it can go back to the store); False for a raw message that never parsed.
+    #: Readings (it can go back to the store); False for a raw message that never parsed.
     requeueable: bool
+    #: How many readings it holds (0 for a raw message).
+    readings: int = 0
 
 
-def _decodes(body: str) -> bool:
+def _decoded(body: str) -> Series | None:
     try:
-        codec.decode(body)
+        return series.decode(body)
     except Exception:  # noqa: BLE001 - anything that does not decode stays quarantined
-        return False
-    return True
+        return None
 
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A row taken from the outbox for writing; `reading` is None if its body no longer decodes."""
+    """A row taken from the outbox for writing; `series` is None if its body no longer decodes."""
 
     id: int
-    reading: Reading | None
+    series: Series | None
     body: str
+    #: Readings the row holds.
+    n: int = 1
+
+    @property
+    def readings(self) -> list[Reading]:
+        return [] if self.series is None else self.series.readings()
 
 
 class WriterLocked(RuntimeError):
@@ -110,6 +129,14 @@ class Outbox:
         # One connection, used from worker threads one at a time under the lock.
         self._db = connect_durable(self.path, _SCHEMA)
         self._lock = threading.Lock()
+        with self._lock, write_transaction(self._db) as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+            if "n" not in columns:  # an outbox from before series: one reading per row
+                db.execute("ALTER TABLE outbox ADD COLUMN n INTEGER NOT NULL DEFAULT 1")
+            db.execute("INSERT OR IGNORE INTO counters (name, value) SELECT 'depth', coalesce(sum(n), 0) FROM outbox")
+        # `depth()` reads through its own connection: WAL readers never wait for a writer, and
+        # the event loop never waits for the lock a worker thread holds through an fsync.
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._waiters: set[asyncio.Event] = set()
         self._writer_lock: IO[bytes] | None = None
 
@@ -120,15 +147,21 @@ class Outbox:
 
         Raises before writing anything if one reading does not encode.
         """
-        bodies = [codec.encode(r) for r in readings]
-        if not bodies and not cursors:
+        return self.accept_series_sync(series.of_readings(readings), cursors)
+
+    def accept_series_sync(self, items: Sequence[Series], cursors: Mapping[str, int] | None = None) -> int:
+        rows = [(s.encode(), len(s)) for s in items if len(s)]
+        if not rows and not cursors:
             return 0
         now = time.time_ns()
+        total = sum(n for _, n in rows)
         with self._lock, write_transaction(self._db) as db:
-            db.executemany("INSERT INTO outbox (body, accepted_ns) VALUES (?, ?)", [(b, now) for b in bodies])
+            db.executemany("INSERT INTO outbox (body, accepted_ns, n) VALUES (?, ?, ?)",
+                           [(body, now, n) for body, n in rows])  # fmt: skip
             if cursors:
                 db.executemany("INSERT OR REPLACE INTO cursors (key, value) VALUES (?, ?)", list(cursors.items()))
-        return len(bodies)
+            self._count(db, total)
+        return total
 
     async def accept(self, readings: Sequence[Reading], *, cursors: Mapping[str, int] | None = None) -> int:
         """Durably accept readings. When this returns, the source may be acknowledged.
@@ -136,43 +169,82 @@ class Outbox:
         `cursors` (e.g. the last sequence number taken from a source) commit atomically with
         the readings, so a source's position never runs ahead of what is stored.
         """
-        n = await asyncio.to_thread(self.accept_sync, readings, cursors)
+        return await self.accept_series(series.of_readings(readings), cursors=cursors)
+
+    async def accept_series(self, items: Sequence[Series], *, cursors: Mapping[str, int] | None = None) -> int:
+        """`accept` for readings already in series (a source that decodes straight into them)."""
+        n = await asyncio.to_thread(self.accept_series_sync, items, cursors)
         for event in self._waiters:
             event.set()
         return n
 
+    @staticmethod
+    def _count(db: sqlite3.Connection, change: int) -> None:
+        if change:
+            db.execute("UPDATE counters SET value = value + ? WHERE name = 'depth'", (change,))
+
     # -- draining ----------------------------------------------------------------------
 
-    def take_sync(self, limit: int) -> list[Pending]:
+    def take_sync(self, limit: int, after: int = 0) -> list[Pending]:
+        """The oldest rows (past row id `after`), as many as hold about `limit` readings (at
+        least one row)."""
+        pending: list[Pending] = []
+        total = 0
         with self._lock:
-            rows = self._db.execute("SELECT id, body FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
-        pending = []
-        for row_id, body in rows:
+            rows = self._db.execute("SELECT id, body, n FROM outbox WHERE id > ? ORDER BY id", (after,))
             try:
-                reading: Reading | None = codec.decode(body)
-            except Exception:  # noqa: BLE001 - a damaged row must not block the queue
-                reading = None
-            pending.append(Pending(row_id, reading, body))
+                for row_id, body, n in rows:
+                    pending.append(Pending(row_id, _decoded(body), body, n))
+                    total += n
+                    if total >= limit:
+                        break
+            finally:
+                rows.close()
         return pending
 
-    async def take(self, limit: int) -> list[Pending]:
-        return await asyncio.to_thread(self.take_sync, limit)
+    async def take(self, limit: int, *, after: int = 0) -> list[Pending]:
+        return await asyncio.to_thread(self.take_sync, limit, after)
 
-    def delete_sync(self, ids: Sequence[int]) -> None:
+    def delete_sync(self, items: Sequence[Pending]) -> None:
+        self.settle_sync(items, [])
+
+    async def delete(self, items: Sequence[Pending]) -> None:
+        await asyncio.to_thread(self.delete_sync, items)
+
+    def settle_sync(self, done: Sequence[Pending], refused: Sequence[tuple[Reading, str]]) -> None:
+        """Rows the store has taken are deleted, and the readings of them it refused are
+        quarantined with its reason, in one transaction (a crash before it replays the rows,
+        which the store absorbs)."""
+        now = time.time_ns()
+        held = []
+        for reading, reason in refused:
+            body = codec.encode(reading)
+            held.append((_raw_id("refused", body.encode()), body, reason, now))
         with self._lock, write_transaction(self._db) as db:
-            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            db.executemany("INSERT OR REPLACE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
+                           held)  # fmt: skip
+            self._remove(db, done)
 
-    async def delete(self, ids: Sequence[int]) -> None:
-        await asyncio.to_thread(self.delete_sync, ids)
+    async def settle(self, done: Sequence[Pending], refused: Sequence[tuple[Reading, str]]) -> None:
+        await asyncio.to_thread(self.settle_sync, done, refused)
+
+    def _remove(self, db: sqlite3.Connection, rows: Sequence[Pending]) -> None:
+        before = db.total_changes
+        db.executemany("DELETE FROM outbox WHERE id = ?", [(p.id,) for p in rows])
+        if db.total_changes - before == len(rows):
+            self._count(db, -sum(p.n for p in rows))
+        else:  # a row was already gone (deleted by another process?): count again
+            db.execute("UPDATE counters SET value = (SELECT coalesce(sum(n), 0) FROM outbox) WHERE name = 'depth'")
 
     def quarantine_sync(self, items: Sequence[Pending], reason: str) -> None:
+        """Whole rows into quarantine (ones that no longer decode), under their outbox id."""
         now = time.time_ns()
         with self._lock, write_transaction(self._db) as db:
             db.executemany(
                 "INSERT OR REPLACE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
                 [(p.id, p.body, reason, now) for p in items],
             )
-            db.executemany("DELETE FROM outbox WHERE id = ?", [(p.id,) for p in items])
+            self._remove(db, items)
 
     async def quarantine(self, items: Sequence[Pending], reason: str) -> None:
         await asyncio.to_thread(self.quarantine_sync, items, reason)
@@ -235,8 +307,9 @@ class Outbox:
     # -- state -------------------------------------------------------------------------
 
     def depth(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        """Readings waiting for the store: one row's lookup, never a count."""
+        row = self._reader.execute("SELECT value FROM counters WHERE name = 'depth'").fetchone()
+        return int(row[0]) if row else 0
 
     def quarantined(self) -> list[tuple[str, str]]:
         """(body, reason) of every quarantined row, oldest first."""
@@ -249,7 +322,11 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT id, body, reason, quarantined_ns FROM quarantine ORDER BY quarantined_ns, id"
             ).fetchall()
-        return [QuarantinedRow(i, body, reason, ns, _decodes(body)) for i, body, reason, ns in rows]
+        out = []
+        for i, body, reason, ns in rows:
+            decoded = _decoded(body)
+            out.append(QuarantinedRow(i, body, reason, ns, decoded is not None, 0 if decoded is None else len(decoded)))
+        return out
 
     def drop_raw_sync(self, ids: Sequence[int] | None = None) -> int:
         """Delete quarantined raw messages (all, or those `ids`); readings are never dropped."""
@@ -281,13 +358,16 @@ class Outbox:
         transaction: after the cause was fixed (a field type, a retention policy), the writer
         tries them again. Raw messages that never became readings stay where they are."""
         rows = [r for r in self.quarantine_rows() if r.requeueable and (ids is None or r.id in set(ids))]
+        sizes = [r.readings for r in rows]
         now = time.time_ns()
         with self._lock, write_transaction(self._db) as db:
-            db.executemany("INSERT INTO outbox (body, accepted_ns) VALUES (?, ?)", [(r.body, now) for r in rows])
+            db.executemany("INSERT INTO outbox (body, accepted_ns, n) VALUES (?, ?, ?)",
+                           [(r.body, now, n) for r, n in zip(rows, sizes, strict=True)])  # fmt: skip
             db.executemany("DELETE FROM quarantine WHERE id = ?", [(r.id,) for r in rows])
+            self._count(db, sum(sizes))
         for event in self._waiters:
             event.set()
-        return len(rows)
+        return sum(sizes)
 
     def new_data_event(self) -> asyncio.Event:
         """An event set whenever this process accepts readings (other processes are polled)."""
@@ -310,6 +390,7 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._reader.close()
         if self._writer_lock is not None:
             self._writer_lock.close()
             self._writer_lock = None

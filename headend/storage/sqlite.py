@@ -13,6 +13,7 @@ from typing import Any
 from headend.model import Obis, Reading, ReadingKind
 from headend.storage.base import ReadingStore
 from headend.storage.codec import from_ns, parse_obis, to_ns
+from headend.storage.series import Series
 from headend.storage.sqlite_db import connect_durable, write_transaction
 
 _SCHEMA = """
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS readings (
 """
 
 _COLUMNS = "kind, meter, channel, ts, value, raw, scaler, multiplier, unit, quality, source, collected_at"
+_INSERT = f"INSERT OR REPLACE INTO readings ({_COLUMNS}) VALUES ({', '.join('?' * 12)})"
 
 
 def _row(r: Reading) -> tuple[Any, ...]:
@@ -107,9 +109,17 @@ class SqliteStore(ReadingStore):
 
     async def write(self, batch: Sequence[Reading]) -> None:
         if batch:
-            rows = [_row(r) for r in batch]
-            sql = f"INSERT OR REPLACE INTO readings ({_COLUMNS}) VALUES ({', '.join('?' * 12)})"
-            await asyncio.to_thread(self._run, sql, many=rows)
+            await asyncio.to_thread(self._run, _INSERT, many=[_row(r) for r in batch])
+
+    async def write_series(self, batch: Sequence[Series]) -> None:
+        def rows() -> list[tuple[Any, ...]]:
+            return [(s.kind, s.meter, channel, t, v, raw, scaler, s.multiplier, s.unit, q, s.source, s.collected_ns)
+                    for s in batch if (channel := str(s.channel))
+                    for t, v, raw, scaler, q in zip(s.times, s.values, s.raws, s.scalers, s.qualities,
+                                                    strict=True)]  # fmt: skip
+
+        if batch:
+            await asyncio.to_thread(lambda: self._run(_INSERT, many=rows()))
 
     async def query(
         self,

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from headend.model import Reading
 from headend.storage.base import ReadingStore, StoreRejected, StoreUnavailable
 from headend.storage.outbox import Outbox, Pending
+from headend.storage.series import Series, count
 
 log = logging.getLogger(__name__)
 
-BatchHook = Callable[[Sequence[Reading]], Awaitable[None]]
+BatchHook = Callable[[Sequence[Series]], Awaitable[None]]
 
 
 @dataclass
@@ -52,6 +53,7 @@ class BatchWriter:
         max_backoff: float = 30.0,
         poll_interval: float = 1.0,
         linger: float = 0.0,
+        in_flight: int = 2,
         warn_depth: int = 1_000_000,
         before_write: BatchHook | None = None,
         after_write: BatchHook | None = None,
@@ -66,6 +68,7 @@ class BatchWriter:
         #: data trickling in (a message of 100 values at a time) goes to the store in batches
         #: of thousands, not in a request per message.
         self.linger = linger
+        self.in_flight = in_flight
         self.warn_depth = warn_depth
         #: Called with each batch before it is written (e.g. VEE noting values it will replace)
         #: and after the store confirmed it (e.g. VEE validating what arrived). A hook's error
@@ -78,81 +81,126 @@ class BatchWriter:
         self._drained = asyncio.Event()
 
     async def run(self) -> None:
-        """Write until `stop()`; never returns on store errors, only backs off."""
+        """Write until `stop()`; never returns on store errors, only backs off.
+
+        Up to `in_flight` batches are on their way at once: the next batch is taken and
+        turned into the store's format while the store works on the one before."""
         backoff = self.min_backoff
         small = False
+        after = 0  # rows up to this id are taken (in flight or done)
+        flying: set[asyncio.Task[None]] = set()
         while not self._stop.is_set():
+            if len(flying) >= self.in_flight or (flying and small):
+                failed = await self._landed(flying, wait_all=False)
+                if failed is not None:
+                    # Everything in flight lands first; then the rows still there are taken again.
+                    await self._landed(flying, wait_all=True)
+                    after = 0
+                    await self._failed(failed, backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+                    continue
+                backoff = self.min_backoff
+                self.stats.healthy = True
+                continue
             if small and self.linger:
                 await self._wait(self.linger, wake_on_data=False)
             self._new_data.clear()
             try:
-                batch = await self.outbox.take(self.batch_size)
+                batch = await self.outbox.take(self.batch_size, after=after)
             except (sqlite3.Error, OSError) as exc:
                 await self._outbox_failed(exc, backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             if not batch:
+                if flying:
+                    small = True  # wait for what is in flight before looking again
+                    continue
+                after = 0
                 self.stats.depth = 0
                 self._drained.set()
                 await self._wait(self.poll_interval, wake_on_data=True)
+                small = False
                 continue
             self._drained.clear()
-            small = len(batch) < self.batch_size
-            try:
-                await self._write(batch)
-            except (sqlite3.Error, OSError) as exc:
-                await self._outbox_failed(exc, backoff)
-                backoff = min(backoff * 2, self.max_backoff)
-                continue
-            except StoreUnavailable as exc:
-                self._note_failure(str(exc))
-                await self._wait(backoff * random.uniform(0.5, 1.0), wake_on_data=False)
-                backoff = min(backoff * 2, self.max_backoff)
-                continue
-            backoff = self.min_backoff
-            self.stats.healthy = True
+            small = sum(p.n for p in batch) < self.batch_size
+            after = batch[-1].id
+            flying.add(asyncio.create_task(self._write(batch), name="outbox-batch"))
+        await self._landed(flying, wait_all=True)
+
+    async def _landed(self, flying: set[asyncio.Task[None]], *, wait_all: bool) -> BaseException | None:
+        """Wait for one batch in flight (or all); the first failure among those landed."""
+        if not flying:
+            return None
+        done, _ = await asyncio.wait(flying, return_when=asyncio.ALL_COMPLETED if wait_all else asyncio.FIRST_COMPLETED)
+        flying.difference_update(done)
+        failures = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        return failures[0] if failures else None
+
+    async def _failed(self, exc: BaseException, backoff: float) -> None:
+        if isinstance(exc, sqlite3.Error | OSError):
+            await self._outbox_failed(exc, backoff)
+        elif isinstance(exc, StoreUnavailable):
+            self._note_failure(str(exc))
+            await self._wait(backoff * random.uniform(0.5, 1.0), wake_on_data=False)
+        else:
+            raise exc
 
     async def _write(self, batch: Sequence[Pending]) -> None:
-        damaged = [p for p in batch if p.reading is None]
+        damaged = [p for p in batch if p.series is None]
         if damaged:
-            await self._quarantine(damaged, "outbox row does not decode into a reading")
-            batch = [p for p in batch if p.reading is not None]
+            await self._quarantine(damaged, "outbox row does not decode into readings")
+            batch = [p for p in batch if p.series is not None]
             if not batch:
                 return
-        readings = [p.reading for p in batch if p.reading is not None]
-        try:
-            if self.before_write is not None:
-                try:
-                    await self.before_write(readings)
-                except StoreUnavailable:
-                    raise
-                except Exception:
-                    self.stats.hook_failures += 1
-                    log.exception("before-write hook failed; the batch is written without it")
-            await self.store.write(readings)
-        except StoreRejected as exc:
-            if len(batch) == 1:
-                await self._quarantine(batch, str(exc))
-                return
-            mid = len(batch) // 2
-            await self._write(batch[:mid])
-            await self._write(batch[mid:])
-            return
-        await self.outbox.delete([p.id for p in batch])
-        self.stats.written += len(batch)
-        self.stats.batches += 1
-        if self.after_write is not None:
+        items = [p.series for p in batch if p.series is not None]
+        if self.before_write is not None:
             try:
-                await self.after_write(readings)
+                await self.before_write(items)
+            except StoreUnavailable:
+                raise
+            except Exception:
+                self.stats.hook_failures += 1
+                log.exception("before-write hook failed; the batch is written without it")
+        stored: list[Series] = []
+        refused: list[tuple[Reading, str]] = []
+        await self._store(items, stored, refused)
+        for reading, reason in refused:
+            log.error("store refused a reading of %s %s at %s, quarantined: %s", reading.meter, reading.channel,
+                      reading.timestamp.isoformat(), reason)  # fmt: skip
+        await self.outbox.settle(batch, refused)
+        self.stats.written += count(stored)
+        self.stats.quarantined += len(refused)
+        self.stats.batches += 1
+        if self.after_write is not None and stored:
+            try:
+                await self.after_write(stored)
             except Exception:  # what is stored stays stored; the hook's failure is its own
                 self.stats.hook_failures += 1
                 log.exception("after-write hook failed")
 
+    async def _store(self, items: list[Series], stored: list[Series], refused: list[tuple[Reading, str]]) -> None:
+        """Write `items`; what the store refuses is halved until each refused reading is alone."""
+        try:
+            await self.store.write_series(items)
+        except StoreRejected as exc:
+            if count(items) <= 1:
+                refused += [(r, str(exc)) for s in items for r in s.readings()]
+                return
+            if len(items) > 1:
+                halves = (items[: len(items) // 2], items[len(items) // 2 :])
+            else:
+                first, second = items[0].split()
+                halves = ([first], [second])
+            for half in halves:
+                await self._store(half, stored, refused)
+            return
+        stored += items
+
     async def _quarantine(self, items: Sequence[Pending], reason: str) -> None:
         for p in items:
-            log.error("store refused outbox row %d, quarantined: %s; body %s", p.id, reason, p.body[:500])
+            log.error("outbox row %d quarantined: %s; body %s", p.id, reason, p.body[:500])
         await self.outbox.quarantine(items, reason)
-        self.stats.quarantined += len(items)
+        self.stats.quarantined += sum(p.n for p in items)
 
     async def _outbox_failed(self, exc: BaseException, backoff: float) -> None:
         """The outbox's own database failed (disk full, I/O error): nothing is lost (rows are

@@ -20,8 +20,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Obis, Reading
+from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Obis
 from headend.registry import UnknownMeter
+from headend.storage.codec import from_ns, to_ns
+from headend.storage.series import Series
 from headend.vee.service import VeeService
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ WATCHED = (IMPORT_ENERGY, IMPORT_INTERVAL)
 
 
 DAY = timedelta(days=1)
+NS_PER_DAY = 86_400 * 10**9
 
 
 class ArrivalValidator:
@@ -46,52 +49,56 @@ class ArrivalValidator:
         self._dirty: dict[str, set[datetime]] = {}
         #: (meter, channel) -> the latest interval stored; asked of the store once for the whole
         #: fleet (None: not yet), then kept up to date with what this process writes.
-        self._stored_up_to: dict[tuple[str, Obis], datetime] | None = None
+        self._stored_up_to: dict[tuple[str, Obis], int] | None = None
         self._wake = asyncio.Event()
 
-    async def _watermarks(self) -> dict[tuple[str, Obis], datetime]:
+    async def _watermarks(self) -> dict[tuple[str, Obis], int]:
         if self._stored_up_to is None:
             self.lookups += 1
-            self._stored_up_to = await self.vee.store.latest_intervals(WATCHED)
+            latest = await self.vee.store.latest_intervals(WATCHED)
+            self._stored_up_to = {key: to_ns(t) for key, t in latest.items()}
         return self._stored_up_to
 
-    async def before_write(self, batch: Sequence[Reading]) -> None:
-        spans: dict[tuple[str, Obis], list[Reading]] = {}
-        for r in batch:
-            if r.kind == "interval" and r.channel in WATCHED and r.value is not None:
-                spans.setdefault((r.meter, r.channel), []).append(r)
-        found: list[tuple[str, Obis, datetime, float]] = []
-        if not spans:
+    async def before_write(self, batch: Sequence[Series]) -> None:
+        watched = [s for s in batch if s.kind == "interval" and s.channel in WATCHED and len(s)]
+        if not watched:
             return
         watermarks = await self._watermarks()
-        for (meter, channel), readings in spans.items():
-            newest = max(r.timestamp for r in readings)
-            latest = watermarks.get((meter, channel))
-            older = [r for r in readings if latest is not None and r.timestamp <= latest]
-            watermarks[(meter, channel)] = max(newest, latest) if latest is not None else newest
-            if not older:
-                continue  # all newer than anything stored: nothing to replace
+        older: dict[tuple[str, Obis], list[tuple[int, float]]] = {}
+        for s in watched:
+            key = (s.meter, s.channel)
+            latest = watermarks.get(key)
+            watermarks[key] = max(max(s.times), latest) if latest is not None else max(s.times)
+            if latest is None or min(s.times) > latest:
+                continue  # newer than anything stored (or nothing stored): nothing to replace
+            older.setdefault(key, []).extend(
+                (t, v) for t, v in zip(s.times, s.values, strict=True) if t <= latest and v is not None)
+        found: list[tuple[str, Obis, datetime, float]] = []
+        for (meter, channel), points in older.items():
+            if not points:
+                continue
             self.lookups += 1
-            first = min(r.timestamp for r in older)
-            last = max(r.timestamp for r in older)
-            stored = {s.timestamp: s.value for s in
+            first, last = from_ns(min(t for t, _ in points)), from_ns(max(t for t, _ in points))
+            stored = {to_ns(s.timestamp): s.value for s in
                       await self.vee.store.query(meter, channel, first - timedelta(microseconds=1), last)}  # fmt: skip
-            for r in older:
-                old = stored.get(r.timestamp)
-                if old is not None and r.value is not None and abs(old - r.value) > 1e-9 * max(1.0, abs(old)):
-                    found.append((meter, channel, r.timestamp, old))
+            for t, v in points:
+                old = stored.get(t)
+                if old is not None and abs(old - v) > 1e-9 * max(1.0, abs(old)):
+                    found.append((meter, channel, from_ns(t), old))
         if found:
             log.warning("%d intervals arrived with a value different from the one stored; kept as doubtful",
                         len(found))  # fmt: skip
             self.conflicts += len(found)
             await asyncio.to_thread(self.vee.versions.record_conflicts, found)
 
-    async def after_write(self, batch: Sequence[Reading]) -> None:
-        for r in batch:
-            if r.kind != "interval" or r.channel not in WATCHED:
+    async def after_write(self, batch: Sequence[Series]) -> None:
+        for s in batch:
+            if s.kind != "interval" or s.channel not in WATCHED or not len(s):
                 continue
-            # An interval ending at midnight belongs to the day before.
-            self._dirty.setdefault(r.meter, set()).add(_day_of(r.timestamp))
+            # An interval ending at midnight belongs to the day before: days of (t - 1 ns).
+            days = self._dirty.setdefault(s.meter, set())
+            for day in {(t - 1) // NS_PER_DAY for t in s.times}:
+                days.add(from_ns(day * NS_PER_DAY))
         if self._dirty:
             self._wake.set()
 
