@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -359,6 +361,13 @@ class SimulatedConcentrator:
         return error("unsupported", f"unknown command {name!r}")
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Written under another name and renamed: a reader never sees half of it."""
+    part = path.with_suffix(".part")
+    part.write_text(text)
+    part.replace(path)
+
+
 async def _main(args: argparse.Namespace) -> None:
     host, _, port = args.broker.rpartition(":")
     # The concentrators' clock is the wall clock from the start: a backlog is history they
@@ -389,6 +398,21 @@ async def _main(args: argparse.Namespace) -> None:
         print(f"backlog of {sum(map(len, made))} messages made; publishing", flush=True)
         await asyncio.gather(*(dc.publish_made(m) for dc, m in zip(fleet, made, strict=True)))
         print(f"published {sum(dc.seq + 1 for dc in fleet)} messages of backlog", flush=True)
+        if args.summary:
+            # What went out, for a benchmark to check the store against: per meter, the
+            # interval values and the sum of their raw numbers (exact integers).
+            tally: dict[str, list[int]] = {}
+            for data in (d for m in made for d in m):
+                for block in data.blocks:
+                    if block.kind == "interval":
+                        counts = tally.setdefault(block.meter, [0, 0])
+                        counts[0] += len(block.readings)
+                        counts[1] += sum(int(p.raw or 0) for p in block.readings)
+            values = sum(len(b.readings) for m in made for d in m for b in d.blocks)
+            times = [p.t for m in made for d in m for b in d.blocks if b.kind == "interval" for p in b.readings]
+            summary = json.dumps({"values": values, "intervals": tally, "first": min(times).isoformat(),
+                                  "last": max(times).isoformat()})  # fmt: skip
+            await asyncio.to_thread(_write_whole, Path(args.summary), summary)
     while True:
         for dc in fleet:
             await dc.publish_until(clock.datetime())
@@ -403,6 +427,7 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=900, help="seconds per interval")
     p.add_argument("--backlog-days", type=float, default=0, help="publish this many past days at once first")
     p.add_argument("--start-delay", type=float, default=1.0, help="seconds between birth and the backlog")
+    p.add_argument("--summary", help="write what the backlog held (values, per meter counts and raw sums) here")
     asyncio.run(_main(p.parse_args()))
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from headend.model import Obis, Quality, exact_product, printable, to_utc, validate_meter_id, validate_quality_code
+from headend.model import Obis, Quality, exact_product, printable, validate_meter_id, validate_quality_code
 from headend.protocols.mqtt_schema import EARLIEST, LATEST, MAX_POINTS, MAX_SEQ
 from headend.storage.codec import parse_obis, to_ns
 from headend.storage.series import Series
@@ -97,7 +97,7 @@ def part_of(block: DataBlock, multiplier: float) -> Part:
     scalers: list[int] = [0] * n
     qualities: list[str] = [""] * n
     for i, p in enumerate(block.readings):
-        t = to_ns(to_utc(p.t))
+        t = to_ns(p.t)  # exact integer arithmetic whatever the offset (no UTC datetime needed)
         if not _EARLIEST_NS <= t <= _LATEST_NS:
             raise ValueError(f"{p.t.isoformat()} is outside {EARLIEST.year}..{LATEST.year}")
         v, raw = p.v, p.raw

@@ -73,15 +73,20 @@ def series_lines(s: Series) -> list[str]:
     texts = (",source=" + _string(s.source) if s.source else "") + (",unit=" + _string(s.unit) if s.unit else "")
     lines = []
     for t, v, raw, scaler, q in zip(s.times, s.values, s.raws, s.scalers, s.qualities, strict=True):
-        line = head + _string(q)
-        if raw is not None:
-            line += ",raw=" + _number(raw)
+        # Inlined: this loop runs once per value written (a tenth of serve's time under ingest).
+        if raw is None:
+            middle = texts
+        else:
+            r = repr(raw)
+            middle = ",raw=" + (r[:-2] if r[-2:] == ".0" else r) + (f",scaler={scaler}i" if scaler else "") + texts
+            scaler = 0
         if scaler:
-            line += f",scaler={scaler}i"
-        line += texts
-        if v is not None:
-            line += ",value=" + _number(v)
-        lines.append(f"{line} {t}")
+            middle = f",scaler={scaler}i" + middle
+        if v is None:
+            lines.append(f"{head}{_string(q)}{middle} {t}")
+        else:
+            r = repr(v)
+            lines.append(f"{head}{_string(q)}{middle},value={r[:-2] if r[-2:] == '.0' else r} {t}")
     return lines
 
 

