@@ -147,6 +147,8 @@ async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, inf
             try:
                 async with asyncio.timeout(1800):
                     await published
+                    while not summary_file.exists():  # noqa: ASYNC110 - the simulator writes it next
+                        await asyncio.sleep(0.01)
                     # Every value the backlog held (intervals and midnight registers) confirmed.
                     values = json.loads(summary_file.read_text())["values"]
                     while (confirmed := await written(client)) < values:
