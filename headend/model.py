@@ -61,7 +61,7 @@ def printable(text: str) -> bool:
     return not any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
-_OBIS_RE = re.compile(r"^(\d{1,3})-(\d{1,3}):(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:\.(\d{1,3}))?$")
+_OBIS_RE = re.compile(r"(\d{1,3})-(\d{1,3}):(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:\.(\d{1,3}))?", re.ASCII)
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -86,7 +86,7 @@ class Obis:
         """Parse `1-0:1.8.0.255` (or `1-0:1.8.0`, F defaulting to 255)."""
         if not isinstance(text, str):
             raise ValueError(f"OBIS code must be a string like '1-0:1.8.0.255', got {type(text).__name__}")
-        match = _OBIS_RE.match(text.strip())
+        match = _OBIS_RE.fullmatch(text.strip())
         if match is None:
             raise ValueError(f"{text!r} is not an OBIS code; expected A-B:C.D.E.F such as '1-0:1.8.0.255'")
         groups = [int(g) for g in match.groups(default="255")]
@@ -152,11 +152,12 @@ def meter_status(qualities: Iterable[str]) -> int:
     return bits
 
 
-_QUALITY_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")
+# fullmatch and ASCII: "1.0.1\n" and other scripts' digits are not codes (the text is stored).
+_QUALITY_RE = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,5}", re.ASCII)
 
 
 def validate_quality_code(code: str) -> str:
-    if not isinstance(code, str) or not _QUALITY_RE.match(code):
+    if not isinstance(code, str) or not _QUALITY_RE.fullmatch(code):
         raise ValueError(f"{code!r} is not an IEC 61968-9 quality code (system.category.index, e.g. '2.5.259')")
     return code
 

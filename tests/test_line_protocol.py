@@ -48,16 +48,12 @@ readings = st.builds(
 
 
 def point_line(r: Reading) -> str:
-    """The lean schema as influxdb-client writes it: fields at their default are left out."""
     point = (
         Point(r.kind).tag("meter", r.meter).tag("channel", str(r.channel)).field("value", r.value)
-        .field("raw", r.raw).field("quality", ",".join(r.qualities))
+        .field("raw", r.raw).field("scaler", r.scaler).field("multiplier", r.multiplier).field("unit", r.unit)
+        .field("quality", ",".join(r.qualities)).field("source", r.source)
         .field("collected_at", to_ns(r.collected_at)).time(to_ns(r.timestamp), WritePrecision.NS)
     )  # fmt: skip
-    for name, value, default in (("scaler", r.scaler, 0), ("multiplier", r.multiplier, 1.0), ("unit", r.unit, ""),
-                                 ("source", r.source, "")):  # fmt: skip
-        if value != default:
-            point.field(name, value)
     return point.to_line_protocol()
 
 

@@ -151,3 +151,33 @@ def test_a_block_becomes_one_series_with_the_multiplier_applied_exactly() -> Non
     assert (s.meter, s.channel, s.unit, s.multiplier, len(s)) == ("M1", Obis(1, 0, 1, 29, 0), "kWh", 40.0, 2)
     assert s.values == [493.8, None] and s.raws == [12345.0, None] and s.qualities == ["", "2.5.259"]
     assert [from_ns(t).isoformat() for t in s.times] == ["2026-03-09T09:15:00+00:00", "2026-03-09T09:30:00+00:00"]
+
+
+def test_a_value_sent_again_in_one_batch_is_stored_as_sent_last() -> None:
+    """Three messages of one batch carry the same interval: in kWh, in Wh, in kWh again (or
+    through two concentrators). The series keep the order of arrival, so what was sent last
+    is written last."""
+    builder = mqtt_data.SeriesBuilder(0)
+    for value, unit, source in ((1.0, "kWh", SOURCE), (2000.0, "Wh", SOURCE), (3.0, "kWh", "mqtt/dc-2")):
+        block = {"meter": "M1", "kind": "interval", "channel": "1-0:1.29.0.255", "unit": unit,
+                 "readings": [{"t": "2026-03-09T10:15:00Z", "v": value}]}  # fmt: skip
+        (b,) = mqtt_data.decode(json.dumps({"seq": 1, "blocks": [block]}).encode()).blocks
+        builder.add([mqtt_data.part_of(b, 1.0)], source)
+    assert [(s.values, s.unit, s.source) for s in builder.series()] == [
+        ([1.0], "kWh", SOURCE), ([2000.0], "Wh", SOURCE), ([3.0], "kWh", "mqtt/dc-2")]
+
+
+@pytest.mark.parametrize("t", ["2026-03-09T10:14:59.9999995Z", "2026-03-09T23:59:59.9999999+00:00"])
+def test_a_time_past_microseconds_is_refused_by_both_decoders(t: str) -> None:
+    """msgspec would round it, pydantic truncate: the same interval as two points."""
+    block = {"meter": "M1", "kind": "interval", "channel": "1-0:1.29.0.255", "readings": [{"t": t, "v": 1.0}]}
+    payload = json.dumps({"seq": 1, "blocks": [block]}).encode()
+    assert lean_readings(payload, 1.0) is None and schema_readings(payload, 1.0) is None
+
+
+@pytest.mark.parametrize("code", ["1.0.1\n", "\u0661.\u0660.\u0661", "2.5.259 "])
+def test_a_quality_code_is_ascii_digits_and_nothing_else(code: str) -> None:
+    block = {"meter": "M1", "kind": "interval", "channel": "1-0:1.29.0.255",
+             "readings": [{"t": "2026-03-09T10:15:00Z", "v": 1.0, "q": [code]}]}  # fmt: skip
+    payload = json.dumps({"seq": 1, "blocks": [block]}).encode()
+    assert lean_readings(payload, 1.0) is None and schema_readings(payload, 1.0) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -13,7 +13,7 @@ import pytest
 
 from headend.model import InvalidReading, Reading
 from headend.storage import codec
-from headend.storage.base import StoreUnavailable
+from headend.storage.base import StoreRejected, StoreUnavailable
 from headend.storage.codec import to_ns
 from headend.storage.influx import InfluxStore
 from headend.storage.outbox import Outbox, WriterLocked
@@ -246,4 +246,101 @@ async def test_batches_in_flight_together_lose_and_double_nothing_when_the_store
     assert writer.stats.written == 30 * 96 and writer.stats.store_failures > 0
     assert outbox._db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
     await store.close()
+    outbox.close()
+
+
+async def test_a_depth_counter_that_disagrees_with_the_rows_is_counted_again(tmp_path: Path) -> None:
+    """Rows deleted behind the counter's back (an older head-end's writer during an upgrade):
+    the writer finds the outbox empty and counts again, so `headend drain` and a stop do not
+    wait for readings that are not there; a restart counts too."""
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    await outbox.accept(list(intervals(1, 0, 10)))
+    other = sqlite3.connect(tmp_path / "outbox.sqlite")
+    other.execute("DELETE FROM outbox")
+    other.commit()
+    assert outbox.depth() == 10
+    writer = BatchWriter(outbox, SqliteStore(tmp_path / "readings.sqlite"), poll_interval=0.01)
+    task = asyncio.create_task(writer.run())
+    async with asyncio.timeout(10):
+        await writer.wait_drained()
+    writer.stop()
+    await task
+    assert outbox.depth() == 0
+    other.execute("INSERT INTO outbox (body, accepted_ns, n) VALUES ('x', 0, 7)")
+    other.commit()
+    other.close()
+    outbox.close()
+    again = Outbox(tmp_path / "outbox.sqlite")
+    assert again.depth() == 7
+    again.close()
+
+
+class OrderedStore(SqliteStore):
+    """The first request is slow, then fails, is refused, or lands late (as `mode` says)."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        super().__init__(path)
+        self.mode, self.calls = mode, 0
+
+    async def write_series(self, batch: Sequence[Series]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.sleep(0.1)  # a slow request: the next batch could land first
+            if self.mode == "unavailable":
+                raise StoreUnavailable("timeout")
+        if self.mode == "rejected" and any(s.meter == "BAD" for s in batch):
+            raise StoreRejected("400 field type conflict")
+        await super().write_series(batch)
+
+
+@pytest.mark.parametrize("mode", ["unavailable", "slow", "rejected"])
+async def test_a_correction_is_stored_after_the_value_it_corrects_whatever_happens_in_flight(
+    tmp_path: Path, mode: str
+) -> None:
+    """Two batches in flight at once: the second holds a correction of an interval in the
+    first. Whether the first fails and is retried, lands late, or is halved around a refused
+    reading, the correction is what stays stored."""
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    older = [Reading("M1", IMPORT, T0, 1.0, source="mqtt/dc-1")]
+    if mode == "rejected":
+        older.append(Reading("BAD", IMPORT, T0, 9.0, source="mqtt/dc-1"))
+    await outbox.accept(older)
+    await outbox.accept([Reading("M1", IMPORT, T0, 2.0, source="mqtt/dc-1")])
+    store = OrderedStore(tmp_path / "readings.sqlite", mode)
+    writer = BatchWriter(outbox, store, batch_size=len(older), min_backoff=0.01, poll_interval=0.05)
+    task = asyncio.create_task(writer.run())
+    async with asyncio.timeout(10):
+        await writer.wait_drained()
+    writer.stop()
+    await task
+    (stored,) = await store.query("M1", IMPORT, T0 - timedelta(minutes=15), T0)
+    assert stored.value == 2.0 and writer.stats.written == 2
+    await store.close()
+    outbox.close()
+
+
+ODD_ROWS = {
+    "quality a number": '["s1","interval","M1","1-0:1.29.0.255","","",1.0,0,[1773051300000000000],[1.0],null,null,[5]]',
+    "meter a number": '["s1","interval",7,"1-0:1.29.0.255","","",1.0,0,[1773051300000000000],[1.0],null,null,[""]]',
+    "time a text": '["s1","interval","M1","1-0:1.29.0.255","","",1.0,0,["x"],[1.0],null,null,[""]]',
+    "columns of other lengths": '["s1","interval","M1","1-0:1.29.0.255","","",1.0,0,[1,2],[1.0],null,null,[""]]',
+    "not a series": '["s2","interval"]',
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_ROWS))
+async def test_a_row_that_is_not_a_sound_series_is_quarantined_and_the_rest_written(
+    tmp_path: Path, name: str, influx_store: InfluxStore
+) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    outbox._db.execute("INSERT INTO outbox (body, accepted_ns, n) VALUES (?, 0, 1)", (ODD_ROWS[name],))
+    await outbox.accept([Reading("M2", IMPORT, T0, 1.0)])
+    writer = BatchWriter(outbox, influx_store, batch_size=1, min_backoff=0.01, poll_interval=0.05)
+    task = asyncio.create_task(writer.run())
+    async with asyncio.timeout(10):
+        await writer.wait_drained()
+    writer.stop()
+    await task
+    assert outbox.depth() == 0 and await influx_store.count() == 1
+    assert [r.reason for r in outbox.quarantine_rows()] == ["outbox row does not decode into readings"]
     outbox.close()

@@ -13,10 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from headend.config import StorageConfig
 from headend.localservers import InfluxServer
 from headend.storage.base import StoreError
 from headend.storage.influx import InfluxStore
 from headend.storage.outbox import Outbox
+from headend.storage.pipeline import Pipeline
 from headend.storage.writer import BatchWriter
 from tests.conftest import fresh_database
 from tests.factories import IMPORT, PROFILE_STEP, T0, interval_quality, interval_value, intervals
@@ -193,3 +195,21 @@ async def test_influxdb_with_authentication_takes_user_and_password(tmp_path: Pa
             await wrong.write(readings)
         await wrong.close()
         assert "s3cret" not in repr(InfluxStore(server.url, "authdb", username="headend", password="s3cret"))
+
+
+async def test_the_head_end_starts_while_influxdb_is_down_and_writes_once_it_is_up(tmp_path: Path) -> None:
+    """A head-end restarted during a database outage still starts and accepts reads; the
+    writer creates the database and drains the outbox when InfluxDB comes back."""
+    server = InfluxServer(tmp_path / "influx")  # its port chosen, not running yet
+    cfg = StorageConfig.model_validate({"backend": "influx", "outbox": str(tmp_path / "outbox.sqlite"),
+                                        "influx": {"url": server.url, "database": "late"},
+                                        "writer": {"max_backoff": "0.2s"}})  # fmt: skip
+    async with Pipeline(cfg, flush_timeout=0) as pipeline:
+        await pipeline.outbox.accept(list(intervals(1, 0, 96)))
+        assert pipeline.outbox.depth() == 96
+        with server:
+            async with asyncio.timeout(60):
+                await pipeline.writer.wait_drained()
+            store = InfluxStore(server.url, "late")
+            assert len(await store.query("M001", IMPORT, T0, T0 + timedelta(days=1))) == 96
+            await store.close()

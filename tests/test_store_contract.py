@@ -98,3 +98,16 @@ async def test_interval_times_are_the_intervals_with_a_value_per_meter(store: Re
     times = await store.interval_times(["M001", "M002", "M003", "M004"], IMPORT, T0, T0 + DAY)
     assert times == {"M001": {T0 + (i + 1) * PROFILE_STEP for i in range(96)}, "M002": {T0 + PROFILE_STEP},
                      "M003": set(), "M004": set()}  # fmt: skip
+
+
+async def test_a_point_written_again_keeps_nothing_of_the_first(store: ReadingStore) -> None:
+    """A re-read after the CT ratio was corrected: the multiplier, unit and source of the
+    second write are what is stored, not a mix (InfluxDB merges a point's fields)."""
+    t = T0 + PROFILE_STEP
+    first = Reading(meter="M001", channel=IMPORT, timestamp=t, value=493.8, raw=12345, scaler=-3, multiplier=40.0,
+                    unit="kWh", source="dlms/a", qualities=("2.0.1",))  # fmt: skip
+    second = Reading(meter="M001", channel=IMPORT, timestamp=t, value=12.345, raw=12345, scaler=-3, multiplier=1.0,
+                     unit="", source="", collected_at=first.collected_at)  # fmt: skip
+    await store.write([first])
+    await store.write([second])
+    assert await store.query("M001", IMPORT, T0, T0 + DAY) == [second]

@@ -591,6 +591,9 @@ class ConcentratorLink:
                             else mqtt_data.decode(payload))  # fmt: skip
                     parts = await self._on_data(concentrator, topic, payload, data, big=len(payload) > BIG_MESSAGE)
                     readings.add(parts, f"mqtt/{concentrator}")
+                    # A turn for the rest of the loop (the API, switching) between messages: a
+                    # batch of hundreds of messages just under BIG_MESSAGE is seconds of work.
+                    await asyncio.sleep(0)
                     touched.add(concentrator)
             except (ValidationError, ValueError, InvalidReading) as exc:
                 self._bad(topic, payload, str(exc))

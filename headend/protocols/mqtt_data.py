@@ -12,6 +12,7 @@ answers: what this accepts, the pydantic model accepts, with the same readings.
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Literal
@@ -54,8 +55,14 @@ class DataMessage(msgspec.Struct, forbid_unknown_fields=True):
 _decoder = msgspec.json.Decoder(DataMessage)
 
 
+#: A time with more than microseconds: msgspec would round it, pydantic truncate; refused.
+_SUB_MICROSECOND = re.compile(rb"\d\d:\d\d:\d\d\.\d{7}")
+
+
 def decode(payload: bytes) -> DataMessage:
     """The message, or ValueError naming what is wrong with it."""
+    if _SUB_MICROSECOND.search(payload):
+        raise ValueError("a time with more than 6 decimals of a second (at most microseconds)")
     try:
         data = _decoder.decode(payload)
     except msgspec.DecodeError as exc:  # ValidationError included
@@ -128,24 +135,30 @@ class SeriesBuilder:
 
     def __init__(self, collected_ns: int) -> None:
         self.collected_ns = collected_ns
-        self._series: dict[tuple[str, str, Obis, str, float, str], Series] = {}
+        self._all: list[Series] = []
+        #: The open series of each (kind, meter, channel): a block with another unit, source or
+        #: multiplier starts a new one after it, so the order of arrival is kept.
+        self._open: dict[tuple[str, str, Obis], Series] = {}
 
     def add(self, parts: list[Part], source: str) -> None:
         for kind, meter, channel, unit, multiplier, times, values, raws, scalers, qualities in parts:
-            key = (kind, meter, channel, unit, multiplier, source)
-            s = self._series.get(key)
-            if s is None:
-                self._series[key] = Series(kind, meter, channel, unit, source, multiplier,  # type: ignore[arg-type]
-                                           self.collected_ns, times, values, raws, scalers, qualities)  # fmt: skip
+            key = (kind, meter, channel)
+            s = self._open.get(key)
+            if s is None or (s.unit, s.source, s.multiplier) != (unit, source, multiplier):
+                s = Series(kind, meter, channel, unit, source, multiplier, times, values,  # type: ignore[arg-type]
+                           raws, scalers, qualities, [self.collected_ns] * len(times))  # fmt: skip
+                self._open[key] = s
+                self._all.append(s)
             else:
                 s.times.extend(times)
                 s.values.extend(values)
                 s.raws.extend(raws)
                 s.scalers.extend(scalers)
                 s.qualities.extend(qualities)
+                s.collected.extend([self.collected_ns] * len(times))
 
     def series(self) -> list[Series]:
-        return list(self._series.values())
+        return list(self._all)
 
 
 def series_of(block: DataBlock, multiplier: float, source: str, collected_ns: int) -> Series:

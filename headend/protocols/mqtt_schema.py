@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from headend.config import ObisCode
 
@@ -63,9 +64,17 @@ def _plausible(t: datetime) -> datetime:
     return t
 
 
+def _at_most_microseconds(value: object) -> object:
+    """More digits would be truncated here and rounded by the lean decoder: one interval
+    could become two points. Refused in both."""
+    if isinstance(value, str) and re.search(r"\d\d:\d\d:\d\d\.\d{7}", value):
+        raise ValueError("a time with more than 6 decimals of a second (at most microseconds)")
+    return value
+
+
 #: The times a reading may carry.
 EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
-Stamp = Annotated[datetime, AfterValidator(_plausible)]
+Stamp = Annotated[datetime, BeforeValidator(_at_most_microseconds), AfterValidator(_plausible)]
 
 
 class Payload(BaseModel):

@@ -133,7 +133,9 @@ class Outbox:
             columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
             if "n" not in columns:  # an outbox from before series: one reading per row
                 db.execute("ALTER TABLE outbox ADD COLUMN n INTEGER NOT NULL DEFAULT 1")
-            db.execute("INSERT OR IGNORE INTO counters (name, value) SELECT 'depth', coalesce(sum(n), 0) FROM outbox")
+            # Counted at every start: whatever changed the rows without the counter (an older
+            # head-end during an upgrade, a hand-made repair) is not believed for long.
+            db.execute("INSERT OR REPLACE INTO counters (name, value) SELECT 'depth', coalesce(sum(n), 0) FROM outbox")
         # `depth()` reads through its own connection: WAL readers never wait for a writer, and
         # the event loop never waits for the lock a worker thread holds through an fsync.
         self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -305,6 +307,24 @@ class Outbox:
         return self._raw_rows >= self.max_raw_quarantine or self._raw_bytes >= self.max_raw_bytes
 
     # -- state -------------------------------------------------------------------------
+
+    def recount_sync(self) -> int:
+        """Set the depth counter from the rows if it disagrees (the writer calls it when it
+        finds the outbox empty, where counting costs nothing); returns the depth."""
+        with self._lock:
+            counted, rows = self._db.execute(
+                "SELECT (SELECT value FROM counters WHERE name = 'depth'), (SELECT coalesce(sum(n), 0) FROM outbox)"
+            ).fetchone()
+            if counted == rows:
+                return int(rows)
+            with write_transaction(self._db) as db:
+                db.execute("UPDATE counters SET value = (SELECT coalesce(sum(n), 0) FROM outbox) WHERE name = 'depth'")
+                rows = db.execute("SELECT value FROM counters WHERE name = 'depth'").fetchone()[0]
+        log.warning("outbox depth counter said %s, the rows hold %s: counted again", counted, rows)
+        return int(rows)
+
+    async def recount(self) -> int:
+        return await asyncio.to_thread(self.recount_sync)
 
     def depth(self) -> int:
         """Readings waiting for the store: one row's lookup, never a count."""

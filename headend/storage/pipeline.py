@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Mapping
 from types import TracebackType
 
 from headend.config import StorageConfig
-from headend.storage.base import ReadingStore
+from headend.storage.base import ReadingStore, StoreUnavailable
 from headend.storage.outbox import Outbox
 from headend.storage.sqlite import SqliteStore
 from headend.storage.writer import BatchWriter
 from headend.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
 
 
 class MissingSecret(RuntimeError):
@@ -76,7 +79,12 @@ class Pipeline:
 
     async def __aenter__(self) -> Pipeline:
         self.outbox.lock_for_writer()
-        await self.store.open()
+        try:
+            await self.store.open()
+        except StoreUnavailable as exc:
+            # Reads go on into the outbox; the writer creates what is missing once it can
+            # reach the store (a head-end restarted during a database outage must still read).
+            log.warning("store not reachable at start (%s); readings wait in the outbox until it is", exc)
         self._task = self.supervisor.start("outbox-writer", self.writer.run)
         return self
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -22,8 +22,15 @@ from headend.storage.codec import from_ns, parse_obis, reading_from_dict, to_ns
 
 #: First element of an encoded series (an outbox row written before series is a JSON object).
 _TAG = "s1"
+#: An encoded series, typed: a row that decodes but holds something else (damaged, written by
+#: something else) is refused here and quarantined, never handed to a store.
+_Encoded = tuple[
+    Literal["s1"], Literal["interval", "register", "event"], str, str, str, str, float,
+    list[int] | int, list[int], list[float | None], list[float | None] | None, list[int] | None, list[str],
+]  # fmt: skip
 # msgspec: a seventh of the json module's time for the outbox's rows.
-_encoder, _decoder = msgspec.json.Encoder(), msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(_Encoded | dict[str, Any])
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,86 +41,95 @@ class Series:
     unit: str
     source: str
     multiplier: float
-    collected_ns: int
-    #: Per point: interval end (epoch ns), value (None: a marked gap), raw value, scaler and
-    #: the quality codes comma-joined ("" for none), as line protocol and SQLite keep them.
+    #: Per point: interval end (epoch ns), value (None: a marked gap), raw value, scaler, the
+    #: quality codes comma-joined ("" for none), as line protocol and SQLite keep them, and
+    #: when the head-end collected it (epoch ns).
     times: list[int]
     values: list[float | None]
     raws: list[float | None]
     scalers: list[int]
     qualities: list[str]
+    collected: list[int]
 
     def __len__(self) -> int:
         return len(self.times)
 
     def readings(self) -> list[Reading]:
         """The Reading objects, not checked again: a series is built from checked values."""
-        channel, collected = self.channel, from_ns(self.collected_ns)
         return [
-            Reading.stored(kind=self.kind, meter=self.meter, channel=channel, timestamp=from_ns(t), value=v,
+            Reading.stored(kind=self.kind, meter=self.meter, channel=self.channel, timestamp=from_ns(t), value=v,
                            raw=raw, scaler=scaler, multiplier=self.multiplier, unit=self.unit,
-                           qualities=tuple(q.split(",")) if q else (), source=self.source, collected_at=collected)
-            for t, v, raw, scaler, q in zip(self.times, self.values, self.raws, self.scalers, self.qualities,
-                                            strict=True)
+                           qualities=tuple(q.split(",")) if q else (), source=self.source, collected_at=from_ns(c))
+            for t, v, raw, scaler, q, c in zip(self.times, self.values, self.raws, self.scalers, self.qualities,
+                                               self.collected, strict=True)
         ]  # fmt: skip
 
     def split(self) -> tuple[Series, Series]:
         """Two halves (to isolate a point a store refuses)."""
         mid = len(self) // 2
-        return self.part(slice(0, mid)), self.part(slice(mid, None))
-
-    def part(self, which: slice) -> Series:
-        return Series(self.kind, self.meter, self.channel, self.unit, self.source, self.multiplier,
-                      self.collected_ns, self.times[which], self.values[which], self.raws[which],
-                      self.scalers[which], self.qualities[which])  # fmt: skip
+        keep = [True] * mid + [False] * (len(self) - mid)
+        return self.only(keep), self.only([not k for k in keep])
 
     def only(self, keep: Sequence[bool]) -> Series:
         return Series(self.kind, self.meter, self.channel, self.unit, self.source, self.multiplier,
-                      self.collected_ns, list(compress(self.times, keep)), list(compress(self.values, keep)),
+                      list(compress(self.times, keep)), list(compress(self.values, keep)),
                       list(compress(self.raws, keep)), list(compress(self.scalers, keep)),
-                      list(compress(self.qualities, keep)))  # fmt: skip
+                      list(compress(self.qualities, keep)), list(compress(self.collected, keep)))  # fmt: skip
 
     def encode(self) -> str:
-        """Compact JSON for the outbox; raws and scalers that are all default are left out.
+        """Compact JSON for the outbox; raws and scalers that are all default, and one
+        collection time for all, are written once.
 
         A value that is not finite (slipped past the checks) is refused here, before
         acceptance: JSON has no NaN, and the encoder would write it as null, a gap."""
-        raws = None if self.raws.count(None) == len(self.raws) else self.raws
-        scalers = None if self.scalers.count(0) == len(self.scalers) else self.scalers
+        n = len(self)
+        raws = None if self.raws.count(None) == n else self.raws
+        scalers = None if self.scalers.count(0) == n else self.scalers
+        collected: list[int] | int = self.collected[0] if n and self.collected.count(self.collected[0]) == n \
+            else self.collected  # fmt: skip
         # filter(None, ...) leaves out None and 0.0, both fine.
         if not (all(map(math.isfinite, filter(None, self.values))) and math.isfinite(self.multiplier)
                 and (raws is None or all(map(math.isfinite, filter(None, raws))))):  # fmt: skip
             raise ValueError(f"{self.meter} {self.channel}: a value that is not a finite number is not JSON compliant")
         doc = [_TAG, self.kind, self.meter, str(self.channel), self.unit, self.source, self.multiplier,
-               self.collected_ns, self.times, self.values, raws, scalers, self.qualities]  # fmt: skip
+               collected, self.times, self.values, raws, scalers, self.qualities]  # fmt: skip
         return _encoder.encode(doc).decode()
 
 
 def decode(body: str) -> Series:
-    """A series from an outbox row: this format, or a single reading as rows were once kept."""
-    doc: Any = _decoder.decode(body)
+    """A series from an outbox row: this format, or a single reading as rows were once kept.
+    Raises (msgspec.ValidationError, ValueError, KeyError) for anything else."""
+    doc = _decoder.decode(body)
     if isinstance(doc, dict):
         return of_readings([reading_from_dict(doc)])[0]
-    tag, kind, meter, channel, unit, source, multiplier, collected, times, values, raws, scalers, qualities = doc
-    if tag != _TAG:
-        raise ValueError(f"not a series: {tag!r}")
+    _, kind, meter, channel, unit, source, multiplier, collected, times, values, raws, scalers, qualities = doc
     n = len(times)
     if not (len(values) == len(qualities) == n and (raws is None or len(raws) == n)
-            and (scalers is None or len(scalers) == n)):  # fmt: skip
+            and (scalers is None or len(scalers) == n)
+            and (isinstance(collected, int) or len(collected) == n)):  # fmt: skip
         raise ValueError("series columns of different lengths")
-    return Series(kind, meter, parse_obis(channel), unit, source, float(multiplier), int(collected), times, values,
-                  [None] * n if raws is None else raws, [0] * n if scalers is None else scalers, qualities)  # fmt: skip
+    return Series(kind, meter, parse_obis(channel), unit, source, multiplier, times, values,
+                  [None] * n if raws is None else raws, [0] * n if scalers is None else scalers, qualities,
+                  [collected] * n if isinstance(collected, int) else collected)  # fmt: skip
 
 
 def of_readings(readings: Iterable[Reading]) -> list[Series]:
-    """Readings grouped into series (each reading's order kept within its series)."""
-    groups: dict[tuple[Any, ...], list[Reading]] = {}
+    """Readings grouped into series per meter and channel, in their order: a reading whose
+    unit, source or multiplier differs from the one before of its channel starts a new series
+    after it, so one written twice is stored as given last."""
+    groups: list[list[Reading]] = []
+    open_: dict[tuple[Any, ...], list[Reading]] = {}
     for r in readings:
-        groups.setdefault((r.kind, r.meter, r.channel, r.unit, r.source, r.multiplier, r.collected_at), []).append(r)
+        group = open_.get((r.kind, r.meter, r.channel))
+        if group is None or (group[0].unit, group[0].source, group[0].multiplier) != (r.unit, r.source, r.multiplier):
+            group = open_[(r.kind, r.meter, r.channel)] = []
+            groups.append(group)
+        group.append(r)
     return [
-        Series(kind, meter, channel, unit, source, multiplier, to_ns(collected), [to_ns(r.timestamp) for r in rs],
-               [r.value for r in rs], [r.raw for r in rs], [r.scaler for r in rs], [",".join(r.qualities) for r in rs])
-        for (kind, meter, channel, unit, source, multiplier, collected), rs in groups.items()
+        Series(rs[0].kind, rs[0].meter, rs[0].channel, rs[0].unit, rs[0].source, rs[0].multiplier,
+               [to_ns(r.timestamp) for r in rs], [r.value for r in rs], [r.raw for r in rs], [r.scaler for r in rs],
+               [",".join(r.qualities) for r in rs], [to_ns(r.collected_at) for r in rs])
+        for rs in groups
     ]  # fmt: skip
 
 

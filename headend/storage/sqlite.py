@@ -113,10 +113,10 @@ class SqliteStore(ReadingStore):
 
     async def write_series(self, batch: Sequence[Series]) -> None:
         def rows() -> list[tuple[Any, ...]]:
-            return [(s.kind, s.meter, channel, t, v, raw, scaler, s.multiplier, s.unit, q, s.source, s.collected_ns)
+            return [(s.kind, s.meter, channel, t, v, raw, scaler, s.multiplier, s.unit, q, s.source, c)
                     for s in batch if (channel := str(s.channel))
-                    for t, v, raw, scaler, q in zip(s.times, s.values, s.raws, s.scalers, s.qualities,
-                                                    strict=True)]  # fmt: skip
+                    for t, v, raw, scaler, q, c in zip(s.times, s.values, s.raws, s.scalers, s.qualities, s.collected,
+                                                       strict=True)]  # fmt: skip
 
         if batch:
             await asyncio.to_thread(lambda: self._run(_INSERT, many=rows()))

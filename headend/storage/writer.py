@@ -16,8 +16,9 @@ import random
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from headend.model import Reading
+from headend.model import Obis, Reading
 from headend.storage.base import ReadingStore, StoreRejected, StoreUnavailable
 from headend.storage.outbox import Outbox, Pending
 from headend.storage.series import Series, count
@@ -40,6 +41,25 @@ class WriterStats:
     hook_failures: int = 0
     #: The outbox itself failed (disk full, I/O error): the writer backs off and goes on.
     outbox_failures: int = 0
+
+
+def _spans(batch: Sequence[Pending]) -> dict[tuple[str, str, Obis], tuple[int, int]]:
+    """Per series of a batch, the first and last time it writes."""
+    out: dict[tuple[str, str, Obis], tuple[int, int]] = {}
+    for p in batch:
+        s = p.series
+        if s is not None and len(s):
+            key, lo, hi = (s.kind, s.meter, s.channel), min(s.times), max(s.times)
+            if key in out:
+                lo, hi = min(lo, out[key][0]), max(hi, out[key][1])
+            out[key] = (lo, hi)
+    return out
+
+
+def _overlap(a: dict[tuple[str, str, Obis], tuple[int, int]], b: dict[tuple[str, str, Obis], tuple[int, int]]) -> bool:
+    small, large = (a, b) if len(a) <= len(b) else (b, a)
+    return any((span := large.get(key)) is not None and lo <= span[1] and span[0] <= hi
+               for key, (lo, hi) in small.items())  # fmt: skip
 
 
 class BatchWriter:
@@ -76,6 +96,7 @@ class BatchWriter:
         self.before_write = before_write
         self.after_write = after_write
         self.stats = WriterStats()
+        self._backoff = min_backoff
         self._stop = asyncio.Event()
         self._new_data = outbox.new_data_event()
         self._drained = asyncio.Event()
@@ -84,23 +105,18 @@ class BatchWriter:
         """Write until `stop()`; never returns on store errors, only backs off.
 
         Up to `in_flight` batches are on their way at once: the next batch is taken and
-        turned into the store's format while the store works on the one before."""
-        backoff = self.min_backoff
+        turned into the store's format while the store works on the one before. A batch
+        that writes an interval a batch in flight also writes waits for it to land (the
+        later value must be stored last), and after a failure everything in flight lands
+        and the rows still there are taken again, in order."""
+        self._backoff = self.min_backoff
         small = False
         after = 0  # rows up to this id are taken (in flight or done)
-        flying: set[asyncio.Task[None]] = set()
+        flying: dict[asyncio.Task[None], dict[tuple[str, str, Obis], tuple[int, int]]] = {}
         while not self._stop.is_set():
             if len(flying) >= self.in_flight or (flying and small):
-                failed = await self._landed(flying, wait_all=False)
-                if failed is not None:
-                    # Everything in flight lands first; then the rows still there are taken again.
-                    await self._landed(flying, wait_all=True)
+                if not await self._land(flying, wait_all=False):
                     after = 0
-                    await self._failed(failed, backoff)
-                    backoff = min(backoff * 2, self.max_backoff)
-                    continue
-                backoff = self.min_backoff
-                self.stats.healthy = True
                 continue
             if small and self.linger:
                 await self._wait(self.linger, wake_on_data=False)
@@ -108,35 +124,55 @@ class BatchWriter:
             try:
                 batch = await self.outbox.take(self.batch_size, after=after)
             except (sqlite3.Error, OSError) as exc:
-                await self._outbox_failed(exc, backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                await self._failed(exc)
                 continue
             if not batch:
                 if flying:
                     small = True  # wait for what is in flight before looking again
                     continue
                 after = 0
-                self.stats.depth = 0
+                try:
+                    self.stats.depth = await self.outbox.recount()
+                except (sqlite3.Error, OSError) as exc:
+                    await self._failed(exc)
+                    continue
                 self._drained.set()
                 await self._wait(self.poll_interval, wake_on_data=True)
                 small = False
                 continue
             self._drained.clear()
             small = sum(p.n for p in batch) < self.batch_size
+            mine = _spans(batch)
+            if any(_overlap(mine, theirs) for theirs in flying.values()):
+                # Taken again (from the same row) once nothing is in flight before it.
+                if not await self._land(flying, wait_all=True):
+                    after = 0
+                continue
             after = batch[-1].id
-            flying.add(asyncio.create_task(self._write(batch), name="outbox-batch"))
-        await self._landed(flying, wait_all=True)
+            flying[asyncio.create_task(self._write(batch), name="outbox-batch")] = mine
+        await self._land(flying, wait_all=True)
 
-    async def _landed(self, flying: set[asyncio.Task[None]], *, wait_all: bool) -> BaseException | None:
-        """Wait for one batch in flight (or all); the first failure among those landed."""
+    async def _land(self, flying: dict[asyncio.Task[None], Any], *, wait_all: bool) -> bool:
+        """Wait for one batch in flight (or all); False if one failed, after everything in
+        flight has landed and the failure was dealt with (backed off, counted)."""
         if not flying:
-            return None
+            return True
         done, _ = await asyncio.wait(flying, return_when=asyncio.ALL_COMPLETED if wait_all else asyncio.FIRST_COMPLETED)
-        flying.difference_update(done)
         failures = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
-        return failures[0] if failures else None
+        if failures:
+            if flying.keys() - done:
+                await asyncio.wait(flying)
+            flying.clear()
+            await self._failed(failures[0])  # type: ignore[arg-type]
+            return False
+        for task in done:
+            del flying[task]
+        self._backoff = self.min_backoff
+        self.stats.healthy = True
+        return True
 
-    async def _failed(self, exc: BaseException, backoff: float) -> None:
+    async def _failed(self, exc: BaseException) -> None:
+        backoff, self._backoff = self._backoff, min(self._backoff * 2, self.max_backoff)
         if isinstance(exc, sqlite3.Error | OSError):
             await self._outbox_failed(exc, backoff)
         elif isinstance(exc, StoreUnavailable):
@@ -179,12 +215,20 @@ class BatchWriter:
                 log.exception("after-write hook failed")
 
     async def _store(self, items: list[Series], stored: list[Series], refused: list[tuple[Reading, str]]) -> None:
-        """Write `items`; what the store refuses is halved until each refused reading is alone."""
+        """Write `items`; what the store refuses is halved until each refused reading is alone.
+        Anything else that goes wrong with a batch (a bug, a row no store can take) is treated
+        the same way: those readings are kept aside, the rest flow on, nothing is lost."""
         try:
             await self.store.write_series(items)
-        except StoreRejected as exc:
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            reason = str(exc)
+            if not isinstance(exc, StoreRejected):
+                log.exception("writing a batch of %d readings failed", count(items))
+                reason = f"could not be written: {type(exc).__name__}: {exc}"
             if count(items) <= 1:
-                refused += [(r, str(exc)) for s in items for r in s.readings()]
+                refused += [(r, reason) for s in items for r in s.readings()]
                 return
             if len(items) > 1:
                 halves = (items[: len(items) // 2], items[len(items) // 2 :])
