@@ -98,8 +98,9 @@ async def run(work: Path, readings: int) -> None:
         serve.terminate()
         await serve.wait()
     ms = 1000
-    print(f"{depth.split()[-1]} readings waiting ({readings:,} one per row as the first wave kept them, the rest "
-          "in series rows)")  # fmt: skip
+    waiting = int(float(depth.split()[-1]))
+    print(f"{waiting:,} readings waiting ({readings:,} one per row as the first wave kept them, the rest in series "
+          "rows)")  # fmt: skip
     print(f"/metrics: p50 {statistics.median(metrics) * ms:.1f} ms, max {max(metrics) * ms:.1f} ms (50 requests)")
     print(f"limit (same run): /health p50 {statistics.median(health) * ms:.1f} ms, max {max(health) * ms:.1f} ms; "
           f"ratio of p50s {statistics.median(metrics) / statistics.median(health):.1f}")  # fmt: skip
