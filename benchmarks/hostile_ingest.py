@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -26,12 +24,11 @@ from pathlib import Path
 
 import aiomqtt
 import httpx
+from serving import start_serve, until_healthy
 
 from headend.api.auth import TokenStore
 from headend.localservers import MosquittoServer, free_port
 from headend.protocols.mqtt_schema import data_topic, state_topic
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def rss_mib(pid: int) -> float:
@@ -88,18 +85,9 @@ link = "broker"
 id = "M1"
 concentrator = "{dc}"
 """)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "headend.cli", "serve", "--config", str(d / "site.toml"), cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        proc = await start_serve(d / "site.toml", log=d / "serve.log")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=30) as client:
-            while True:
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)  # the server is starting
+            await until_healthy(client, proc, d / "serve.log")
             async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"rogue-{dc}") as rogue:
                 birth = {"status": "online", "bdseq": 1, "seq": 0, "meters": [{"id": "M1"}]}
                 await rogue.publish(state_topic(dc), json.dumps(birth), qos=1, retain=True)

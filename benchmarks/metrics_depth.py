@@ -19,21 +19,19 @@ import os
 import platform
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from serving import start_serve, until_healthy
 
 from headend.localservers import free_port
 from headend.model import IMPORT_INTERVAL, Reading
 from headend.storage import codec
 from headend.storage.outbox import Outbox
 from headend.storage.series import of_readings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def fill(path: Path, readings: int) -> None:
@@ -75,21 +73,10 @@ async def run(work: Path, readings: int) -> None:
         f'state_dir = "{work / "state"}"\n[storage]\nbackend = "influx"\noutbox = "{outbox}"\n'
         f'[storage.influx]\nurl = "http://127.0.0.1:{free_port()}"\n[api]\nport = {api}\n'
     )
-    serve = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "headend.cli", "serve", "--config", str(work / "site.toml"), cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=(work / "serve.log").open("wb"),
-    )  # fmt: skip
+    serve = await start_serve(work / "site.toml", log=work / "serve.log")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=30) as client:
-            while True:
-                if serve.returncode is not None:
-                    raise SystemExit(f"serve stopped: {(work / 'serve.log').read_text()[-2000:]}")
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)  # the server is starting
+            await until_healthy(client, serve, work / "serve.log")
             metrics = await timed(client, "/metrics", 50)
             health = await timed(client, "/health", 50)
             depth = next(line for line in (await client.get("/metrics")).text.splitlines()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serving import start_serve, until_healthy
 
 from headend.localservers import InfluxServer, MosquittoServer, free_port
 from headend.model import IMPORT_INTERVAL, Reading
@@ -111,20 +112,11 @@ async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, inf
     api = free_port()
     (work / "site.toml").write_text(site(work, broker.port, influx.url, api, args.concentrators, args.meters))
     profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-    serve = await asyncio.create_subprocess_exec(
-        sys.executable, *profile, "-m", "headend.cli", "serve", "--config", str(work / "site.toml"), cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    serve = await start_serve(work / "site.toml", log=work / "serve.log", python_args=tuple(profile))
     summary_file = work / "published.json"
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=30) as client:
-            while True:
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)  # the server is starting
+            await until_healthy(client, serve, work / "serve.log")
             began = time.perf_counter()
             sim = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "simulators.mqtt_concentrator", "--broker", f"127.0.0.1:{broker.port}",

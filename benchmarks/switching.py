@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serving import start_serve, until_healthy
 
 from headend.api.auth import TokenStore
 from headend.config import parse_config
@@ -131,19 +132,11 @@ tokens_file = "{directory / "tokens.toml"}"
 [switching]
 disconnect_windows = [{{ days = "mon-sun", start = "00:00", end = "23:59" }}]
 {body}""")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "headend.cli", "serve", "--config", str(directory / "site.toml"), cwd=ROOT,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = await start_serve(directory / "site.toml", log=directory / "serve.log")
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=60,
                                headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-    while True:
-        try:
-            if (await client.get("/health")).status_code == 200:
-                return proc, client, token
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.05)  # the server is starting
+    await until_healthy(client, proc, directory / "serve.log")
+    return proc, client, token
 
 
 async def _reconnect(client: httpx.AsyncClient, meter: str, reference: str) -> float:

@@ -33,6 +33,7 @@ from headend.localservers import InfluxServer
 from headend.registry import Registry
 from headend.storage.base import ReadingStore
 from headend.storage.influx import InfluxStore
+from headend.storage.series import of_readings
 from headend.storage.sqlite import SqliteStore
 from headend.vee.arrival import ArrivalValidator
 from headend.vee.service import VeeService
@@ -92,7 +93,7 @@ async def run(meters: int, days: int, store: ReadingStore, work: Path) -> None:
           f"{meters * days * PER_DAY / took:,.0f} intervals/s")  # fmt: skip
 
     arrival = ArrivalValidator(vee)
-    batch = deltas(ids[0], PER_DAY, start=end - PER_DAY * STEP)
+    batch = of_readings(deltas(ids[0], PER_DAY, start=end - PER_DAY * STEP))
     t = time.perf_counter()
     rounds = 20
     for _ in range(rounds):

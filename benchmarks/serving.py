@@ -1,0 +1,35 @@
+"""`headend serve` as the benchmarks run it: its own process, a site file, ready once /health
+answers (and a clear stop, with its log, if it dies while starting)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def start_serve(config: Path, *, log: Path, python_args: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
+    """`headend serve --config config`, its stderr in `log`."""
+    with log.open("wb") as stderr:  # the child keeps its own copy of the descriptor
+        return await asyncio.create_subprocess_exec(
+            sys.executable, *python_args, "-m", "headend.cli", "serve", "--config", str(config), cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=stderr,
+        )  # fmt: skip
+
+
+async def until_healthy(client: httpx.AsyncClient, serve: asyncio.subprocess.Process, log: Path) -> None:
+    while True:
+        if serve.returncode is not None:
+            said = await asyncio.to_thread(log.read_text)
+            raise SystemExit(f"headend serve stopped while starting: {said[-2000:]}")
+        try:
+            if (await client.get("/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.05)  # the server is starting
