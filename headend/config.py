@@ -152,6 +152,8 @@ class WriterConfig(Strict):
     #: After a batch smaller than batch_size, wait this long for more (one store request per
     #: few thousand values rather than per message); at most this much latency added.
     linger: Duration = timedelta(milliseconds=50)
+    #: Batches on their way to the store at once (the next is formatted while the store works).
+    in_flight: int = Field(2, ge=1, le=8)
     max_backoff: Duration = timedelta(seconds=30)
     #: Outbox depth above which the writer logs a warning (the store is not keeping up).
     warn_depth: int = Field(1_000_000, ge=1)

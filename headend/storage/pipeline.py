@@ -73,6 +73,7 @@ class Pipeline:
             max_backoff=cfg.writer.max_backoff.total_seconds(),
             warn_depth=cfg.writer.warn_depth,
             linger=cfg.writer.linger.total_seconds(),
+            in_flight=cfg.writer.in_flight,
         )
         self.flush_timeout = flush_timeout
         self._task: asyncio.Task[None] | None = None
