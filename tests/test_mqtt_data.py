@@ -5,10 +5,13 @@ refuses. Hypothesis draws well-formed messages and messages broken in every fiel
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,9 +19,10 @@ from pydantic import ValidationError
 
 from headend.model import InvalidReading, Obis, Reading
 from headend.protocols import mqtt_data
-from headend.protocols.mqtt import point_reading
-from headend.protocols.mqtt_schema import Data
+from headend.protocols.mqtt import ConcentratorLink, point_reading
+from headend.protocols.mqtt_schema import ROOT, Data
 from headend.storage.codec import from_ns
+from headend.storage.outbox import Outbox
 
 SOURCE = "mqtt/dc-1"
 good_times = st.sampled_from([
@@ -181,3 +185,40 @@ def test_a_quality_code_is_ascii_digits_and_nothing_else(code: str) -> None:
              "readings": [{"t": "2026-03-09T10:15:00Z", "v": 1.0, "q": [code]}]}  # fmt: skip
     payload = json.dumps({"seq": 1, "blocks": [block]}).encode()
     assert lean_readings(payload, 1.0) is None and schema_readings(payload, 1.0) is None
+
+
+async def test_the_event_loop_gets_a_turn_between_the_messages_of_a_batch(tmp_path: Path) -> None:
+    """A batch of messages each just under the size that goes to a thread is still seconds of
+    decoding: the API and switching get their turns between messages, not after the batch."""
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    link = ConcentratorLink("127.0.0.1", 1, outbox)
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    def data(seq: int) -> aiomqtt.Message:
+        block = {"meter": f"M{seq}", "kind": "interval", "channel": "1-0:1.29.0.255",
+                 "readings": [{"t": "2026-03-09T10:15:00Z", "v": 1.0}]}  # fmt: skip
+        payload = json.dumps({"seq": seq, "blocks": [block]}).encode()
+        return aiomqtt.Message(f"{ROOT}/dc/dc-1/data", payload, 1, False, seq, None)
+
+    accept = outbox.accept_series
+    turns_at_accept = -1
+
+    async def counted_accept(*args: Any, **kwargs: Any) -> int:
+        nonlocal turns_at_accept
+        turns_at_accept = turns
+        return await accept(*args, **kwargs)
+
+    outbox.accept_series = counted_accept  # type: ignore[method-assign]
+    other = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    before = turns
+    await link._handle([data(seq) for seq in range(1, 11)])
+    other.cancel()
+    assert turns_at_accept - before >= 9 and outbox.depth() == 10, "a turn between each two messages"
+    outbox.close()
