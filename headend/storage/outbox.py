@@ -139,6 +139,7 @@ class Outbox:
         # `depth()` reads through its own connection: WAL readers never wait for a writer, and
         # the event loop never waits for the lock a worker thread holds through an fsync.
         self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._reader_lock = threading.Lock()  # held for a lookup's microseconds, never over an fsync
         self._waiters: set[asyncio.Event] = set()
         self._writer_lock: IO[bytes] | None = None
 
@@ -253,13 +254,15 @@ class Outbox:
 
     def cursors(self, prefix: str = "") -> dict[str, int]:
         """Cursors whose key starts with `prefix`: a range on the key's index (LIKE would scan
-        every row, 10 ms at 100,000 cursors, once per meter read)."""
-        with self._lock:
+        every row, 10 ms at 100,000 cursors, once per meter read), read through the reader
+        connection: the polling engine asks on the event loop, and must not wait for the lock a
+        worker thread holds through a commit's fsync."""
+        with self._reader_lock:
             if prefix:
-                rows = self._db.execute("SELECT key, value FROM cursors WHERE key >= ? AND key < ?",
-                                        (prefix, prefix + "\U0010ffff")).fetchall()  # fmt: skip
+                rows = self._reader.execute("SELECT key, value FROM cursors WHERE key >= ? AND key < ?",
+                                            (prefix, prefix + "\U0010ffff")).fetchall()  # fmt: skip
             else:
-                rows = self._db.execute("SELECT key, value FROM cursors").fetchall()
+                rows = self._reader.execute("SELECT key, value FROM cursors").fetchall()
         return {k: int(v) for k, v in rows if k.startswith(prefix)}
 
     async def quarantine_raw(self, source: str, payload: bytes, reason: str) -> bool:
@@ -328,7 +331,8 @@ class Outbox:
 
     def depth(self) -> int:
         """Readings waiting for the store: one row's lookup, never a count."""
-        row = self._reader.execute("SELECT value FROM counters WHERE name = 'depth'").fetchone()
+        with self._reader_lock:
+            row = self._reader.execute("SELECT value FROM counters WHERE name = 'depth'").fetchone()
         return int(row[0]) if row else 0
 
     def quarantined(self) -> list[tuple[str, str]]:
