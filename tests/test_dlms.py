@@ -3,6 +3,7 @@ real pty pair (every test runs on both)."""
 
 from __future__ import annotations
 
+import asyncio
 import resource
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -293,3 +294,27 @@ async def test_invocation_counters_belong_to_a_system_title_and_key(tmp_path: Pa
     other = counters.reserve(counters.scope(title, b"q" * 32))
     assert other > second, "a new sequence starts above every counter handed out before"
     counters.close()
+
+
+async def test_a_session_cancelled_while_it_releases_closes_its_connection(
+    meter: SimulatedDlmsMeter, clock: ManualClock
+) -> None:
+    """A stopping runner cancels a session in its release: the connection is closed then and
+    there, not left to the garbage collector (an unclosed socket per cancelled session)."""
+    s = session(meter, clock)
+    released = asyncio.Event()
+
+    async def use() -> None:
+        async with s:
+            await s.read_clock()
+            meter.faults.delay = 5.0  # the release request waits for an answer that is slow to come
+            released.set()
+
+    task = asyncio.create_task(use())
+    await released.wait()
+    await asyncio.sleep(0)  # into the release exchange
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not s.transport.is_open
+    meter.faults.delay = 0.0

@@ -224,11 +224,15 @@ class DlmsSession:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None and self.transport.is_open:
-            with contextlib.suppress(MeterError):
-                await self.transport.exchange(codec.rlrq())
-            await self.transport.release_link()
-        await self.transport.close()
+        try:
+            if exc_type is None and self.transport.is_open:
+                with contextlib.suppress(MeterError):
+                    await self.transport.exchange(codec.rlrq())
+                await self.transport.release_link()
+        finally:
+            # Also when the release itself is cancelled (a stopping runner): the socket is
+            # closed, not left to the garbage collector.
+            await self.transport.close()
 
     def _bad(self, what: str, raw: bytes) -> BadFrame:
         return self.transport.bad(what, raw)

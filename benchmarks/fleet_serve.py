@@ -1,0 +1,137 @@
+"""Meters per second read by `headend serve` as deployed: a plan (clock, a day of load profile
+96 x 4, the import register) over `--meters` simulated DLMS meters (TCP wrapper, LLS, one
+port each, the simulator in its own process), each read committed to the outbox and written
+to the store (SQLite) by serve's writer.
+
+The plan runs every minute; the benchmark waits for its first run to finish and reports the
+run's meters/s (from serve's own metrics: reads by result). A run starts every meter at once,
+one session per link (here one meter per link). The limit it is compared with, measured in the
+same run: the DLMS sessions alone (association, clock, profile, register, release) against the
+same simulator, `--sessions` at a time, no engine, no outbox.
+
+    python benchmarks/fleet_serve.py [--meters 200] [--sessions 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+from serving import start_serve, until_healthy
+
+from headend.localservers import free_port
+from headend.model import IMPORT_ENERGY, Obis
+from headend.protocols.dlms.client import DlmsSession
+from simulators import launch
+
+PASSWORD = "12345678"
+PROFILE = Obis(1, 0, 99, 1, 0)
+
+
+def site(work: Path, api: int, ports: list[int]) -> str:
+    links = "".join(f'[[links]]\nid = "l{i}"\nkind = "tcp"\nprotocol = "dlms-wrapper"\nhost = "127.0.0.1"\n'
+                    f'port = {port}\ntimeout = "10s"\n' for i, port in enumerate(ports))  # fmt: skip
+    meters = "".join(f'[[meters]]\nid = "D{i}"\nlink = "l{i}"\n'
+                     f'dlms = {{ authentication = "lls", password_env = "FLEET_PASSWORD" }}\n'
+                     for i in range(len(ports)))  # fmt: skip
+    return f"""state_dir = "{work / "state"}"
+[storage]
+backend = "sqlite"
+outbox = "{work / "outbox.sqlite"}"
+[storage.sqlite]
+path = "{work / "readings.sqlite"}"
+[api]
+port = {api}
+[[plans]]
+id = "day"
+read = ["clock", "profile", "registers"]
+channels = ["{IMPORT_ENERGY}"]
+every = "1m"
+window = "1m"
+history = "1d"
+{links}{meters}"""
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name) and (not want or want in line):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def sessions_alone(ports: list[int], sessions: int) -> float:
+    """Meters/s for the DLMS sessions alone: the same reads, no engine, no outbox."""
+    queue = list(enumerate(ports))
+    now = datetime.now(UTC)
+
+    async def worker() -> None:
+        while queue:
+            i, port = queue.pop()
+            async with DlmsSession.tcp_wrapper("127.0.0.1", port, f"D{i}", authentication="lls",
+                                               password=PASSWORD.encode()) as session:  # fmt: skip
+                await session.read_clock()
+                await session.read_profile(PROFILE, now - timedelta(days=1), now)
+                await session.read_registers([IMPORT_ENERGY])
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(sessions)))
+    return len(ports) / (time.perf_counter() - began)
+
+
+async def run(work: Path, meters: int, sessions: int) -> None:
+    sim, ports = await launch.dlms_meters(meters)
+    api = free_port()
+    (work / "site.toml").write_text(site(work, api, ports))
+    os.environ["FLEET_PASSWORD"] = PASSWORD
+    serve = await start_serve(work / "site.toml", log=work / "serve.log")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=30) as client:
+            await until_healthy(client, serve, work / "serve.log")
+            first = last = 0.0
+            while True:
+                text = (await client.get("/metrics")).text
+                done = metric(text, "headend_meter_reads_total", plan="day", result="ok")
+                failed = metric(text, "headend_meter_reads_total", plan="day", result="failed")
+                if done and not first:
+                    first = time.perf_counter()
+                if done + failed >= meters:
+                    last = time.perf_counter()
+                    break
+                await asyncio.sleep(0.05)
+            seconds = metric(text, "headend_meter_read_seconds_sum", plan="day")
+    finally:
+        serve.terminate()
+        await serve.wait()
+    limit = await sessions_alone(ports, sessions)
+    sim.terminate()
+    await sim.wait()
+    # The first read's own time counts too: it started about one read before it finished.
+    elapsed = last - first + seconds / max(done, 1)
+    rate = meters / elapsed
+    print(f"{platform.python_implementation()} {platform.python_version()}; {os.cpu_count()} cores; {meters} DLMS "
+          "meters (simulator in its own process)")  # fmt: skip
+    print(f"headend serve, one plan run: {int(done)} read, {int(failed)} failed in {elapsed:.1f} s: "
+          f"{rate:.1f} meters/s (clock + 96 x 4 profile + register, outbox, SQLite store)")  # fmt: skip
+    print(f"  limit (same run): the DLMS sessions alone, {sessions} at a time: {limit:.1f} meters/s; "
+          f"ratio {rate / limit:.2f}")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--meters", type=int, default=200)
+    p.add_argument("--sessions", type=int, default=50)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(Path(tmp), args.meters, args.sessions))
+
+
+if __name__ == "__main__":
+    main()
