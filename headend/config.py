@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -33,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from headend.model import Obis, validate_meter_id
+from headend.model import Obis, parse_obis, validate_meter_id
 
 # --------------------------------------------------------------------------- errors
 
@@ -87,12 +86,8 @@ def _parse_obis(value: object) -> Obis:
     if isinstance(value, Obis):
         return value
     if isinstance(value, str):
-        return _parse_obis_text(value)
+        return parse_obis(value)
     return Obis.parse(value)  # type: ignore[arg-type]
-
-
-# Every block of every concentrator message names its channel: parsed once per text.
-_parse_obis_text = lru_cache(maxsize=4096)(Obis.parse)
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(_format_duration)]

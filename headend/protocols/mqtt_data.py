@@ -19,9 +19,17 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from headend.model import Obis, Quality, exact_product, printable, validate_meter_id, validate_quality_code
+from headend.model import (
+    Obis,
+    Quality,
+    exact_product,
+    parse_obis,
+    printable,
+    validate_meter_id,
+    validate_quality_code,
+)
 from headend.protocols.mqtt_schema import EARLIEST, LATEST, MAX_POINTS, MAX_SEQ
-from headend.storage.codec import parse_obis, to_ns
+from headend.storage.codec import to_ns
 from headend.storage.series import Series
 
 _NAME = msgspec.Meta(max_length=64)
@@ -81,7 +89,7 @@ def _quality(codes: tuple[str, ...]) -> str:
 
 
 @lru_cache(maxsize=1 << 17)
-def _block_keys(meter: str, channel: str, unit: str) -> tuple[str, object]:
+def _block_keys(meter: str, channel: str, unit: str) -> tuple[str, Obis]:
     """Checked once per meter, channel and unit (ValueError says which is wrong)."""
     validate_meter_id(meter)
     if not printable(unit):

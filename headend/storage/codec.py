@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
-from headend.model import Obis, Reading
+from headend.model import Reading, parse_obis
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-# A fleet has few distinct channels; parsing each once takes a visible share of the writer's time.
-parse_obis = lru_cache(maxsize=4096)(Obis.parse)
 
 
 def to_ns(ts: datetime) -> int:

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import httpx
 
-from headend.model import Obis, Reading, ReadingKind
+from headend.model import Obis, Reading, ReadingKind, parse_obis
 from headend.storage.base import ReadingStore, StoreError, StoreRejected, StoreUnavailable
-from headend.storage.codec import from_ns, parse_obis, to_ns
+from headend.storage.codec import from_ns, to_ns
 from headend.storage.series import Series, of_readings
 
 _CHUNK_SIZE = 10_000

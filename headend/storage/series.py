@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from headend.model import Obis, Reading, ReadingKind
-from headend.storage.codec import from_ns, parse_obis, reading_from_dict, to_ns
+from headend.model import Obis, Reading, ReadingKind, parse_obis
+from headend.storage.codec import from_ns, reading_from_dict, to_ns
 
 #: First element of an encoded series (an outbox row written before series is a JSON object).
 _TAG = "s1"

@@ -10,9 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from headend.model import Obis, Reading, ReadingKind
+from headend.model import Obis, Reading, ReadingKind, parse_obis
 from headend.storage.base import ReadingStore
-from headend.storage.codec import from_ns, parse_obis, to_ns
+from headend.storage.codec import from_ns, to_ns
 from headend.storage.series import Series
 from headend.storage.sqlite_db import connect_durable, write_transaction
 
