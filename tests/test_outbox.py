@@ -51,7 +51,7 @@ async def test_taken_rows_decode_back_to_the_same_readings(tmp_path: Path) -> No
     assert outbox.depth() == 25
     taken = await outbox.take(4)
     assert [r for p in taken for r in p.readings] == first
-    await outbox.delete(taken)
+    await outbox.settle(taken, [])
     assert outbox.depth() == 15
     rest = await outbox.take(100)
     assert [r for p in rest for r in p.readings] == second and [p.n for p in rest] == [10, 5]
@@ -74,7 +74,7 @@ async def test_an_outbox_from_before_series_is_drained_as_it_was(tmp_path: Path)
     assert outbox.depth() == 5
     taken = await outbox.take(100)
     assert [r for p in taken for r in p.readings] == [*batch, *intervals(2, 0, 2)]
-    await outbox.delete(taken)
+    await outbox.settle(taken, [])
     assert outbox.depth() == 0
     outbox.close()
 

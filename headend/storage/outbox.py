@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 
 
+#: The depth counter set from the rows themselves.
+_RECOUNT = "UPDATE counters SET value = (SELECT coalesce(sum(n), 0) FROM outbox) WHERE name = 'depth'"
+
+
 @dataclass(frozen=True, slots=True)
 class QuarantinedRow:
     id: int
@@ -135,7 +139,8 @@ class Outbox:
                 db.execute("ALTER TABLE outbox ADD COLUMN n INTEGER NOT NULL DEFAULT 1")
             # Counted at every start: whatever changed the rows without the counter (an older
             # head-end during an upgrade, a hand-made repair) is not believed for long.
-            db.execute("INSERT OR REPLACE INTO counters (name, value) SELECT 'depth', coalesce(sum(n), 0) FROM outbox")
+            db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES ('depth', 0)")
+            db.execute(_RECOUNT)
         # `depth()` reads through its own connection: WAL readers never wait for a writer, and
         # the event loop never waits for the lock a worker thread holds through an fsync.
         self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -190,29 +195,24 @@ class Outbox:
 
     def take_sync(self, limit: int, after: int = 0) -> list[Pending]:
         """The oldest rows (past row id `after`), as many as hold about `limit` readings (at
-        least one row)."""
-        pending: list[Pending] = []
+        least one row). Decoded after the lock is let go: accepts (and the acks waiting on
+        them) do not wait for the decoding."""
+        taken: list[tuple[int, str, int]] = []
         total = 0
         with self._lock:
             rows = self._db.execute("SELECT id, body, n FROM outbox WHERE id > ? ORDER BY id", (after,))
             try:
-                for row_id, body, n in rows:
-                    pending.append(Pending(row_id, _decoded(body), body, n))
-                    total += n
+                for row in rows:
+                    taken.append(row)
+                    total += row[2]
                     if total >= limit:
                         break
             finally:
                 rows.close()
-        return pending
+        return [Pending(row_id, _decoded(body), body, n) for row_id, body, n in taken]
 
     async def take(self, limit: int, *, after: int = 0) -> list[Pending]:
         return await asyncio.to_thread(self.take_sync, limit, after)
-
-    def delete_sync(self, items: Sequence[Pending]) -> None:
-        self.settle_sync(items, [])
-
-    async def delete(self, items: Sequence[Pending]) -> None:
-        await asyncio.to_thread(self.delete_sync, items)
 
     def settle_sync(self, done: Sequence[Pending], refused: Sequence[tuple[Reading, str]]) -> None:
         """Rows the store has taken are deleted, and the readings of them it refused are
@@ -237,7 +237,7 @@ class Outbox:
         if db.total_changes - before == len(rows):
             self._count(db, -sum(p.n for p in rows))
         else:  # a row was already gone (deleted by another process?): count again
-            db.execute("UPDATE counters SET value = (SELECT coalesce(sum(n), 0) FROM outbox) WHERE name = 'depth'")
+            db.execute(_RECOUNT)
 
     def quarantine_sync(self, items: Sequence[Pending], reason: str) -> None:
         """Whole rows into quarantine (ones that no longer decode), under their outbox id."""
@@ -321,7 +321,7 @@ class Outbox:
             if counted == rows:
                 return int(rows)
             with write_transaction(self._db) as db:
-                db.execute("UPDATE counters SET value = (SELECT coalesce(sum(n), 0) FROM outbox) WHERE name = 'depth'")
+                db.execute(_RECOUNT)
                 rows = db.execute("SELECT value FROM counters WHERE name = 'depth'").fetchone()[0]
         log.warning("outbox depth counter said %s, the rows hold %s: counted again", counted, rows)
         return int(rows)
