@@ -23,6 +23,7 @@ from headend.protocols.mqtt import ConcentratorLink, point_reading
 from headend.protocols.mqtt_schema import ROOT, Data
 from headend.storage.codec import from_ns
 from headend.storage.outbox import Outbox
+from headend.storage.series import Series
 
 SOURCE = "mqtt/dc-1"
 good_times = st.sampled_from([
@@ -92,6 +93,14 @@ def messages(draw: st.DrawFn) -> dict[str, Any]:
     return message
 
 
+def series_of(block: mqtt_data.DataBlock, multiplier: float, source: str, collected_ns: int) -> Series:
+    """One block as the link makes it a series."""
+    builder = mqtt_data.SeriesBuilder(collected_ns)
+    builder.add([mqtt_data.part_of(block, multiplier)], source)
+    (s,) = builder.series()
+    return s
+
+
 def schema_readings(payload: bytes, multiplier: float) -> list[Reading] | None:
     try:
         data = Data.model_validate_json(payload)
@@ -104,7 +113,7 @@ def schema_readings(payload: bytes, multiplier: float) -> list[Reading] | None:
 def lean_readings(payload: bytes, multiplier: float) -> list[Reading] | None:
     try:
         data = mqtt_data.decode(payload)
-        series = [mqtt_data.series_of(b, multiplier, SOURCE, 0) for b in data.blocks]
+        series = [series_of(b, multiplier, SOURCE, 0) for b in data.blocks]
     except ValueError:
         return None
     return [r for s in series for r in s.readings()]
@@ -151,7 +160,7 @@ def test_a_block_becomes_one_series_with_the_multiplier_applied_exactly() -> Non
              "readings": [{"t": "2026-03-09T10:15:00+01:00", "v": 12.345, "raw": 12345, "scaler": -3},
                           {"t": "2026-03-09T09:30:00Z", "v": None, "q": ["2.5.259"]}]}  # fmt: skip
     (b,) = mqtt_data.decode(json.dumps({"seq": 3, "blocks": [block]}).encode()).blocks
-    s = mqtt_data.series_of(b, 40.0, SOURCE, 0)
+    s = series_of(b, 40.0, SOURCE, 0)
     assert (s.meter, s.channel, s.unit, s.multiplier, len(s)) == ("M1", Obis(1, 0, 1, 29, 0), "kWh", 40.0, 2)
     assert s.values == [493.8, None] and s.raws == [12345.0, None] and s.qualities == ["", "2.5.259"]
     assert [from_ns(t).isoformat() for t in s.times] == ["2026-03-09T09:15:00+00:00", "2026-03-09T09:30:00+00:00"]

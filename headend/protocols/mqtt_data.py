@@ -168,10 +168,3 @@ class SeriesBuilder:
     def series(self) -> list[Series]:
         return list(self._all)
 
-
-def series_of(block: DataBlock, multiplier: float, source: str, collected_ns: int) -> Series:
-    """One block as a series (see `part_of`)."""
-    builder = SeriesBuilder(collected_ns)
-    builder.add([part_of(block, multiplier)], source)
-    (s,) = builder.series()
-    return s

@@ -10,9 +10,8 @@ objects back where one is needed (SQLite store, quarantine, tests).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import compress
 from typing import Any, Literal
 
 import msgspec
@@ -67,14 +66,12 @@ class Series:
     def split(self) -> tuple[Series, Series]:
         """Two halves (to isolate a point a store refuses)."""
         mid = len(self) // 2
-        keep = [True] * mid + [False] * (len(self) - mid)
-        return self.only(keep), self.only([not k for k in keep])
+        return self._part(slice(None, mid)), self._part(slice(mid, None))
 
-    def only(self, keep: Sequence[bool]) -> Series:
+    def _part(self, which: slice) -> Series:
         return Series(self.kind, self.meter, self.channel, self.unit, self.source, self.multiplier,
-                      list(compress(self.times, keep)), list(compress(self.values, keep)),
-                      list(compress(self.raws, keep)), list(compress(self.scalers, keep)),
-                      list(compress(self.qualities, keep)), list(compress(self.collected, keep)))  # fmt: skip
+                      self.times[which], self.values[which], self.raws[which], self.scalers[which],
+                      self.qualities[which], self.collected[which])  # fmt: skip
 
     def encode(self) -> str:
         """Compact JSON for the outbox; raws and scalers that are all default, and one

@@ -16,7 +16,6 @@ import random
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from headend.model import Obis, Reading
 from headend.storage.base import ReadingStore, StoreRejected, StoreUnavailable
@@ -43,9 +42,12 @@ class WriterStats:
     outbox_failures: int = 0
 
 
-def _spans(batch: Sequence[Pending]) -> dict[tuple[str, str, Obis], tuple[int, int]]:
-    """Per series of a batch, the first and last time it writes."""
-    out: dict[tuple[str, str, Obis], tuple[int, int]] = {}
+#: Per (kind, meter, channel) of a batch, the first and last time it writes.
+Spans = dict[tuple[str, str, Obis], tuple[int, int]]
+
+
+def _spans(batch: Sequence[Pending]) -> Spans:
+    out: Spans = {}
     for p in batch:
         s = p.series
         if s is not None and len(s):
@@ -56,7 +58,7 @@ def _spans(batch: Sequence[Pending]) -> dict[tuple[str, str, Obis], tuple[int, i
     return out
 
 
-def _overlap(a: dict[tuple[str, str, Obis], tuple[int, int]], b: dict[tuple[str, str, Obis], tuple[int, int]]) -> bool:
+def _overlap(a: Spans, b: Spans) -> bool:
     small, large = (a, b) if len(a) <= len(b) else (b, a)
     return any((span := large.get(key)) is not None and lo <= span[1] and span[0] <= hi
                for key, (lo, hi) in small.items())  # fmt: skip
@@ -112,7 +114,7 @@ class BatchWriter:
         self._backoff = self.min_backoff
         small = False
         after = 0  # rows up to this id are taken (in flight or done)
-        flying: dict[asyncio.Task[None], dict[tuple[str, str, Obis], tuple[int, int]]] = {}
+        flying: dict[asyncio.Task[None], Spans] = {}
         while not self._stop.is_set():
             if len(flying) >= self.in_flight or (flying and small):
                 if not await self._land(flying, wait_all=False):
@@ -152,7 +154,7 @@ class BatchWriter:
             flying[asyncio.create_task(self._write(batch), name="outbox-batch")] = mine
         await self._land(flying, wait_all=True)
 
-    async def _land(self, flying: dict[asyncio.Task[None], Any], *, wait_all: bool) -> bool:
+    async def _land(self, flying: dict[asyncio.Task[None], Spans], *, wait_all: bool) -> bool:
         """Wait for one batch in flight (or all); False if one failed, after everything in
         flight has landed and the failure was dealt with (backed off, counted)."""
         if not flying:
