@@ -77,8 +77,7 @@ async def test_data_under_another_concentrators_name_never_reaches_the_store(
             while (rows := readings(tmp_path / "readings.sqlite")) != [("M1", 1.5)]:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)  # polling another process's store until the genuine value is in
         assert rows == [("M1", 1.5)], "neither rogue value was stored"
-        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
-            reasons = [r for (r,) in db.execute("SELECT reason FROM quarantine")]
+        reasons = quarantine_reasons(tmp_path / "outbox.sqlite")
         assert any("dc-rogue is not a concentrator of this link" in r for r in reasons)
         assert any("'M9' not behind" in r for r in reasons)
         await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc_id))
@@ -92,6 +91,12 @@ def readings(path: Path) -> list[tuple[str, float]]:
             return list(db.execute("SELECT meter, value FROM readings WHERE kind = 'interval'"))
     except sqlite3.OperationalError:
         return []
+
+
+def quarantine_reasons(outbox: Path) -> list[str]:
+    """Why each row of a serve process's outbox quarantine is there."""
+    with contextlib.closing(sqlite3.connect(outbox)) as db:
+        return [r for (r,) in db.execute("SELECT reason FROM quarantine")]
 
 
 async def mosquitto_publish_clear(port: int, topic: str) -> None:
@@ -124,8 +129,7 @@ async def test_a_seq_of_a_billion_is_quarantined_and_the_genuine_message_stored_
                 await asyncio.sleep(0.2)  # polling another process's store
         assert rss_kib(served.proc.pid) - before < 20_000
         assert (await served.client.get("/health")).status_code == 200
-        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
-            reasons = [r for (r,) in db.execute("SELECT reason FROM quarantine")]
+        reasons = quarantine_reasons(tmp_path / "outbox.sqlite")
         assert any("max_seq_gap" in r for r in reasons)
         await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc_id))
     finally:
@@ -197,8 +201,7 @@ async def test_a_poisoned_message_is_quarantined_and_never_stops_the_link_on_ser
                 await asyncio.sleep(0.1)  # polling another process's store
         metrics = (await served.client.get("/metrics")).text
         assert "headend_task_restarts_total" not in metrics or 'task="mqtt-link' not in metrics
-        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
-            reasons = [r for (r,) in db.execute("SELECT reason FROM quarantine")]
+        reasons = quarantine_reasons(tmp_path / "outbox.sqlite")
         assert any("9999-12-31T23:59:59-23:59" in r for r in reasons), reasons
         await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc_id))
     finally:
@@ -249,8 +252,7 @@ async def test_a_flood_of_garbage_keeps_memory_bounded_and_genuine_data_flowing_
         stored = sorted(v for _m, v in readings(tmp_path / "readings.sqlite"))
         assert stored == sorted([1.5, 2.5, *(float(k) for k in range(1, 101))]), "every QoS 1 message stored"
         assert peak - before < 150_000, f"RSS grew by {(peak - before) // 1024} MiB"  # KiB
-        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
-            refused = [r for (r,) in db.execute("SELECT reason FROM quarantine WHERE reason LIKE '%blocks refused%'")]
+        refused = [r for r in quarantine_reasons(tmp_path / "outbox.sqlite") if "blocks refused" in r]
         assert len(refused) == 1 and refused[0].startswith("5000 blocks refused: meter 'X0'"), refused
         await mosquitto_publish_clear(mosquitto_server.port, state_topic(dc_id))
     finally:
