@@ -36,6 +36,7 @@ from headend.storage.influx import InfluxStore
 from headend.storage.series import of_readings
 from headend.storage.sqlite import SqliteStore
 from headend.vee.arrival import ArrivalValidator
+from headend.vee.energies import IMPORT
 from headend.vee.service import VeeService
 from headend.vee.store import VeeStore
 from tests.vee_data import PER_DAY, STEP, T0, cumulative, deltas
@@ -76,6 +77,14 @@ async def run(meters: int, days: int, store: ReadingStore, work: Path) -> None:
     p99 = sorted(lags)[int(len(lags) * 0.99)]
     print(f"validate: {meters / took:.1f} meter-periods/s ({days} days each, {took / meters * 1000:.0f} ms each); "
           f"event loop lag meanwhile: max {max(lags) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+    # The limit, measured now: the same queries a validation makes (five weeks of intervals,
+    # registers, events), their answers turned into columns, and nothing else.
+    t = time.perf_counter()
+    for m in ids:
+        await vee._fetch(vee.registry.meter(m), start, end, IMPORT)
+    alone = meters / (time.perf_counter() - t)
+    print(f"limit, the same rows read alone: {alone:.1f} meter-periods/s; "
+          f"validation runs at {meters / took / alone:.2f} of it")
 
     token = TokenStore.issue(work / "tokens.toml", "bench", frozenset({"billing"}))
     app = FastAPI()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from headend.model import Obis, Quality, Reading
 from headend.storage.base import ReadingStore
@@ -10,6 +10,7 @@ from tests.factories import IMPORT, PROFILE_STEP, T0, intervals
 
 EXPORT = Obis.parse("1-0:2.8.0.255")
 DAY = timedelta(days=1)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 async def test_written_readings_come_back_with_every_field(store: ReadingStore) -> None:
@@ -111,3 +112,21 @@ async def test_a_point_written_again_keeps_nothing_of_the_first(store: ReadingSt
     await store.write([first])
     await store.write([second])
     assert await store.query("M001", IMPORT, T0, T0 + DAY) == [second]
+
+
+async def test_columns_are_the_readings_a_query_gives(store: ReadingStore) -> None:
+    batch = list(intervals(1, 0, 96))
+    batch[5] = Reading(meter="M001", channel=IMPORT, timestamp=batch[5].timestamp, value=None,
+                       qualities=(Quality.MISSING,))  # fmt: skip
+    batch[7] = Reading(meter="M001", channel=IMPORT, timestamp=batch[7].timestamp, value=1.5, multiplier=40.0,
+                       qualities=("1.0.32", "2.6.16"))  # fmt: skip
+    await store.write(batch)
+    await store.write(list(intervals(2, 0, 96)))  # another meter's, not in the answer
+    columns = await store.query_columns("M001", IMPORT, T0, T0 + DAY)
+    readings = await store.query("M001", IMPORT, T0, T0 + DAY)
+    assert [int(t) for t in columns.ts] == [int((r.timestamp - EPOCH) / timedelta(microseconds=1)) * 1000
+                                            for r in readings]  # fmt: skip
+    assert [None if v != v else v for v in columns.value.tolist()] == [r.value for r in readings]
+    assert columns.multiplier.tolist() == [r.multiplier for r in readings]
+    assert columns.quality.tolist() == [",".join(r.qualities) for r in readings]
+    assert len(await store.query_columns("M003", IMPORT, T0, T0 + DAY)) == 0

@@ -12,6 +12,8 @@ import pytest
 
 from headend.config import Meter, VeeConfig
 from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Reading
+from headend.storage.codec import to_ns
+from headend.storage.columns import Columns
 from headend.vee import rules
 from headend.vee.series import Exchange, build
 from tests.vee_data import PER_DAY, STEP, T0, cumulative, deltas, load, t_of
@@ -121,17 +123,18 @@ def run_case(case: Case) -> set[int]:
     readings += case.extra
     meter = Meter.model_validate({"id": "M", "link": "l", **case.meter})
     cfg = VeeConfig.model_validate(case.cfg)
+    columns = Columns.of_readings(readings)
     series = build("M", history_start, T0 + N * STEP, STEP,
-                   cumulative=readings if case.source == "cumulative" else None,
-                   deltas=readings if case.source == "deltas" else None, registers=case.registers,
+                   cumulative=columns if case.source == "cumulative" else None,
+                   deltas=columns if case.source == "deltas" else None, registers=Columns.of_readings(case.registers),
                    register_modulus=10.0**meter.register_digits)  # fmt: skip
-    ctx = rules.Context(meter, cfg, multiplier_at=lambda _t: meter.multiplier,
-                        disconnected=[(t_of(a) - STEP, t_of(b)) for a, b in case.disconnected])  # fmt: skip
-    ctx.history = series.index()
+    ctx = rules.Context(meter, cfg, disconnected=[(t_of(a) - STEP, t_of(b)) for a, b in case.disconnected])
+    ctx.history = series
     rule = {**rules.INTERVAL_RULES, **rules.DAY_RULES}[case.rule]
     rule(series, ctx)
-    index_of = {t_of(k): k for k in range(-n_hist - 1, N)}
-    return {index_of[s.t] for s in series.slots if case.rule in s.flags and s.t > T0}
+    index_of = {to_ns(t_of(k)): k for k in range(-n_hist - 1, N)}
+    flagged = rules.failed(series, case.rule) & (series.t > to_ns(T0))
+    return {index_of[t] for t in series.t[flagged].tolist()}
 
 
 def _fields(r: Reading) -> dict[str, Any]:
@@ -154,10 +157,10 @@ def test_a_rollover_gives_the_true_consumption() -> None:
     base = 10_000.0 - 5.0
     readings = [r.__class__(**{**_fields(r), "value": (r.value or 0) % 10_000}) for r in
                 cumulative("M", 40, base=base)]  # fmt: skip
-    series = build("M", T0 - STEP, T0 + 40 * STEP, STEP, cumulative=readings, register_modulus=10_000.0)
-    wrapped = [s for s in series.slots if s.rollover]
-    assert len(wrapped) == 1
-    assert [round(s.value or 0, 6) for s in series.slots[1:]] == [round(load(k), 6) for k in range(40)]
+    series = build("M", T0 - STEP, T0 + 40 * STEP, STEP, cumulative=Columns.of_readings(readings),
+                   register_modulus=10_000.0)  # fmt: skip
+    assert series.rollover.sum() == 1
+    assert [round(v, 6) for v in series.value[1:].tolist()] == [round(load(k), 6) for k in range(40)]
 
 
 def test_a_recorded_meter_exchange_starts_a_new_baseline() -> None:
@@ -167,16 +170,17 @@ def test_a_recorded_meter_exchange_starts_a_new_baseline() -> None:
     new = [r.__class__(**{**_fields(r), "value": (r.value or 0) - 1000.0 - before})
            for r in cumulative("M", 40) if r.timestamp > t_of(19)]  # fmt: skip
     exchange = Exchange(t_of(19) + timedelta(minutes=5), baseline=0.0, multiplier=1.0)
-    series = build("M", T0, T0 + 40 * STEP, STEP, cumulative=old + new, exchanges=[exchange])
-    values = {s.t: s.value for s in series.slots}
-    assert values[t_of(20)] == pytest.approx(load(20))  # not the old register's 1000-odd kWh backwards
-    assert all(v is not None and v > 0 for v in values.values())
+    series = build("M", T0, T0 + 40 * STEP, STEP, cumulative=Columns.of_readings(old + new), exchanges=[exchange])
+    values = dict(zip(series.t.tolist(), series.value.tolist(), strict=True))
+    assert values[to_ns(t_of(20))] == pytest.approx(load(20))  # not the old register's 1000-odd kWh backwards
+    assert all(v > 0 for v in values.values())  # and none unknown (NaN)
 
 
 def test_billing_days_are_local_days() -> None:
-    series = build("M", T0, T0 + 2 * PER_DAY * STEP, STEP, deltas=deltas("M", 2 * PER_DAY))
+    series = build("M", T0, T0 + 2 * PER_DAY * STEP, STEP, deltas=Columns.of_readings(deltas("M", 2 * PER_DAY)))
     utc = rules.days(series, ZoneInfo("UTC"))
     berlin = rules.days(series, ZoneInfo("Europe/Berlin"))  # UTC+1 in March
-    assert [len(d) for d in utc] == [PER_DAY, PER_DAY]
-    assert [len(d) for d in berlin] == [PER_DAY - 4, PER_DAY, 4]  # the first local day began an hour before T0
-    assert berlin[1][0].t == T0 + timedelta(hours=23, minutes=15)  # 00:15 local
+    assert [s.stop - s.start for _d, s in utc] == [PER_DAY, PER_DAY]
+    # the first local day began an hour before T0
+    assert [s.stop - s.start for _d, s in berlin] == [PER_DAY - 4, PER_DAY, 4]
+    assert series.t[berlin[1][1].start] == to_ns(T0 + timedelta(hours=23, minutes=15))  # 00:15 local

@@ -6,11 +6,13 @@ period 00:00-24:00 holds the 96 quarter-hours stamped 00:15 ... 24:00.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
 
 from headend.model import Obis, Reading, ReadingKind
+from headend.storage.columns import Columns
 from headend.storage.series import Series, readings_of
 
 
@@ -47,6 +49,13 @@ class ReadingStore(ABC):
         kind: ReadingKind = "interval",
     ) -> list[Reading]:
         """Readings with `start < timestamp <= end`, oldest first."""
+
+    async def query_columns(self, meter: str, channel: Obis, start: datetime, end: datetime,
+                            kind: ReadingKind = "interval") -> Columns:  # fmt: skip
+        """`query` as columns (validation's input); stores that can answer without making
+        readings first do so."""
+        readings = await self.query(meter, channel, start, end, kind)
+        return await asyncio.to_thread(Columns.of_readings, readings)
 
     @abstractmethod
     async def last_interval(self, meter: str, channel: Obis) -> datetime | None:

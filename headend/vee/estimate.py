@@ -17,86 +17,97 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from statistics import mean
 
-from headend.model import Quality
-from headend.vee.rules import HARD, Context, in_outage
-from headend.vee.series import Series, Slot
+import numpy as np
+
+from headend.storage.codec import to_ns
+from headend.vee.rules import BITS, HARD_BITS, Context, in_outage, runs_of
+from headend.vee.series import ACTUAL, ESTIMATED, Mask, Series, ns_of, without_missing
+
+WEEK = timedelta(weeks=1)
 
 
-def needs_estimate(slot: Slot) -> bool:
-    return slot.value is None or bool(HARD & slot.flags.keys())
+def needs_estimate(series: Series) -> Mask:
+    return np.isnan(series.value) | ((series.flags & HARD_BITS) != 0)
 
 
-def runs(series: Series) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i, slot in enumerate(series.slots):
-        if needs_estimate(slot):
-            if out and out[-1][-1] == i - 1:
-                out[-1].append(i)
-            else:
-                out.append([i])
-    return out
+def runs(series: Series) -> list[tuple[int, int]]:
+    """[first, last] of each run of slots that need an estimate."""
+    return runs_of(needs_estimate(series))
 
 
-def _register_total(series: Series, run: list[int]) -> float | None:
+def _usable(series: Series, i: int) -> bool:
+    return series.value[i] == series.value[i] and series.status[i] == ACTUAL and series.flags[i] == 0
+
+
+def _register_total(series: Series, first: int, last: int) -> float | None:
     """Register difference across the run, from the registers at the slot before and the last slot."""
-    first, last = run[0], run[-1]
     if not series.cumulative or first == 0:
         return None
-    before, end = series.slots[first - 1].register, series.slots[last].register
-    if before is None or end is None:
+    before, end = float(series.register[first - 1]), float(series.register[last])
+    if before != before or end != end:
         return None
     # A hard-failed slot's own register may be the faulty one (a rollback): the run then
     # has no trustworthy total.
-    if any("rollback" in series.slots[i].flags or series.slots[i].conflicts for i in run):
+    run = slice(first, last + 1)
+    if ((series.flags[run] & BITS["rollback"]) != 0).any() or series.conflicted[run].any():
         return None
     return end - before
 
 
 def estimate(series: Series, ctx: Context, *, after: datetime | None = None) -> None:
     """Estimate every run of unusable slots (only those reaching past `after`, if given)."""
-    step = series.step
-    for run in runs(series):
-        if after is not None and series.slots[run[-1]].t <= after:
+    after_ns = to_ns(after) if after is not None else None
+    outage = in_outage(series, ctx)
+    for first, last in runs(series):
+        if after_ns is not None and series.t[last] <= after_ns:
             continue
-        shape, method = _interpolate(series, run, ctx, step)
+        shape, method = _interpolate(series, first, last, ctx, outage)
         if shape is None:
-            shape, method = _like_day(series, run, ctx)
-        total = _register_total(series, run)
+            shape, method = _like_day(series, first, last, ctx)
+        total = _register_total(series, first, last)
         if total is not None and total >= 0:
+            n = last - first + 1
             if shape is None or sum(shape) <= 0:
-                shape, method = [total / len(run)] * len(run), "flat"
+                shape, method = [total / n] * n, "flat"
             else:
                 factor = total / sum(shape)
                 shape = [v * factor for v in shape]
             method += "+scaled"
         if shape is None:
             continue  # nothing to estimate from: the slots stay missing or suspect
-        for i, value in zip(run, shape, strict=True):
-            slot = series.slots[i]
-            slot.value, slot.status, slot.method = value, "estimated", method
-            slot.qualities = [q for q in slot.qualities if q != Quality.MISSING]
+        run = slice(first, last + 1)
+        series.value[run] = shape
+        series.status[run] = ESTIMATED
+        series.method[run] = method
+        series.quality[run] = series.qualities.mapped(series.quality[run], without_missing)
 
 
-def _interpolate(series: Series, run: list[int], ctx: Context, step: timedelta) -> tuple[list[float] | None, str]:
-    if len(run) * step > ctx.cfg.interpolate_max:
+def _interpolate(series: Series, first: int, last: int, ctx: Context,
+                 outage: Mask) -> tuple[list[float] | None, str]:  # fmt: skip
+    n = last - first + 2
+    if (n - 1) * series.step > ctx.cfg.interpolate_max:
         return None, ""
-    first, last = run[0], run[-1]
-    if first == 0 or last == len(series.slots) - 1:
+    if first == 0 or last == len(series) - 1:
         return None, ""
-    before, after = series.slots[first - 1], series.slots[last + 1]
-    if not (before.usable and after.usable) or in_outage(before, ctx, step) or in_outage(after, ctx, step):
+    before, after = first - 1, last + 1
+    if not (_usable(series, before) and _usable(series, after)) or outage[before] or outage[after]:
         return None, ""
-    assert before.value is not None and after.value is not None
-    n = len(run) + 1
-    return [before.value + (after.value - before.value) * k / n for k in range(1, n)], "interpolation"
+    a, b = float(series.value[before]), float(series.value[after])
+    return [a + (b - a) * k / n for k in range(1, n)], "interpolation"
 
 
-def _like_day(series: Series, run: list[int], ctx: Context) -> tuple[list[float] | None, str]:
+def _like_day(series: Series, first: int, last: int, ctx: Context) -> tuple[list[float] | None, str]:
+    history = ctx.history
+    if history is None:
+        return None, ""
+    week = ns_of(WEEK)
     shape: list[float] = []
-    for i in run:
-        t = series.slots[i].t
-        earlier = [ctx.history.get(t - timedelta(weeks=w)) for w in range(1, ctx.cfg.like_day_weeks + 1)]
-        seen = [h.value for h in earlier if h is not None and h.usable and h.value is not None]
+    for t in series.t[first : last + 1].tolist():
+        seen = []
+        for w in range(1, ctx.cfg.like_day_weeks + 1):
+            j = history.position(t - w * week)
+            if j is not None and _usable(history, j):
+                seen.append(float(history.value[j]))
         if not seen:
             return None, ""
         shape.append(mean(seen))

@@ -11,18 +11,21 @@ on the values billing would see.
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections import Counter
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
-from statistics import mean
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
+
+import numpy as np
+from numpy.typing import NDArray
 
 from headend.config import Meter, VeeConfig
 from headend.model import CLOCK_INVALID_BIT, POWER_DOWN_BIT, Quality, meter_status
-from headend.timegrid import boundary_of, ceil_to
-from headend.vee.series import Series, Slot
+from headend.storage.codec import from_ns, to_ns
+from headend.vee.series import ESTIMATED, Exchange, Mask, Series, Times, ns_of
 
 CODES: dict[str, str] = {
     "gap": Quality.MISSING.value,  # 2.5.259
@@ -38,11 +41,17 @@ CODES: dict[str, str] = {
     "after_disconnect": "2.6.1010",
     "multiplier": "2.6.1011",
 }
+#: The order rules run in: a slot's quality codes are listed in it.
+ORDER = ("gap", "duplicate", "alignment", "clock", "negative_delta", "rollback", "spike", "prolonged_zero",
+         "after_disconnect", "multiplier", "sum_check", "high_low")  # fmt: skip
+BITS = {name: 1 << i for i, name in enumerate(ORDER)}
 #: Failing one of these makes the value unusable: it is estimated. Other failures leave the
 #: read as it is, marked suspect.
 HARD = frozenset({"gap", "duplicate", "alignment", "negative_delta", "rollback"})
+HARD_BITS = sum(BITS[name] for name in HARD)
 #: The meter's quality code for a power failure.
 POWER_FAILURE = "1.2.32"
+DAY = timedelta(days=1)
 
 
 @dataclass
@@ -55,202 +64,269 @@ class Context:
     disconnected: list[tuple[datetime, datetime]] = field(default_factory=list)
     #: Power outages from the meter's event log: [from, until].
     outages: list[tuple[datetime, datetime]] = field(default_factory=list)
-    #: Slots of earlier weeks (like-day history), by interval end.
-    history: dict[datetime, Slot] = field(default_factory=dict)
-    #: The multiplier in force at a time (the registry's, or a recorded exchange's).
-    multiplier_at: Callable[[datetime], float] = lambda _t: 1.0
-    #: False when no exchange changes the multiplier: one value for the whole series.
-    multiplier_changes: bool = False
+    #: Recorded meter exchanges and CT/PT changes, oldest first.
+    exchanges: list[Exchange] = field(default_factory=list)
+    #: The whole window (the weeks before the period included): like days and anchors.
+    history: Series | None = None
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.cfg.timezone)
 
+    def multiplier_at(self, t: datetime) -> float:
+        """The multiplier in force at `t`: the registry's, or the latest exchange's before it."""
+        current = self.meter.multiplier
+        for x in self.exchanges:
+            if x.t < t:
+                current = x.multiplier
+        return current
 
-def flag(slot: Slot, rule: str) -> None:
-    slot.flags[rule] = CODES[rule]
+    def multipliers(self, t: Times) -> np.ndarray:
+        out = np.full(len(t), self.meter.multiplier)
+        for x in self.exchanges:
+            out[t > to_ns(x.t)] = x.multiplier
+        return out
 
 
-def in_outage(slot: Slot, ctx: Context, step: timedelta) -> bool:
-    if POWER_FAILURE in slot.qualities or meter_status(slot.qualities) & POWER_DOWN_BIT:
-        return True
-    return any(a < slot.t and slot.t - step < b for a, b in ctx.outages)
+def flag(series: Series, where: Mask | np.ndarray, rule: str) -> None:
+    series.flags[where] |= BITS[rule]
+
+
+def failed(series: Series, rule: str) -> Mask:
+    return (series.flags & BITS[rule]) != 0
+
+
+def _during(t: Times, step_ns: int, periods: list[tuple[datetime, datetime]], *, closed: bool) -> Mask:
+    """Slots (by interval end) overlapping any of the periods: [a, b] when `closed`, else the
+    interval (t - step, t] within [a, b]."""
+    out = np.zeros(len(t), np.bool_)
+    for a, b in periods:
+        a_ns, b_ns = to_ns(a), to_ns(b) if b.year < 9999 else np.iinfo(np.int64).max
+        if closed:
+            out |= (a_ns < t) & (t - step_ns < b_ns)
+        else:
+            out |= (a_ns <= t - step_ns) & (t <= b_ns)
+    return out
+
+
+def _power_down(qualities: tuple[str, ...]) -> bool:
+    return POWER_FAILURE in qualities or bool(meter_status(qualities) & POWER_DOWN_BIT)
+
+
+def in_outage(series: Series, ctx: Context) -> Mask:
+    """Slots the meter marked as powered down, or overlapping an outage from its event log."""
+    marked = series.qualities.test(series.quality, _power_down)
+    return marked | _during(series.t, series.step_ns, ctx.outages, closed=True)
 
 
 def gap(series: Series, ctx: Context) -> None:
-    for s in series.slots:
-        if s.value is None:
-            flag(s, "gap")
+    flag(series, np.isnan(series.value), "gap")
 
 
 def duplicate(series: Series, ctx: Context) -> None:
-    for s in series.slots:
-        if s.conflicts:
-            flag(s, "duplicate")
+    flag(series, series.conflicted, "duplicate")
 
 
 def alignment(series: Series, ctx: Context) -> None:
-    for s in series.slots:
-        if s.misaligned:
-            flag(s, "alignment")
+    flag(series, series.misaligned, "alignment")
+
+
+def _clock_off(qualities: tuple[str, ...]) -> bool:
+    placed = Quality.TIME_ADJUSTED in qualities
+    return Quality.CLOCK_DRIFT in qualities or bool(meter_status(qualities) & CLOCK_INVALID_BIT and not placed)
 
 
 def clock(series: Series, ctx: Context) -> None:
     """Captured by a clock the meter marked invalid or the head-end found off, unless the
     head-end moved it to its true interval end (time-adjusted, placed within tolerance)."""
-    for s in series.slots:
-        placed = Quality.TIME_ADJUSTED in s.qualities
-        if Quality.CLOCK_DRIFT in s.qualities or (meter_status(s.qualities) & CLOCK_INVALID_BIT and not placed):
-            flag(s, "clock")
+    flag(series, series.qualities.test(series.quality, _clock_off), "clock")
 
 
 def negative_delta(series: Series, ctx: Context) -> None:
-    for s in series.slots:
-        if s.value is not None and s.value < 0:
-            flag(s, "negative_delta")
+    flag(series, series.value < 0, "negative_delta")
 
 
 def rollback(series: Series, ctx: Context) -> None:
     """The register went backwards (and not by wrapping round its dials)."""
     if series.cumulative:
-        for s in series.slots:
-            if s.value is not None and s.value < 0:
-                flag(s, "rollback")
-    index = series.index()
-    for (_t0, r0), (t1, r1) in itertools.pairwise(series.registers):
-        modulus = 10.0**ctx.meter.register_digits * ctx.multiplier_at(t1)
-        if r1 < r0 and not (r0 - r1 > modulus / 2) and (slot := index.get(ceil_to(t1, series.step))) is not None:
-            flag(slot, "rollback")
+        flag(series, series.value < 0, "rollback")
+    rt, rv = series.registers
+    if len(rt) < 2 or not len(series):
+        return
+    t1 = rt[1:]
+    modulus = 10.0**ctx.meter.register_digits * ctx.multipliers(t1)
+    back = (rv[1:] < rv[:-1]) & ~(rv[:-1] - rv[1:] > modulus / 2)
+    step_ns = series.step_ns
+    ends = -((-t1[back]) // step_ns) * step_ns
+    k = (ends - series.t[0]) // step_ns
+    flag(series, k[(k >= 0) & (k < len(series))], "rollback")
+
+
+@functools.lru_cache(maxsize=64)
+def _midnights(first: date, last: date, tz: ZoneInfo) -> NDArray[np.int64]:
+    """The first instant (epoch ns) of each local day after `first` up to `last` (a midnight
+    that does not exist starts at the shift)."""
+    days = [first + timedelta(days=k) for k in range(1, (last - first).days + 1)]
+    return np.array([to_ns(datetime(d.year, d.month, d.day, tzinfo=tz).astimezone(UTC)) for d in days], np.int64)
+
+
+def day_starts(series: Series, tz: ZoneInfo) -> tuple[list[date], list[int]]:
+    """The billing days the series covers in the configured time zone, and the index of each
+    one's first slot (the interval ending at midnight closes the day before)."""
+    if not len(series):
+        return [], []
+    since = series.t - series.step_ns  # each interval's start
+    first = (from_ns(int(since[0])).astimezone(tz)).date()
+    last = (from_ns(int(since[-1])).astimezone(tz)).date()
+    dates = [first + timedelta(days=k) for k in range((last - first).days + 1)]
+    starts = np.searchsorted(since, _midnights(first, last, tz), side="left").tolist()
+    return dates, [0, *starts]
+
+
+def days(series: Series, tz: ZoneInfo) -> list[tuple[date, slice]]:
+    """The series cut into billing days in the configured time zone."""
+    dates, starts = day_starts(series, tz)
+    ends = [*starts[1:], len(series)]
+    return [(d, slice(a, b)) for d, a, b in zip(dates, starts, ends, strict=True) if b > a]
 
 
 def spike(series: Series, ctx: Context) -> None:
-    for day in days(series, ctx.tz):
-        values = sorted((s for s in day if s.value is not None), key=lambda s: s.value or 0.0, reverse=True)
-        if len(values) < 3:
-            continue
-        top, third = values[0], values[2]
-        assert top.value is not None and third.value is not None
-        if top.value > ctx.cfg.spike_min_kwh and top.value > ctx.cfg.spike_ratio * max(third.value, 0.0):
-            flag(top, "spike")
+    """A day's highest interval far above its third highest."""
+    cut = days(series, ctx.tz)
+    if not cut:
+        return
+    value = series.value
+    lengths = np.array([s.stop - s.start for _d, s in cut])
+    starts = np.array([s.start for _d, s in cut])
+    day = np.repeat(np.arange(len(cut)), lengths)
+    known = ~np.isnan(value)
+    # Each day's slots from highest to lowest (no value last; equal ones in time order).
+    order = np.lexsort((np.where(known, -value, np.inf), day))
+    counts = np.bincount(day[known], minlength=len(cut))
+    enough = counts >= 3
+    top = order[starts[enough]]
+    third = value[order[starts[enough] + 2]]
+    high = (value[top] > ctx.cfg.spike_min_kwh) & (value[top] > ctx.cfg.spike_ratio * np.maximum(third, 0.0))
+    flag(series, top[high], "spike")
+
+
+def runs_of(mask: Mask) -> list[tuple[int, int]]:
+    """[first, last] of each run of True."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), (np.flatnonzero(edges == -1) - 1).tolist(), strict=True))
 
 
 def prolonged_zero(series: Series, ctx: Context) -> None:
     needed = ctx.cfg.zero_run // series.step
-    run: list[Slot] = []
-    for s in [*series.slots, None]:
-        if s is not None and s.value == 0 and not _disconnected(s, ctx, series.step):
-            run.append(s)
-            continue
-        if len(run) >= needed:
-            for z in run:
-                flag(z, "prolonged_zero")
-        run = []
-
-
-def _disconnected(slot: Slot, ctx: Context, step: timedelta) -> bool:
-    return any(a <= slot.t - step and slot.t <= b for a, b in ctx.disconnected) or in_outage(slot, ctx, step)
+    quiet = _during(series.t, series.step_ns, ctx.disconnected, closed=False) | in_outage(series, ctx)
+    for a, b in runs_of((series.value == 0) & ~quiet):
+        if b - a + 1 >= needed:
+            series.flags[a : b + 1] |= BITS["prolonged_zero"]
 
 
 def after_disconnect(series: Series, ctx: Context) -> None:
-    for s in series.slots:
-        inside = any(a <= s.t - series.step and s.t <= b for a, b in ctx.disconnected)
-        if inside and s.value is not None and s.value > ctx.cfg.after_disconnect_kwh:
-            flag(s, "after_disconnect")
+    inside = _during(series.t, series.step_ns, ctx.disconnected, closed=False)
+    flag(series, inside & (series.value > ctx.cfg.after_disconnect_kwh), "after_disconnect")
 
 
 def multiplier(series: Series, ctx: Context) -> None:
-    constant = ctx.multiplier_at(series.start) if not ctx.multiplier_changes else None
-    for s in series.slots:
-        expected = constant if constant is not None else ctx.multiplier_at(s.t)
-        if s.value is not None and abs(s.multiplier - expected) > 1e-9 * expected:
-            flag(s, "multiplier")
+    expected = ctx.multipliers(series.t) if ctx.exchanges else ctx.multiplier_at(series.start)
+    off = np.abs(series.multiplier - expected) > 1e-9 * expected
+    flag(series, off & ~np.isnan(series.value), "multiplier")
 
 
 # -- day rules: run on the values after estimation ---------------------------------------
 
 
-def day_of(slot: Slot, step: timedelta, tz: ZoneInfo) -> date:
-    """The billing day an interval belongs to (the one ending at midnight closes the day before)."""
-    return (slot.t - step).astimezone(tz).date()
-
-
-def days(series: Series, tz: ZoneInfo) -> list[list[Slot]]:
-    """The series cut into billing days in the configured time zone."""
-    out: dict[date, list[Slot]] = {}
-    for s in series.slots:
-        out.setdefault(day_of(s, series.step, tz), []).append(s)
-    return list(out.values())
+def _boundaries(t: Times, step_ns: int) -> tuple[Times, Mask]:
+    """The boundary each read stands for, and whether it is within a tenth of an interval of it
+    (reads are stamped when taken, a few seconds after the boundary)."""
+    n = np.floor_divide(2 * t + step_ns, 2 * step_ns)  # round half up
+    exact = (2 * t) % (2 * step_ns) == step_ns  # exactly half-way: Python rounds to even
+    n = np.where(exact & (n % 2 == 1), n - 1, n)
+    boundary = n * step_ns
+    return boundary, np.abs(t - boundary) * 10 <= step_ns
 
 
 def sum_check(series: Series, ctx: Context) -> None:
     """Between two register reads on interval boundaries, the intervals must add up to the
     register difference, within max(N register digits, share of the difference) per day."""
-    # A register read within a tenth of an interval of a boundary counts for it (reads are
-    # stamped when taken, a few seconds after the boundary).
-    points: list[tuple[datetime, float]] = []
-    for t, r in series.registers:
-        boundary = boundary_of(t, series.step, series.step / 10)
-        if boundary is not None and (not points or points[-1][0] != boundary):
-            points.append((boundary, r))
-    if not series.slots:
+    if not len(series):
         return
+    step_ns = series.step_ns
+    rt, rv = series.registers
+    boundary, near = _boundaries(rt, step_ns)
+    boundary, reads = boundary[near], rv[near]
+    first = np.ones(len(boundary), np.bool_)  # of reads for one boundary in a row, the first
+    first[1:] = boundary[1:] != boundary[:-1]
+    boundary, reads = boundary[first], reads[first]
+    resolution = ctx.cfg.sum_tolerance_digits * ctx.meter.register_resolution
+    share = ctx.cfg.sum_tolerance_share
+    t0_ns = int(series.t[0])
     if series.cumulative:
         # From a load profile each interval is the difference of its two registers: only
         # the ones estimated in between can disagree with them.
-        index = series.index()
-        for s in series.slots:
-            before = index.get(s.t - series.step)
-            if s.status == "estimated" and s.value is not None and s.register is not None and before is not None \
-                    and before.register is not None:  # fmt: skip
-                difference = s.register - before.register
-                digits = ctx.cfg.sum_tolerance_digits * ctx.meter.register_resolution * ctx.multiplier_at(s.t)
-                if abs(s.value - difference) > max(digits, ctx.cfg.sum_tolerance_share * abs(difference)):
-                    flag(s, "sum_check")
-        points = [(t, r) for t, r in points if t not in index or index[t].register is None]  # separate reads only
-    position = {slot.t: i for i, slot in enumerate(series.slots)}
-    position[series.slots[0].t - series.step] = -1
-    for (t0, r0), (t1, r1) in itertools.pairwise(points):
-        if t0 not in position or t1 not in position:
+        difference = series.register[1:] - series.register[:-1]
+        checked = (series.status[1:] == ESTIMATED) & ~np.isnan(series.value[1:]) & ~np.isnan(difference)
+        k = np.flatnonzero(checked) + 1
+        digits = resolution * ctx.multipliers(series.t[k])
+        off = np.abs(series.value[k] - difference[k - 1]) > np.maximum(digits, share * np.abs(difference[k - 1]))
+        flag(series, k[off], "sum_check")
+        # Separate reads only: a boundary the load profile has a register for is checked above.
+        at, offset = np.divmod(boundary - t0_ns, step_ns)
+        inside = (at >= 0) & (at < len(series)) & (offset == 0)
+        profiled = np.zeros(len(boundary), np.bool_)
+        profiled[inside] = ~np.isnan(series.register[at[inside]])
+        boundary, reads = boundary[~profiled], reads[~profiled]
+    points = list(zip(boundary.tolist(), reads.tolist(), strict=True))
+    values = series.value.tolist()
+    for (b0, r0), (b1, r1) in itertools.pairwise(points):
+        p0, p1 = (b0 - t0_ns) // step_ns, (b1 - t0_ns) // step_ns
+        if not (-1 <= p0 < len(values) and -1 <= p1 < len(values)):
             continue
-        span = series.slots[position[t0] + 1 : position[t1] + 1]
-        if not span or any(s.value is None for s in span):
+        span = values[p0 + 1 : p1 + 1]
+        if not span or any(v != v for v in span):  # NaN: an interval without a value
             continue
         difference = r1 - r0
-        total = sum(s.value for s in span if s.value is not None)
-        days_spanned = max(1.0, (t1 - t0) / timedelta(days=1))
-        digits = ctx.cfg.sum_tolerance_digits * ctx.meter.register_resolution * ctx.multiplier_at(t1)
-        allowed = max(digits, ctx.cfg.sum_tolerance_share * abs(difference)) * days_spanned
-        if abs(total - difference) > allowed:
-            for s in span:
-                flag(s, "sum_check")
+        days_spanned = max(1.0, (b1 - b0) / ns_of(DAY))
+        digits = resolution * ctx.multiplier_at(from_ns(b1))
+        if abs(sum(span) - difference) > max(digits, share * abs(difference)) * days_spanned:
+            series.flags[p0 + 1 : p1 + 1] |= BITS["sum_check"]
+
+
+def _day_totals(series: Series, cut: list[tuple[date, slice]]) -> tuple[list[float], NDArray[np.bool_]]:
+    """Each day's total (added in time order) and whether every one of its slots has a value."""
+    values = series.value.tolist()
+    totals = [sum(values[s]) for _d, s in cut]
+    unknown = np.isnan(series.value)
+    starts = [s.start for _d, s in cut]
+    gaps = np.add.reduceat(unknown, starts) if starts else np.zeros(0, np.int64)
+    return totals, gaps == 0
 
 
 def high_low(series: Series, ctx: Context) -> None:
-    complete = timedelta(days=1) // series.step
+    history = ctx.history
+    if history is None:
+        return  # no like days to compare with
+    complete = DAY // series.step
     # Totals of the days in the history whose every interval is a usable read.
-    usable: dict[date, float] = {}
-    spoiled: set[date] = set()
-    counts: Counter[date] = Counter()
-    for s in ctx.history.values():
-        d = day_of(s, series.step, ctx.tz)
-        counts[d] += 1
-        if s.usable and s.value is not None:
-            usable[d] = usable.get(d, 0.0) + s.value
-        else:
-            spoiled.add(d)
-    for day in days(series, ctx.tz):
-        if len(day) != complete or any(s.value is None for s in day):
+    cut = days(history, ctx.tz)
+    spoiled = np.add.reduceat(~history.usable(), [s.start for _d, s in cut]) if cut else []
+    totals, _ = _day_totals(history, cut)
+    like_total = {d: total for (d, s), total, bad in zip(cut, totals, spoiled, strict=True)
+                  if s.stop - s.start == complete and not bad}  # fmt: skip
+    cut = days(series, ctx.tz)
+    totals, whole = _day_totals(series, cut)
+    for (d, s), total, full in zip(cut, totals, whole, strict=True):
+        if s.stop - s.start != complete or not full:
             continue
-        total = sum(s.value or 0.0 for s in day)
-        this = day_of(day[0], series.step, ctx.tz)
-        earlier = [this - timedelta(weeks=w) for w in range(1, ctx.cfg.like_day_weeks + 1)]
-        like = [usable[d] for d in earlier if d in usable and d not in spoiled and counts[d] == complete]
+        like = [like_total[e] for w in range(1, ctx.cfg.like_day_weeks + 1) if (e := d - timedelta(weeks=w))
+                in like_total]  # fmt: skip
         if not like:
             continue
-        average = mean(like)
+        average = math.fsum(like) / len(like)
         if average > 0 and (total > ctx.cfg.high_ratio * average or total < ctx.cfg.low_ratio * average):
-            for s in day:
-                flag(s, "high_low")
+            series.flags[s] |= BITS["high_low"]
 
 
 Rule = Callable[[Series, Context], None]
@@ -260,3 +336,4 @@ INTERVAL_RULES: dict[str, Rule] = {
     "after_disconnect": after_disconnect, "multiplier": multiplier,
 }  # fmt: skip
 DAY_RULES: dict[str, Rule] = {"sum_check": sum_check, "high_low": high_low}
+assert tuple([*INTERVAL_RULES, *DAY_RULES]) == ORDER
