@@ -17,17 +17,19 @@ why no field is left out at its default.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Literal
 
 import httpx
+import msgspec
+import numpy as np
 
 from headend.model import Obis, Reading, ReadingKind, parse_obis
 from headend.storage.base import ReadingStore, StoreError, StoreRejected, StoreUnavailable
 from headend.storage.codec import from_ns, to_ns
+from headend.storage.columns import Columns
 from headend.storage.series import Series, of_readings
 
 _CHUNK_SIZE = 10_000
@@ -117,24 +119,44 @@ def _reading_from_row(kind: ReadingKind, row: dict[str, Any]) -> Reading:
     )
 
 
-def _series_rows(text: str) -> list[dict[str, Any]]:
-    """The rows of a chunked InfluxQL JSON answer (one statement), tags merged in."""
-    rows: list[dict[str, Any]] = []
+def _answer_series(text: str) -> Iterator[tuple[dict[str, Any], list[str], list[list[Any]]]]:
+    """(tags, columns, values) of each series of a chunked InfluxQL JSON answer (one statement)."""
     for line in text.splitlines():
         if not line.strip():
             continue
-        doc = json.loads(line)
+        doc = msgspec.json.decode(line)
         if "error" in doc:
             raise StoreError(f"InfluxDB query failed: {doc['error']}")
         for result in doc.get("results", []):
             if "error" in result:
                 raise StoreError(f"InfluxDB query failed: {result['error']}")
             for series in result.get("series", []):
-                tags = series.get("tags", {})
-                columns = series["columns"]
-                for values in series.get("values", []):
-                    rows.append({**tags, **dict(zip(columns, values, strict=True))})
-    return rows
+                yield series.get("tags", {}), series["columns"], series.get("values", [])
+
+
+def _series_rows(text: str) -> list[dict[str, Any]]:
+    """The rows of a chunked InfluxQL JSON answer (one statement), tags merged in."""
+    return [{**tags, **dict(zip(columns, values, strict=True))} for tags, columns, rows in _answer_series(text)
+            for values in rows]  # fmt: skip
+
+
+def _columns(text: str) -> Columns:
+    """An answer to SELECT "value", "multiplier", "quality" as columns, without a dict per row."""
+    parts: list[Columns] = []
+    for _tags, columns, rows in _answer_series(text):
+        if not rows:
+            continue
+        by_name = dict(zip(columns, zip(*rows, strict=True), strict=True))
+        multiplier = np.array(by_name["multiplier"], dtype=np.float64)  # None (not written): NaN
+        multiplier[np.isnan(multiplier)] = 1.0
+        quality = np.array([q or "" for q in by_name["quality"]], dtype=object)
+        parts.append(Columns(np.array(by_name["time"], dtype=np.int64), np.array(by_name["value"], dtype=np.float64),
+                             multiplier, quality))  # fmt: skip
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return Columns.empty()
+    return Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ts", "value", "multiplier", "quality")))
 
 
 class InfluxStore(ReadingStore):
@@ -219,6 +241,12 @@ class InfluxStore(ReadingStore):
 
     async def _influxql(self, q: str, *, method: str = "GET") -> list[dict[str, Any]]:
         """Run InfluxQL; return the series of the (single) statement, merged across chunks."""
+        text = await self._influxql_text(q, method=method)
+        # Decoding a large answer is CPU: off the event loop.
+        return await asyncio.to_thread(_series_rows, text)
+
+    async def _influxql_text(self, q: str, *, method: str = "GET") -> str:
+        """Run InfluxQL; the answer's text (chunked JSON), errors raised."""
         params = {"db": self.database, "q": q, "epoch": "ns", "chunked": "true", "chunk_size": str(_CHUNK_SIZE)}
         try:
             if method == "POST":
@@ -231,8 +259,7 @@ class InfluxStore(ReadingStore):
             raise StoreUnavailable(f"InfluxDB query answered {response.status_code}: {response.text[:300]}")
         if response.status_code != 200:
             raise StoreError(f"InfluxDB query answered {response.status_code}: {response.text[:300]}")
-        # Decoding a large answer is CPU: off the event loop.
-        return await asyncio.to_thread(_series_rows, response.text)
+        return response.text
 
     def _where(self, meter: str, channel: Obis) -> str:
         return f'"meter" = {influxql_string(meter)} AND "channel" = {influxql_string(str(channel))}'
@@ -251,6 +278,12 @@ class InfluxStore(ReadingStore):
         )
         rows = await self._influxql(q)
         return await asyncio.to_thread(lambda: [_reading_from_row(kind, row) for row in rows])
+
+    async def query_columns(self, meter: str, channel: Obis, start: datetime, end: datetime,
+                            kind: ReadingKind = "interval") -> Columns:  # fmt: skip
+        q = (f'SELECT "value", "multiplier", "quality" FROM "{kind}" WHERE {self._where(meter, channel)} '
+             f"AND time > {to_ns(start)} AND time <= {to_ns(end)} ORDER BY time ASC")  # fmt: skip
+        return await asyncio.to_thread(_columns, await self._influxql_text(q))
 
     async def last_interval(self, meter: str, channel: Obis) -> datetime | None:
         # `quality` is written on every point (possibly empty), so last() sees every interval.
