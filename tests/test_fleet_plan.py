@@ -3,6 +3,7 @@ that is down opens its breaker while the others finish."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -80,4 +81,33 @@ async def test_500_meters_on_three_protocols_complete_a_plan(tmp_path: Path, mos
         await sim.stop()
     for m in dlms:
         await m.stop()
+    outbox.close()
+
+
+async def test_a_plan_over_10000_meters_runs_on_a_worker_per_session_not_a_task_per_meter(tmp_path: Path) -> None:
+    """Meters wait in a line per link, read by as many workers as the link carries sessions:
+    what the event loop holds grows with the links, not with the meters."""
+    links = [{"id": f"gw{g}", "kind": "tcp", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": free_port(),
+              "timeout": "300ms"} for g in range(50)]  # fmt: skip  # nothing listens: every link is down
+    meters = [{"id": f"M{g}-{u}", "link": f"gw{g}", "address": u, "map": "sim-relay-meter", "groups": ["all"]}
+              for g in range(50) for u in range(1, 201)]  # fmt: skip
+    plan = {"id": "registers", "select": {"group": "all"}, "read": ["registers"], "channels": ["1-0:1.8.0.255"],
+            "every": "15m", "window": "2m", "attempts": 1}
+    cfg = parse_config({"links": links, "meters": meters, "plans": [plan]})
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    sessions = SessionFactory(cfg, outbox, state_dir=tmp_path, env={})
+    await sessions.start()
+
+    async def no_wait(_seconds: float) -> None:
+        return None
+
+    engine = PollingEngine(Registry(cfg), outbox, sessions, sleep=no_wait, breaker_threshold=2)
+    tasks: list[int] = []
+    report = await engine.run_plan(cfg.plans[0], NOW, on_result=lambda _r: tasks.append(len(asyncio.all_tasks())))
+    assert len(report.results) == 10_000 and not any(r.ok for r in report.results)
+    assert all(engine.breakers[f"gw{g}"].state() == "open" for g in range(50))
+    # Direct TCP gateways share one cap of 64 sessions: 64 workers, whatever the fleet's size (a
+    # connection attempt may hold a task of its own for a moment).
+    assert max(tasks) <= 2 * 64 + 5, max(tasks)
+    await sessions.close()
     outbox.close()

@@ -99,11 +99,11 @@ async def test_the_next_run_reads_from_where_the_last_complete_interval_is(fleet
     gap = LAST - 2 * STEP
     fleet.meters["M0"].faults.missing_intervals = {gap}
     first = (await engine.run_plan(plan, NOW)).results[0]
-    assert first.missing == [gap] and first.completeness == pytest.approx(23 / 24)
+    assert first.missing == (gap,) and first.completeness == pytest.approx(23 / 24)
     fleet.meters["M0"].faults.missing_intervals = set()  # the meter answers the row this time
     fleet.clock.advance(15 * 60)
     second = (await engine.run_plan(plan, NOW + STEP)).results[0]
-    assert second.missing == [] and second.expected_intervals == 4  # re-read from just before the gap
+    assert second.missing == () and second.expected_intervals == 4  # re-read from just before the gap
     stamps = {r.timestamp for p in fleet.outbox.take_sync(10_000) for r in p.readings}
     assert gap in stamps
 
@@ -113,11 +113,11 @@ async def test_a_gap_older_than_the_buffer_depth_is_reported_and_dropped(fleet: 
     plan = fleet.plan(read=["profile"], select={"meters": ["M1"]}, history="1h")
     fleet.meters["M1"].faults.missing_intervals = {LAST - 3 * STEP}
     first = (await engine.run_plan(plan, NOW)).results[0]
-    assert first.missing == [LAST - 3 * STEP]
+    assert first.missing == (LAST - 3 * STEP,)
     later = NOW + 2 * timedelta(hours=1)
     fleet.clock.set(later)
     second = (await engine.run_plan(plan, later)).results[0]
-    assert second.expected_intervals == 4 and second.missing == []  # the old gap is past `history`
+    assert second.expected_intervals == 4 and second.missing == ()  # the old gap is past `history`
 
 
 async def test_clock_drift_is_synced_and_the_intervals_read_meanwhile_flagged(fleet: Fleet) -> None:
@@ -320,7 +320,7 @@ async def test_a_meter_without_load_profile_gets_intervals_from_boundary_reads(t
             results.append(await site.engine.read_meter("MB", site.plan, site.clock.datetime()))
         assert [r.expected_intervals for r in results] == [0, 1, 2, 1]
         assert [r.received_intervals for r in results] == [0, 1, 0, 1]
-        assert results[2].missing == [LAST + 2 * STEP, LAST + 3 * STEP]  # both sides of the missed boundary
+        assert results[2].missing == (LAST + 2 * STEP, LAST + 3 * STEP)  # both sides of the missed boundary
         intervals = [r for p in site.outbox.take_sync(100) for r in p.readings if r.kind == "interval"]
         meter = site.sim.meters[1]
     first = next(r for r in intervals if r.value is not None)

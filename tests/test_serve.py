@@ -126,6 +126,9 @@ async def test_serve_reads_switches_and_stops_cleanly(
         body = await wait_for_metric(client, 'headend_meter_reads_total{plan="modbus-registers",result="ok"}')
         await wait_for_metric(client, 'headend_meter_reads_total{plan="dlms-profile",result="ok"}')
         assert "headend_outbox_depth" in body and "headend_meter_read_seconds_bucket" in body
+        # How late the loop runs what is due, for an operator to see a server doing too much at once.
+        assert await wait_for_count(client, "headend_event_loop_lag_seconds_count", 2) >= 2
+        assert "headend_event_loop_lag_max_seconds" in body
         assert (await client.get("/health")).json() == {"status": "ok"}
         assert (await client.get("/status")).status_code == 401  # the site's state is not for everyone
         status = (await client.get("/status", headers={"Authorization": f"Bearer {token}"})).json()
