@@ -14,13 +14,20 @@ each reconnect's latency is from its request to its confirmed read-back, as the 
 them. The limit it is compared with, measured in the same run: the same reconnects with
 nothing queued.
 
+`paced`: `headend serve` with `--lines` lines of `--per-line` relay meters, one bulk of
+disconnects for all of them at `--rate` disconnects per line and minute, customers on
+another line paying meanwhile; the bulk's time against what the pacing allows, and the
+reconnects' latency.
+
     python benchmarks/switching.py [throughput|reconnect-under-load|all] [--lines 5] [--per-line 200]
+    python benchmarks/switching.py paced --lines 50 --per-line 20 [--rate 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import platform
 import statistics
 import sys
@@ -202,16 +209,97 @@ timeout = "2s"
         await line.wait()
 
 
+_OPEN = ["requested", "queued", "running", "sent", "deferred", "awaiting_approval"]
+
+
+async def _commands(client: httpx.AsyncClient, states: list[str]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    before = None
+    while True:
+        params: dict[str, Any] = {"state": states, "limit": 1000, **({"before": before} if before else {})}
+        page = (await client.get("/commands", params=params)).json()
+        out += page["commands"]
+        before = page["next"]
+        if not before:
+            return out
+
+
+async def paced(args: argparse.Namespace) -> None:
+    """`--lines` lines of `--per-line` relay meters, every one disconnected in one bulk request
+    with serve's pacing at `--rate` disconnects per link and minute (a burst of `--rate`, then
+    one every 60/rate s), while customers on another line pay one after another."""
+    lines = list(await asyncio.gather(*(start_line(args.per_line) for _ in range(args.lines))))
+    paying = 100
+    lines.append(await start_line(paying, "--disconnected", f"1-{paying}"))
+    body = f"disconnects_per_link_per_minute = {args.rate}\n" + "".join(
+        f'[[links]]\nid = "line{li}"\nkind = "tcp"\nprotocol = "modbus-tcp"\nhost = "127.0.0.1"\nport = {port}\n'
+        'timeout = "2s"\n' for li, (port, _) in enumerate(lines))  # fmt: skip
+    for li in range(len(lines)):
+        units = paying if li == len(lines) - 1 else args.per_line
+        body += "".join(f'[[meters]]\nid = "L{li}-U{u:03d}"\nlink = "line{li}"\naddress = {u}\n'
+                        f'map = "sim-relay-meter"\n' for u in range(1, units + 1))  # fmt: skip
+    last = len(lines) - 1
+    bulk = [{"meter": f"L{li}-U{u:03d}", "action": "disconnect", "reason": "arrears run"}
+            for li in range(args.lines) for u in range(1, args.per_line + 1)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, client, _token = await _serve(Path(tmp), body)
+        try:
+            r = await client.post("/commands/bulk", json={"commands": bulk})
+            assert all(x["status"] == 202 for x in r.json()["results"]), "the bulk was not taken on"
+            reconnects: list[float] = []
+            u = 0
+            while await _commands(client, _OPEN):
+                if u < paying:
+                    u += 1
+                    reconnects.append(await _reconnect(client, f"L{last}-U{u:03d}", f"paid-{u}"))
+                await asyncio.sleep(0.5)  # customers pay one after another; polling the API meanwhile
+            ended_as = collections.Counter(c["state"] for c in await _commands(client, [])
+                                           if c["action"] == "disconnect")  # fmt: skip
+            done = [c for c in await _commands(client, ["confirmed"]) if c["action"] == "disconnect"]
+        finally:
+            proc.terminate()
+            await proc.wait()
+            await client.aclose()
+    began = min(datetime.fromisoformat(c["created"]) for c in done)
+    ended = max(datetime.fromisoformat(c["updated"]) for c in done)
+    took = (ended - began).total_seconds()
+    # Pacing lets `rate` start at once on each line, then one every 60/rate s.
+    paced_s = max(0, args.per_line - args.rate) * 60 / args.rate
+    assert ended_as == {"confirmed": len(bulk)}, f"not every disconnect was confirmed: {dict(ended_as)}"
+    print(f"{platform.python_implementation()} {platform.python_version()}; headend serve, {len(bulk)} disconnects "
+          f"on {args.lines} Modbus TCP lines ({args.per_line} each), pacing {args.rate} per line and minute, "
+          f"{serve_workers} disconnect workers")  # fmt: skip
+    if paced_s:
+        print(f"  bulk confirmed in {took:.1f} s ({len(bulk) / took:.1f} /s); limit (the pacing): {paced_s:.1f} s "
+              f"({len(bulk) / paced_s:.1f} /s); ratio {paced_s / took:.2f} (target >= 0.95)")  # fmt: skip
+    else:
+        print(f"  bulk confirmed in {took:.1f} s ({len(bulk) / took:.1f} /s); the pacing does not bind (each line's "
+              f"{args.per_line} fit in its burst of {args.rate}): the workers set the pace")  # fmt: skip
+    if reconnects:
+        print(f"  {len(reconnects)} reconnects meanwhile: p50 {statistics.median(reconnects) * 1000:.0f} ms, "
+              f"p99 {_percentile(reconnects, 0.99) * 1000:.0f} ms (target p99 < 2000 ms)")  # fmt: skip
+    for _, line in lines:
+        line.terminate()
+        await line.wait()
+
+
+serve_workers = 8  # serve's default [switching] workers
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", nargs="?", default="all", choices=["throughput", "reconnect-under-load", "all"])
+    p.add_argument("scenario", nargs="?", default="all",
+                   choices=["throughput", "reconnect-under-load", "paced", "all"])  # fmt: skip
     p.add_argument("--lines", type=int, default=5)
     p.add_argument("--per-line", type=int, default=200)
+    p.add_argument("--rate", type=int, default=60, help="paced: disconnects per line and minute (serve's default 60)")
     args = p.parse_args()
     if args.scenario in ("throughput", "all"):
         await throughput(args)
     if args.scenario in ("reconnect-under-load", "all"):
         await reconnect_under_load(args)
+    if args.scenario == "paced":
+        await paced(args)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,27 @@ async def test_a_hung_meter_is_given_up_at_the_plan_deadline_and_the_rest_finish
     assert sorted(seen) == ["M0", "M1", "M4"] and seen[-1] == "M4"  # results reported as they come
 
 
+async def test_meters_still_in_line_at_the_plan_deadline_are_given_up_without_a_session(fleet: Fleet) -> None:
+    fleet.meters["M0"].faults.delay = 30  # holds the one session the line carries past the deadline
+    opened: list[str] = []
+
+    def session(m: str) -> DlmsSession:
+        opened.append(m)
+        return DlmsSession.tcp_wrapper("127.0.0.1", fleet.ports[m], m, authentication="lls", password=b"12345678",
+                                       timeout=60, now=fleet.clock.datetime)  # fmt: skip
+
+    # One session at a time for all of them: the others wait in line behind M0.
+    engine = PollingEngine(Registry(fleet.config), fleet.outbox, session, clock=fleet.clock.datetime, tcp_sessions=1)
+    seen: list[str] = []
+    plan = fleet.plan(select={"meters": ["M0", "M1", "M2", "M3"]}, read=["profile"])
+    report = await engine.run_plan(plan, NOW, deadline_s=0.5, on_result=lambda r: seen.append(r.meter))
+    assert opened == ["M0"]  # the meters still in line at the deadline cost the line nothing
+    assert [r.meter for r in report.results] == ["M0", "M1", "M2", "M3"]
+    assert all(not r.ok and "plan deadline (0.5 s)" in r.error for r in report.results)
+    assert sorted(seen) == ["M0", "M1", "M2", "M3"]  # each reported once
+    assert {t.get_coro().__qualname__ for t in asyncio.all_tasks()} & {"PollingEngine.run_plan.<locals>.work"} == set()
+
+
 class SimulatedTime:
     """The plan loop's clock and pause: waiting advances time instead of sleeping."""
 

@@ -18,7 +18,7 @@ from headend.switching import journal as journal_module
 from headend.switching.journal import CommandJournal, CommandState
 from headend.vee.service import VeeService
 from headend.vee.store import VeeStore
-from tests.vee_data import PER_DAY, STEP, T0, cumulative, deltas, registers_of, t_of
+from tests.vee_data import PER_DAY, STEP, T0, cumulative, deltas, load, registers_of, t_of
 
 WEEKS = 4
 HISTORY = WEEKS * 7 * PER_DAY  # intervals before the billing period
@@ -180,3 +180,19 @@ def test_a_gap_is_re_read_a_bounded_number_of_times_with_growing_spacing(tmp_pat
     reopened = VeeStore(tmp_path / "vee.sqlite")
     assert reopened.rereads("M1") == {gap: 3, other: 1}, "kept across a restart"
     reopened.close()
+
+
+async def test_a_period_shorter_than_one_interval_has_no_intervals(vee: VeeService) -> None:
+    await vee.store.write(deltas("DEL", HISTORY + PERIOD))
+    within = START + timedelta(minutes=1)  # both ends round up to the same interval end
+    result = await vee.validate("DEL", within, within + timedelta(minutes=4))
+    assert result.intervals == []
+    assert (await vee.determinants("DEL", within, within + timedelta(minutes=4))).expected_intervals == 0
+
+
+async def test_a_value_near_the_limit_of_a_float_is_served_as_read(vee: VeeService) -> None:
+    huge = 1e306  # absurd for a meter, but a finite number the store keeps: never turned into inf
+    await vee.store.write(deltas("DEL", HISTORY + PERIOD, change=lambda k, v: huge if k == HISTORY + 5 else v))
+    by_t = {i.t: i for i in (await vee.validate("DEL", START, END)).intervals}
+    assert by_t[t_of(HISTORY + 5)].value == huge
+    assert by_t[t_of(HISTORY + 6)].value == load(HISTORY + 6)  # and the others as they were read

@@ -177,12 +177,18 @@ class PollingEngine:
         deadline = None if deadline_s is None else loop.time() + deadline_s
 
         async def one(meter_id: str) -> MeterResult:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    result = await self.read_meter(meter_id, plan, now, lane)
-            except TimeoutError:
-                error = f"plan deadline ({deadline_s:g} s) passed before the read finished"
-                result = MeterResult(meter_id, ok=False, error=error)
+            error = f"plan deadline ({deadline_s or 0:g} s) passed before the read finished"
+            if deadline is not None and loop.time() >= deadline:
+                result = MeterResult(meter_id, ok=False, error=error)  # still in line: no session opened
+            elif self.stopping:
+                result = MeterResult(meter_id, ok=False, error="server stopping: not read this run")
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        result = await self.read_meter(meter_id, plan, now, lane)
+                except TimeoutError:
+                    result = MeterResult(meter_id, ok=False, error=error)
+            if result.error == error:
                 log.warning("%s: %s", meter_id, result.error)
             if on_result is not None:
                 on_result(result)
@@ -218,6 +224,8 @@ class PollingEngine:
         finally:
             for task in workers:
                 task.cancel()
+            # No worker outlives the run (a restarted run or a closing server finds none).
+            await asyncio.gather(*workers, return_exceptions=True)
         report = PlanReport(plan.id, now, [results[m.id] for m in meters if m.id in results])
         log.info("plan %s: %d/%d meters read", plan.id, report.succeeded, len(meters))
         return report

@@ -186,6 +186,8 @@ def day_starts(series: Series, tz: ZoneInfo) -> tuple[list[date], list[int]]:
 def days(series: Series, tz: ZoneInfo) -> list[tuple[date, slice]]:
     """The series cut into billing days in the configured time zone."""
     dates, starts = day_starts(series, tz)
+    if not dates:
+        return []  # a period shorter than one interval has no slots
     ends = [*starts[1:], len(series)]
     return [(d, slice(a, b)) for d, a, b in zip(dates, starts, ends, strict=True) if b > a]
 

@@ -364,9 +364,11 @@ def _rounded(values: np.ndarray, decimals: int) -> list[float | None]:
     """Values rounded as Python's round() does (NaN: None), at numpy's speed: numpy rounds
     x * 10**d, which can land on the other side of a half when that product is inexact; the
     values within a hair of a half are rounded by round() itself."""
-    scaled = values * 10.0**decimals
-    out = (np.round(scaled) / 10.0**decimals).astype(object)
-    near_half = np.abs(np.abs(scaled - np.trunc(scaled)) - 0.5) < np.maximum(1e-6, np.abs(scaled) * 1e-12)
+    with np.errstate(over="ignore", invalid="ignore"):  # values near float's limit: round() below
+        scaled = values * 10.0**decimals
+        out = (np.round(scaled) / 10.0**decimals).astype(object)
+        near_half = np.abs(np.abs(scaled - np.trunc(scaled)) - 0.5) < np.maximum(1e-6, np.abs(scaled) * 1e-12)
+    near_half |= np.isinf(scaled) & ~np.isnan(values)
     for i in np.flatnonzero(near_half).tolist():
         out[i] = round(float(values[i]), decimals)
     out[np.isnan(values)] = None
