@@ -5,7 +5,9 @@ then for each store: accepts N interval values into the durable outbox in chunks
 protocol drivers do) while the writer drains, and reports
 - accept: values/s committed to the outbox (WAL, synchronous=FULL),
 - end-to-end: values/s from the first accept until the outbox is empty,
-- query: values/s read back.
+- query: values/s read back,
+- the limit it is compared with, measured in the same run: the same values written straight
+  to a fresh store in the same batches (no outbox, no writer), and the ratio.
 
     python benchmarks/storage.py [--values 200000] [--chunk 1000] [--batch 5000]
 """
@@ -50,7 +52,21 @@ def make_chunks(values: int, chunk: int) -> list[list[Reading]]:
     return chunks
 
 
-async def run(name: str, store: ReadingStore, workdir: Path, chunks: list[list[Reading]], batch: int) -> None:
+async def alone(store: ReadingStore, chunks: list[list[Reading]], batch: int) -> float:
+    """The limit: values/s of the same values written straight to a fresh store, in batches
+    of `batch`, no outbox and no writer."""
+    await store.open()
+    values = [r for c in chunks for r in c]
+    began = time.perf_counter()
+    for first in range(0, len(values), batch):
+        await store.write(values[first : first + batch])
+    took = time.perf_counter() - began
+    await store.close()
+    return len(values) / took
+
+
+async def run(name: str, store: ReadingStore, workdir: Path, chunks: list[list[Reading]], batch: int,
+              fresh: ReadingStore) -> None:  # fmt: skip
     await store.open()
     outbox = Outbox(workdir / f"{name}-outbox.sqlite")
     writer = BatchWriter(outbox, store, batch_size=batch)
@@ -70,12 +86,14 @@ async def run(name: str, store: ReadingStore, workdir: Path, chunks: list[list[R
         got += len(await store.query(f"BENCH-{m:04d}", IMPORT, T0, T0 + timedelta(days=3650)))
     t_query = time.perf_counter() - t1
     assert got == total, f"{name}: {got} of {total} values came back"
-    print(
-        f"{name:8s} {total:>8d} values  accept {total / t_accept:>9.0f}/s  "
-        f"end-to-end {total / t_all:>9.0f}/s  query {total / t_query:>9.0f}/s"
-    )
     await store.close()
     outbox.close()
+    limit = await alone(fresh, chunks, batch)
+    print(
+        f"{name:8s} {total:>8d} values  accept {total / t_accept:>9.0f}/s  "
+        f"end-to-end {total / t_all:>9.0f}/s  query {total / t_query:>9.0f}/s  "
+        f"limit (same run, the store alone) {limit:>9.0f}/s  ratio {total / t_all / limit:.2f}"
+    )
 
 
 async def main() -> None:
@@ -92,8 +110,10 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with InfluxServer(work / "influxd") as influx:
-            await run("influxdb", InfluxStore(influx.url, "bench"), work, chunks, args.batch)
-        await run("sqlite", SqliteStore(work / "readings.sqlite"), work, chunks, args.batch)
+            await run("influxdb", InfluxStore(influx.url, "bench"), work, chunks, args.batch,
+                      InfluxStore(influx.url, "alone"))  # fmt: skip
+        await run("sqlite", SqliteStore(work / "readings.sqlite"), work, chunks, args.batch,
+                  SqliteStore(work / "alone.sqlite"))  # fmt: skip
 
 
 if __name__ == "__main__":
