@@ -11,10 +11,13 @@ from headend.model import Reading, parse_obis
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def duration_ns(d: timedelta) -> int:
+    # Exact integer arithmetic: total_seconds() goes through a float and loses microseconds.
+    return (d.days * 86_400 + d.seconds) * 1_000_000_000 + d.microseconds * 1_000
+
+
 def to_ns(ts: datetime) -> int:
-    # Exact integer arithmetic: timestamp() goes through a float and loses microseconds.
-    delta = ts - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+    return duration_ns(ts - _EPOCH)
 
 
 def from_ns(ns: int) -> datetime:

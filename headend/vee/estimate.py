@@ -19,9 +19,9 @@ from statistics import mean
 
 import numpy as np
 
-from headend.storage.codec import to_ns
+from headend.storage.codec import duration_ns, to_ns
 from headend.vee.rules import BITS, HARD_BITS, Context, in_outage, runs_of
-from headend.vee.series import ACTUAL, ESTIMATED, Mask, Series, ns_of, without_missing
+from headend.vee.series import ACTUAL, ESTIMATED, Mask, Series, without_missing
 
 WEEK = timedelta(weeks=1)
 
@@ -100,7 +100,7 @@ def _like_day(series: Series, first: int, last: int, ctx: Context) -> tuple[list
     history = ctx.history
     if history is None:
         return None, ""
-    week = ns_of(WEEK)
+    week = duration_ns(WEEK)
     shape: list[float] = []
     for t in series.t[first : last + 1].tolist():
         seen = []

@@ -24,8 +24,9 @@ from numpy.typing import NDArray
 
 from headend.config import Meter, VeeConfig
 from headend.model import CLOCK_INVALID_BIT, POWER_DOWN_BIT, Quality, meter_status
-from headend.storage.codec import from_ns, to_ns
-from headend.vee.series import ESTIMATED, Exchange, Mask, Series, Times, ns_of
+from headend.storage.codec import duration_ns, from_ns, to_ns
+from headend.timegrid import boundaries_ns, ceil_ns
+from headend.vee.series import ESTIMATED, Exchange, Mask, Series, Times
 
 CODES: dict[str, str] = {
     "gap": Quality.MISSING.value,  # 2.5.259
@@ -157,7 +158,7 @@ def rollback(series: Series, ctx: Context) -> None:
     modulus = 10.0**ctx.meter.register_digits * ctx.multipliers(t1)
     back = (rv[1:] < rv[:-1]) & ~(rv[:-1] - rv[1:] > modulus / 2)
     step_ns = series.step_ns
-    ends = -((-t1[back]) // step_ns) * step_ns
+    ends = ceil_ns(t1[back], step_ns)
     k = (ends - series.t[0]) // step_ns
     flag(series, k[(k >= 0) & (k < len(series))], "rollback")
 
@@ -240,16 +241,6 @@ def multiplier(series: Series, ctx: Context) -> None:
 # -- day rules: run on the values after estimation ---------------------------------------
 
 
-def _boundaries(t: Times, step_ns: int) -> tuple[Times, Mask]:
-    """The boundary each read stands for, and whether it is within a tenth of an interval of it
-    (reads are stamped when taken, a few seconds after the boundary)."""
-    n = np.floor_divide(2 * t + step_ns, 2 * step_ns)  # round half up
-    exact = (2 * t) % (2 * step_ns) == step_ns  # exactly half-way: Python rounds to even
-    n = np.where(exact & (n % 2 == 1), n - 1, n)
-    boundary = n * step_ns
-    return boundary, np.abs(t - boundary) * 10 <= step_ns
-
-
 def sum_check(series: Series, ctx: Context) -> None:
     """Between two register reads on interval boundaries, the intervals must add up to the
     register difference, within max(N register digits, share of the difference) per day."""
@@ -257,7 +248,9 @@ def sum_check(series: Series, ctx: Context) -> None:
         return
     step_ns = series.step_ns
     rt, rv = series.registers
-    boundary, near = _boundaries(rt, step_ns)
+    # A register read within a tenth of an interval of a boundary counts for it (reads are
+    # stamped when taken, a few seconds after the boundary).
+    boundary, near = boundaries_ns(rt, step_ns, duration_ns(series.step / 10))
     boundary, reads = boundary[near], rv[near]
     first = np.ones(len(boundary), np.bool_)  # of reads for one boundary in a row, the first
     first[1:] = boundary[1:] != boundary[:-1]
@@ -290,7 +283,7 @@ def sum_check(series: Series, ctx: Context) -> None:
         if not span or any(v != v for v in span):  # NaN: an interval without a value
             continue
         difference = r1 - r0
-        days_spanned = max(1.0, (b1 - b0) / ns_of(DAY))
+        days_spanned = max(1.0, (b1 - b0) / duration_ns(DAY))
         digits = resolution * ctx.multiplier_at(from_ns(b1))
         if abs(sum(span) - difference) > max(digits, share * abs(difference)) * days_spanned:
             series.flags[p0 + 1 : p1 + 1] |= BITS["sum_check"]

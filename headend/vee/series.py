@@ -21,9 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headend.model import Quality
-from headend.storage.codec import to_ns
+from headend.storage.codec import duration_ns, to_ns
 from headend.storage.columns import Columns
-from headend.timegrid import floor_to
+from headend.timegrid import ceil_ns, floor_to
 
 Times = NDArray[np.int64]
 Floats = NDArray[np.float64]
@@ -32,10 +32,6 @@ Mask = NDArray[np.bool_]
 ACTUAL, SUSPECT, MISSING, ESTIMATED, EDITED = range(5)
 STATUS = ("actual", "suspect", "missing", "estimated", "edited")
 _MISSING = Quality.MISSING.value
-
-
-def ns_of(d: timedelta) -> int:
-    return (d.days * 86_400 + d.seconds) * 1_000_000_000 + d.microseconds * 1_000
 
 
 @dataclass(frozen=True)
@@ -116,7 +112,7 @@ class Series:
 
     @property
     def step_ns(self) -> int:
-        return ns_of(self.step)
+        return duration_ns(self.step)
 
     def usable(self) -> Mask:
         """Actual values no rule has failed: what estimation may lean on."""
@@ -147,7 +143,7 @@ def grid(start: datetime, end: datetime, step: timedelta) -> Times:
     """The interval ends in (start, end], as epoch ns."""
     first = floor_to(start, step) + step
     n = (end - first) // step + 1 if end >= first else 0
-    return to_ns(first) + ns_of(step) * np.arange(n, dtype=np.int64)
+    return to_ns(first) + duration_ns(step) * np.arange(n, dtype=np.int64)
 
 
 @dataclass
@@ -169,7 +165,7 @@ def _place(columns: Columns, t: Times, step_ns: int, qualities: Qualities) -> _P
     if not len(columns) or not n:
         return placed
     ts = columns.ts
-    ends = -((-ts) // step_ns) * step_ns  # the interval end each stamp falls in
+    ends = ceil_ns(ts, step_ns)  # the interval end each stamp falls in
     slot = (ends - t[0]) // step_ns
     inside = (slot >= 0) & (slot < n)
     placed.misaligned[slot[inside & (ts != ends)]] = True
@@ -209,7 +205,7 @@ def build(
     interval before `start` so the first slot has a value. `register_modulus` (meter side,
     10**digits) tells a rollover from a rollback."""
     t = grid(start, end, step)
-    n, step_ns = len(t), ns_of(step)
+    n, step_ns = len(t), duration_ns(step)
     qualities = Qualities()
     missing = qualities.number((_MISSING,))
     rollover = np.zeros(n, np.bool_)
@@ -230,7 +226,7 @@ def build(
             rollover = wrapped & has & previous
         exchanged = np.zeros(n, np.bool_)
         for x in sorted(exchanges or [], key=lambda x: x.t):
-            k = -((-to_ns(x.t)) // step_ns) * step_ns  # the first exchange in an interval counts
+            k = ceil_ns(to_ns(x.t), step_ns)  # the first exchange in an interval counts
             if n and 0 <= (i := (k - int(t[0])) // step_ns) < n and not exchanged[i]:
                 exchanged[i] = True
                 value[i] = cur[i] - x.baseline * x.multiplier

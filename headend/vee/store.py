@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from headend.model import Obis
-from headend.storage.codec import from_ns, to_ns
+from headend.storage.codec import duration_ns, from_ns, to_ns
 from headend.storage.sqlite_db import DurableStore, write_transaction
 from headend.vee.series import Exchange
 
@@ -81,10 +81,6 @@ class Version:
     author: str
     reason: str
     created: datetime
-
-
-def to_ns_delta(d: timedelta) -> int:
-    return int(d / timedelta(microseconds=1)) * 1000
 
 
 class VeeStore(DurableStore):
@@ -166,7 +162,7 @@ class VeeStore(DurableStore):
                 row = self._db.execute("SELECT attempts, last_ns FROM rereads WHERE meter = ? AND gap_start = ?",
                                        (meter, to_ns(gap))).fetchone()  # fmt: skip
                 done, last = row if row else (0, 0)
-                if done >= attempts or (done and now_ns < last + to_ns_delta(spacing) * 2 ** (done - 1)):
+                if done >= attempts or (done and now_ns < last + duration_ns(spacing) * 2 ** (done - 1)):
                     continue
                 self._db.execute("INSERT OR REPLACE INTO rereads VALUES (?, ?, ?, ?)",
                                  (meter, to_ns(gap), done + 1, now_ns))  # fmt: skip
