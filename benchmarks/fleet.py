@@ -18,11 +18,12 @@ import platform
 import resource
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
+from limits import dlms_sessions_alone
+
 from headend.config import parse_config
-from headend.model import IMPORT_ENERGY, Obis
 from headend.protocols.dlms.client import DlmsSession
 from headend.registry import Registry
 from headend.scheduler.engine import PollingEngine
@@ -30,33 +31,6 @@ from headend.storage.outbox import Outbox
 from simulators import launch
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILE = Obis(1, 0, 99, 1, 0)
-
-
-async def sessions_alone(ports: dict[str, int], concurrency: int, seconds: float) -> float:
-    """The limit: meters/s of the same DLMS sessions (LLS, clock, a day of profile, the import
-    register, release) with no engine and no outbox, `concurrency` at a time."""
-    deadline = time.perf_counter() + seconds
-    meters = list(ports)
-    done = 0
-
-    async def worker(k: int) -> None:
-        nonlocal done
-        i = k
-        while time.perf_counter() < deadline:
-            m = meters[i % len(meters)]
-            async with DlmsSession.tcp_wrapper("127.0.0.1", ports[m], m, authentication="lls",
-                                               password=b"12345678") as session:  # fmt: skip
-                now = datetime.now(UTC)
-                await session.read_clock()
-                await session.read_profile(PROFILE, now - timedelta(days=1), now)
-                await session.read_registers([IMPORT_ENERGY])
-            done += 1
-            i += concurrency
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return done / (time.perf_counter() - began)
 
 
 async def main() -> None:
@@ -103,7 +77,7 @@ async def main() -> None:
         elapsed = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         outbox.close()
-    limit = await sessions_alone(ports, args.concurrency, min(args.seconds, 15.0))
+    limit = await dlms_sessions_alone(ports, args.concurrency, min(args.seconds, 15.0))
     sim.terminate()
     await sim.wait()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)

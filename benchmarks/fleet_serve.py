@@ -20,20 +20,17 @@ import os
 import platform
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-from serving import start_serve, until_healthy
+from limits import PASSWORD, dlms_sessions_alone
+from serving import metric, start_serve, until_healthy
 
 from headend.localservers import free_port
-from headend.model import IMPORT_ENERGY, Obis
-from headend.protocols.dlms.client import DlmsSession
+from headend.model import IMPORT_ENERGY
 from simulators import launch
 
-PASSWORD = "12345678"
 POLL = 0.5
-PROFILE = Obis(1, 0, 99, 1, 0)
 
 
 def site(work: Path, api: int, ports: list[int]) -> str:
@@ -60,38 +57,11 @@ history = "1d"
 {links}{meters}"""
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(name) and (not want or want in line):
-            return float(line.split()[-1])
-    return 0.0
-
-
-async def sessions_alone(ports: list[int], sessions: int) -> float:
-    """Meters/s for the DLMS sessions alone: the same reads, no engine, no outbox."""
-    queue = list(enumerate(ports))
-    now = datetime.now(UTC)
-
-    async def worker() -> None:
-        while queue:
-            i, port = queue.pop()
-            async with DlmsSession.tcp_wrapper("127.0.0.1", port, f"D{i}", authentication="lls",
-                                               password=PASSWORD.encode()) as session:  # fmt: skip
-                await session.read_clock()
-                await session.read_profile(PROFILE, now - timedelta(days=1), now)
-                await session.read_registers([IMPORT_ENERGY])
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(sessions)))
-    return len(ports) / (time.perf_counter() - began)
-
-
 async def run(work: Path, meters: int, sessions: int) -> None:
     sim, ports = await launch.dlms_meters(meters)
     api = free_port()
     (work / "site.toml").write_text(site(work, api, ports))
-    os.environ["FLEET_PASSWORD"] = PASSWORD
+    os.environ["FLEET_PASSWORD"] = PASSWORD.decode()
     serve = await start_serve(work / "site.toml", log=work / "serve.log")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=30) as client:
@@ -117,7 +87,7 @@ async def run(work: Path, meters: int, sessions: int) -> None:
     finally:
         serve.terminate()
         await serve.wait()
-    limit = await sessions_alone(ports, sessions)
+    limit = await dlms_sessions_alone({f"D{i}": port for i, port in enumerate(ports)}, sessions)
     sim.terminate()
     await sim.wait()
     # The first read's own time counts too: it started about one read before it finished.

@@ -5,7 +5,7 @@ simulator in its own process (`python -m simulators.mqtt_concentrator --backlog-
 which publishes D days of 15-minute intervals of K x N meters at once), and the head-end's
 ConcentratorLink -> outbox -> batch writer -> InfluxStore in this process. Reports values/s
 from the first message to the last value confirmed by InfluxDB, and the limit it is compared
-with, measured in the same run: influxd taking the same points (benchmarks/serve_ingest.py).
+with, measured in the same run: influxd taking the same points (benchmarks/limits.py).
 
     python benchmarks/mqtt_ingest.py [--concentrators 10] [--meters 100] [--days 1]
 """
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_ingest import limit
+from limits import influxd_ingest
 
 from headend.localservers import InfluxServer, MosquittoServer
 from headend.protocols.mqtt import ConcentratorLink
@@ -65,7 +65,7 @@ async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, inf
         f"{args.concentrators} concentrators x {args.meters} meters x {args.days:g} day(s) = {total} values: "
         f"accepted (durable) {total / t_accept:,.0f}/s, in InfluxDB {total / t_all:,.0f}/s"
     )
-    influxd = await limit(influx.url, total)
+    influxd = await influxd_ingest(influx.url, total)
     print(f"  limit (same run): influxd takes the same points at {influxd:,.0f}/s (line protocol made beforehand, "
           f"2 writers); ratio {total / t_all / influxd:.2f}")  # fmt: skip
     await store.close()

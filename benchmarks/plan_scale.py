@@ -24,30 +24,19 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from serving import ROOT, start_serve, until_healthy
+from serving import metric, start_serve, until_healthy
 
 from headend.localservers import free_port
 from headend.storage.outbox import Outbox
+from simulators import launch
 
 POLL = 5.0
 BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-
-async def start_gateway(units: int) -> tuple[int, asyncio.subprocess.Process]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "simulators.modbus_meter", "--map", "sim-relay-meter", "--units", f"1-{units}",
-        "--tcp", f"127.0.0.1:{port}", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    await proc.stdout.readline()  # printed once it listens
-    return port, proc
 
 
 def site(work: Path, api: int, ports: list[int], per_gateway: int) -> str:
@@ -75,18 +64,8 @@ def cursors_present(path: Path, meters: list[str]) -> None:
     outbox.close()
 
 
-def samples(text: str, name: str) -> dict[str, float]:
-    """`name`'s samples by their label text ("" when it has none)."""
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            head, value = line.rsplit(" ", 1)
-            out[head[len(name) :]] = float(value)
-    return out
-
-
 async def run(work: Path, gateways: int, real: int, per_gateway: int, keep_log: Path | None) -> None:
-    sims = [await start_gateway(per_gateway) for _ in range(real)]
+    sims = [await launch.modbus_meters(per_gateway) for _ in range(real)]
     ports = [port for port, _ in sims] + [free_port() for _ in range(gateways - real)]
     meters = [f"M{g}-{u}" for g in range(gateways) for u in range(1, per_gateway + 1)]
     api = free_port()
@@ -103,7 +82,7 @@ async def run(work: Path, gateways: int, real: int, per_gateway: int, keep_log: 
                 asked = time.perf_counter()
                 text = (await client.get("/metrics")).text
                 scrapes.append(time.perf_counter() - asked)
-                if samples(text, "headend_plan_last_run_finished_timestamp_seconds"):
+                if metric(text, "headend_plan_last_run_finished_timestamp_seconds", plan="boundary"):
                     break
                 await asyncio.sleep(POLL)
     finally:
@@ -114,14 +93,13 @@ async def run(work: Path, gateways: int, real: int, per_gateway: int, keep_log: 
         for _port, proc in sims:
             proc.terminate()
             await proc.wait()
-    reads = samples(text, "headend_meter_reads_total")
-    ok = sum(v for k, v in reads.items() if 'result="ok"' in k)
-    failed = sum(v for k, v in reads.items() if 'result="ok"' not in k)
-    buckets = samples(text, "headend_event_loop_lag_seconds_bucket")
-    count = samples(text, "headend_event_loop_lag_seconds_count")[""]
-    worst = samples(text, "headend_event_loop_lag_max_seconds")[""]
-    p99 = next(b for b in BUCKETS if buckets[f'{{le="{b}"}}'] >= 0.99 * count)
-    p50 = next(b for b in BUCKETS if buckets[f'{{le="{b}"}}'] >= 0.5 * count)
+    ok = metric(text, "headend_meter_reads_total", plan="boundary", result="ok")
+    failed = sum(metric(text, "headend_meter_reads_total", plan="boundary", result=r) for r in ("failed", "skipped"))
+    count = metric(text, "headend_event_loop_lag_seconds_count")
+    worst = metric(text, "headend_event_loop_lag_max_seconds")
+    under = {b: metric(text, "headend_event_loop_lag_seconds_bucket", le=str(b)) for b in BUCKETS}
+    p99 = next(b for b in BUCKETS if under[b] >= 0.99 * count)
+    p50 = next(b for b in BUCKETS if under[b] >= 0.5 * count)
     print(f"{platform.python_implementation()} {platform.python_version()}; {os.cpu_count()} cores; "
           f"{len(meters):,} meters on {gateways} Modbus TCP gateways ({real} real, {per_gateway * real:,} meters "
           f"read; the rest down); {2 * len(meters):,} cursor rows")  # fmt: skip

@@ -24,18 +24,17 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-from serving import start_serve, until_healthy
+from limits import influxd_ingest
+from serving import metric, start_serve, until_healthy
 
 from headend.localservers import InfluxServer, MosquittoServer, free_port
-from headend.model import IMPORT_INTERVAL, Reading
-from headend.storage import series
+from headend.model import IMPORT_INTERVAL
 from headend.storage.codec import to_ns
-from headend.storage.influx import series_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,33 +60,9 @@ port = {broker}
 {body}"""
 
 
-async def limit(influx_url: str, total: int) -> float:
-    """Values/s influxd itself takes the same points at: the line protocol the head-end would
-    write for them, made beforehand, posted in batches of 5,000 by two writers at once."""
-    async with httpx.AsyncClient(base_url=influx_url, timeout=60) as client:
-        await client.post("/query", params={"q": 'CREATE DATABASE "limit"'})
-        t0, per_meter = datetime(2026, 3, 9, tzinfo=UTC), 96
-        readings = [Reading(f"m{i // per_meter:05d}", IMPORT_INTERVAL, t0 + timedelta(minutes=15 * (i % per_meter + 1)),
-                            0.123, raw=123, scaler=-3, unit="kWh", source="mqtt/dc-000")
-                    for i in range(total)]  # fmt: skip
-        lines = [line for s in series.of_readings(readings) for line in series_lines(s)]
-        bodies = ["\n".join(lines[i : i + 5000]).encode() for i in range(0, total, 5000)]
-        began = time.perf_counter()
-
-        async def writer(part: list[bytes]) -> None:
-            for body in part:
-                response = await client.post("/write", params={"db": "limit", "precision": "ns"}, content=body)
-                response.raise_for_status()
-
-        await asyncio.gather(writer(bodies[0::2]), writer(bodies[1::2]))
-        return total / (time.perf_counter() - began)
-
-
 async def written(client: httpx.AsyncClient) -> int:
     """Values serve's writer has had confirmed by InfluxDB (cheap to ask, unlike a count)."""
-    text = (await client.get("/metrics")).text
-    return int(float(next(line.split()[-1] for line in text.splitlines()
-                          if line.startswith("headend_writer_written_readings "))))  # fmt: skip
+    return int(metric((await client.get("/metrics")).text, "headend_writer_written_readings"))
 
 
 async def check(influx_url: str, summary: dict[str, Any]) -> int:
@@ -157,7 +132,7 @@ async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, inf
         serve.terminate()
         await serve.wait()
     meters = await check(influx.url, json.loads(summary_file.read_text()))
-    store_limit = await limit(influx.url, total)
+    store_limit = await influxd_ingest(influx.url, total)
     start = publishing.result()
     rate = values / (done - start)
     print(f"{args.concentrators} concentrators x {args.meters} meters x {args.days:g} day(s) = {total:,} interval "

@@ -22,6 +22,15 @@ async def start_serve(config: Path, *, log: Path, python_args: tuple[str, ...] =
         )  # fmt: skip
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """The first sample of `name` in a /metrics answer whose labels include `labels` (0.0: none)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name) and (not want or want in line):
+            return float(line.split()[-1])
+    return 0.0
+
+
 async def until_healthy(client: httpx.AsyncClient, serve: asyncio.subprocess.Process, log: Path) -> None:
     while True:
         if serve.returncode is not None:

@@ -30,7 +30,6 @@ import asyncio
 import collections
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -51,24 +50,13 @@ from headend.switching.engine import SwitchingEngine
 from headend.switching.journal import CommandJournal, CommandState
 from headend.switching.policy import SwitchingPolicy
 from headend.switching.runner import CommandRunner
+from simulators import launch
 
-ROOT = Path(__file__).resolve().parent.parent
 MONDAY_10 = datetime(2026, 3, 9, 10, 0, tzinfo=UTC)
 
 
-async def start_line(units: int, *extra: str) -> tuple[int, asyncio.subprocess.Process]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "simulators.modbus_meter", "--map", "sim-relay-meter", "--units", f"1-{units}",
-        "--tcp", f"127.0.0.1:{port}", *extra, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    await proc.stdout.readline()  # printed once it listens
-    return port, proc
-
-
 async def throughput(args: argparse.Namespace) -> None:
-    lines = [await start_line(args.per_line) for _ in range(args.lines)]
+    lines = [await launch.modbus_meters(args.per_line) for _ in range(args.lines)]
     meter_map = shipped_maps()["sim-relay-meter"]
     links = [ModbusLink.tcp("127.0.0.1", port, timeout=2) for port, _ in lines]
     where: dict[str, tuple[ModbusLink, int]] = {}
@@ -160,36 +148,43 @@ async def _reconnect(client: httpx.AsyncClient, meter: str, reference: str) -> f
         await asyncio.sleep(0.01)  # polling the API for the outcome
 
 
-async def reconnect_under_load(args: argparse.Namespace) -> None:
-    lines = [await start_line(args.per_line) for _ in range(args.lines)]
-    paying = 100
-    lines.append(await start_line(paying, "--disconnected", f"1-{paying}"))
-    body = "".join(f"""[[links]]
-id = "line{li}"
-kind = "tcp"
-protocol = "modbus-tcp"
-host = "127.0.0.1"
-port = {port}
-timeout = "2s"
-""" for li, (port, _) in enumerate(lines))
+PAYING = 100  # customers already cut off, on a line of their own, who pay during a run
+
+
+async def _lines(count: int, per_line: int) -> list[tuple[int, asyncio.subprocess.Process]]:
+    """`count` lines of `per_line` relay meters, then the paying customers' line (all cut off)."""
+    lines = list(await asyncio.gather(*(launch.modbus_meters(per_line) for _ in range(count))))
+    return [*lines, await launch.modbus_meters(PAYING, "--disconnected", f"1-{PAYING}")]
+
+
+def _site(lines: list[tuple[int, asyncio.subprocess.Process]], per_line: int) -> str:
+    """The links and meters of `_lines` for serve's site file (line i's unit u is "Li-Uuuu")."""
+    body = "".join(f'[[links]]\nid = "line{li}"\nkind = "tcp"\nprotocol = "modbus-tcp"\nhost = "127.0.0.1"\n'
+                   f'port = {port}\ntimeout = "2s"\n' for li, (port, _) in enumerate(lines))  # fmt: skip
     for li in range(len(lines)):
-        units = paying if li == len(lines) - 1 else args.per_line
+        units = PAYING if li == len(lines) - 1 else per_line
         body += "".join(f'[[meters]]\nid = "L{li}-U{u:03d}"\nlink = "line{li}"\naddress = {u}\n'
                         f'map = "sim-relay-meter"\n' for u in range(1, units + 1))  # fmt: skip
+    return body
+
+
+async def reconnect_under_load(args: argparse.Namespace) -> None:
+    lines = await _lines(args.lines, args.per_line)
+    body = _site(lines, args.per_line)
     last = len(lines) - 1
     with tempfile.TemporaryDirectory() as tmp:
         proc, client, _token = await _serve(Path(tmp), body)
         try:
             print(f"{platform.python_implementation()} {platform.python_version()}; headend serve (default "
                   f"switching settings), {args.lines * args.per_line} meters on {args.lines} Modbus TCP lines, "
-                  f"{paying} cut-off customers on another")  # fmt: skip
+                  f"{PAYING} cut-off customers on another")  # fmt: skip
             idle = [await _reconnect(client, f"L{last}-U{u:03d}", f"idle-{u}") for u in range(1, 21)]
             bulk = [{"meter": f"L{li}-U{u:03d}", "action": "disconnect", "reason": "arrears run"}
                     for li in range(args.lines) for u in range(1, args.per_line + 1)]  # fmt: skip
             r = await client.post("/commands/bulk", json={"commands": bulk})
             assert all(x["status"] == 202 for x in r.json()["results"]), "the bulk was not taken on"
             loaded = []
-            for u in range(21, paying + 1):
+            for u in range(21, PAYING + 1):
                 loaded.append(await _reconnect(client, f"L{last}-U{u:03d}", f"busy-{u}"))
                 await asyncio.sleep(0.1)  # customers pay one after another
             queued = len((await client.get("/commands", params={"state": "queued", "limit": 1000})).json()["commands"])
@@ -228,16 +223,8 @@ async def paced(args: argparse.Namespace) -> None:
     """`--lines` lines of `--per-line` relay meters, every one disconnected in one bulk request
     with serve's pacing at `--rate` disconnects per link and minute (a burst of `--rate`, then
     one every 60/rate s), while customers on another line pay one after another."""
-    lines = list(await asyncio.gather(*(start_line(args.per_line) for _ in range(args.lines))))
-    paying = 100
-    lines.append(await start_line(paying, "--disconnected", f"1-{paying}"))
-    body = f"disconnects_per_link_per_minute = {args.rate}\n" + "".join(
-        f'[[links]]\nid = "line{li}"\nkind = "tcp"\nprotocol = "modbus-tcp"\nhost = "127.0.0.1"\nport = {port}\n'
-        'timeout = "2s"\n' for li, (port, _) in enumerate(lines))  # fmt: skip
-    for li in range(len(lines)):
-        units = paying if li == len(lines) - 1 else args.per_line
-        body += "".join(f'[[meters]]\nid = "L{li}-U{u:03d}"\nlink = "line{li}"\naddress = {u}\n'
-                        f'map = "sim-relay-meter"\n' for u in range(1, units + 1))  # fmt: skip
+    lines = await _lines(args.lines, args.per_line)
+    body = f"disconnects_per_link_per_minute = {args.rate}\n" + _site(lines, args.per_line)
     last = len(lines) - 1
     bulk = [{"meter": f"L{li}-U{u:03d}", "action": "disconnect", "reason": "arrears run"}
             for li in range(args.lines) for u in range(1, args.per_line + 1)]  # fmt: skip
@@ -249,7 +236,7 @@ async def paced(args: argparse.Namespace) -> None:
             reconnects: list[float] = []
             u = 0
             while await _commands(client, _OPEN):
-                if u < paying:
+                if u < PAYING:
                     u += 1
                     reconnects.append(await _reconnect(client, f"L{last}-U{u:03d}", f"paid-{u}"))
                 await asyncio.sleep(0.5)  # customers pay one after another; polling the API meanwhile
