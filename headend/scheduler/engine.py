@@ -176,10 +176,15 @@ class PollingEngine:
         loop = asyncio.get_running_loop()
         deadline = None if deadline_s is None else loop.time() + deadline_s
 
+        def given_up(meter_id: str) -> MeterResult:
+            result = MeterResult(meter_id, ok=False, error=f"plan deadline ({deadline_s:g} s) passed before the "
+                                 "read finished")  # fmt: skip
+            log.warning("%s: %s", meter_id, result.error)
+            return result
+
         async def one(meter_id: str) -> MeterResult:
-            error = f"plan deadline ({deadline_s or 0:g} s) passed before the read finished"
             if deadline is not None and loop.time() >= deadline:
-                result = MeterResult(meter_id, ok=False, error=error)  # still in line: no session opened
+                result = given_up(meter_id)  # still in line: no session opened
             elif self.stopping:
                 result = MeterResult(meter_id, ok=False, error="server stopping: not read this run")
             else:
@@ -187,9 +192,7 @@ class PollingEngine:
                     async with asyncio.timeout_at(deadline):
                         result = await self.read_meter(meter_id, plan, now, lane)
                 except TimeoutError:
-                    result = MeterResult(meter_id, ok=False, error=error)
-            if result.error == error:
-                log.warning("%s: %s", meter_id, result.error)
+                    result = given_up(meter_id)
             if on_result is not None:
                 on_result(result)
             return result
