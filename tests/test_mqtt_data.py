@@ -188,6 +188,14 @@ def test_a_time_past_microseconds_is_refused_by_both_decoders(t: str) -> None:
     assert lean_readings(payload, 1.0) is None and schema_readings(payload, 1.0) is None
 
 
+@given(st.lists(st.sampled_from(["1", "23", ":", ".", "4567", '"', "T", "00:00:00.1234567", ":59.9999999"]),
+                max_size=12).map("".join))
+@settings(max_examples=500)
+def test_the_fast_search_for_sub_microsecond_times_finds_what_the_whole_pattern_finds(text: str) -> None:
+    payload = text.encode()
+    assert mqtt_data._sub_microsecond(payload) == bool(mqtt_data._SUB_MICROSECOND.search(payload))
+
+
 @pytest.mark.parametrize("code", ["1.0.1\n", "\u0661.\u0660.\u0661", "2.5.259 "])
 def test_a_quality_code_is_ascii_digits_and_nothing_else(code: str) -> None:
     block = {"meter": "M1", "kind": "interval", "channel": "1-0:1.29.0.255",

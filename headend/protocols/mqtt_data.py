@@ -65,11 +65,18 @@ _decoder = msgspec.json.Decoder(DataMessage)
 
 #: A time with more than microseconds: msgspec would round it, pydantic truncate; refused.
 _SUB_MICROSECOND = re.compile(rb"\d\d:\d\d:\d\d\.\d{7}")
+#: Its tail, which starts with a literal the regex engine finds fast: searching a message for
+#: the whole pattern took 1.3 µs a value, more than decoding it.
+_SUB_MICROSECOND_TAIL = re.compile(rb":\d\d\.\d{7}")
+
+
+def _sub_microsecond(payload: bytes) -> bool:
+    return any(_SUB_MICROSECOND.match(payload, max(0, m.start() - 5)) for m in _SUB_MICROSECOND_TAIL.finditer(payload))
 
 
 def decode(payload: bytes) -> DataMessage:
     """The message, or ValueError naming what is wrong with it."""
-    if _SUB_MICROSECOND.search(payload):
+    if _sub_microsecond(payload):
         raise ValueError("a time with more than 6 decimals of a second (at most microseconds)")
     try:
         data = _decoder.decode(payload)
