@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -319,3 +321,25 @@ async def test_text_that_is_not_unicode_gets_a_422_not_a_500(api: Api, body: str
     r = await api.client.post("/meters/C-1/commands", content=body,
                               headers={**api.auth("chief"), "content-type": "application/json"})  # fmt: skip
     assert r.status_code == 422 and "valid Unicode" in r.text
+
+
+async def test_a_slow_journal_disk_never_holds_up_the_event_loop(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every admission is an fsynced transaction; on a slow or busy disk that takes long. It
+    runs in the journal's thread: while a bulk waits for the disk, the server answers."""
+    journal = api.runner.engine.journal
+    entered, disk = threading.Event(), threading.Event()
+    create = journal.create
+
+    def slow_create(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert disk.wait(30), "the test never let the disk go on"
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(journal, "create", slow_create)
+    bulk = asyncio.create_task(api.client.post("/commands/bulk", headers=api.auth("anna"), json={"commands": [
+        {"meter": m, "action": "disconnect", "reason": "arrears run"} for m in ("C-1", "C-2")]}))  # fmt: skip
+    assert await asyncio.to_thread(entered.wait, 30)
+    assert (await api.client.get("/health")).status_code == 200  # the disk is still "writing"
+    assert not bulk.done()
+    disk.set()
+    assert [r["status"] for r in (await bulk).json()["results"]] == [202, 202]

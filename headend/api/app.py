@@ -4,7 +4,6 @@ Every call needs `Authorization: Bearer <token>`; roles decide what it may do. B
 gets a 4xx with a reason (422 lists the fields), never a 500.
 """
 
-import asyncio
 import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -125,12 +124,14 @@ def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStor
     Billing = Annotated[Principal, Depends(require_roles(tokens, "billing"))]
     Reader = Annotated[Principal, Depends(authenticated(tokens))]
 
-    def submit(meter: str, action: str, who: Principal, why: str, key: str | None, override: str | None = None,
-               defer: bool = True) -> tuple[int, dict[str, Any]]:  # fmt: skip
-        """The one admission path of every switching request: (HTTP status, body)."""
+    async def submit(meter: str, action: str, who: Principal, why: str, key: str | None, override: str | None = None,
+                     defer: bool = True) -> tuple[int, dict[str, Any]]:  # fmt: skip
+        """The one admission path of every switching request: (HTTP status, body). Journaled
+        (fsynced) in the engine's journal thread, taken on by the runner here on the loop."""
         try:
-            admitted = engine.request(meter, RelayAction(action), who=who.name, why=why, roles=who.roles,
-                                      idempotency_key=key, override_reason=override, defer=defer)  # fmt: skip
+            admitted = await engine.off_loop(engine.request, meter, RelayAction(action), who=who.name, why=why,
+                                             roles=who.roles, idempotency_key=key, override_reason=override,
+                                             defer=defer)  # fmt: skip
         except UnknownMeter as exc:
             return 404, {"meter": meter, "code": "unknown_meter", "detail": str(exc)}
         except IdempotencyConflict as exc:
@@ -155,20 +156,18 @@ def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStor
     async def create_command(meter_id: str, body: CommandIn, who: Operator) -> JSONResponse:
         """202: taken on (queued, deferred or awaiting approval); 200: the same idempotency key
         again; 403/409/422 with `code` and `detail`: not accepted."""
-        return answer(*submit(meter_id, body.action, who, body.reason, body.idempotency_key, body.override,
-                              body.defer))  # fmt: skip
+        return answer(*await submit(meter_id, body.action, who, body.reason, body.idempotency_key, body.override,
+                                    body.defer))  # fmt: skip
 
     @app.post("/commands/bulk")
     async def bulk(body: BulkIn, who: Operator) -> dict[str, Any]:
         """One result per item, each with its own HTTP status, code and reason."""
         results = []
         for item in body.commands:
-            code, out = submit(item.meter, item.action, who, item.reason, item.idempotency_key, item.override,
-                               item.defer)  # fmt: skip
+            # One admission at a time: a reconnect asked meanwhile waits for one, not for all.
+            code, out = await submit(item.meter, item.action, who, item.reason, item.idempotency_key, item.override,
+                                     item.defer)  # fmt: skip
             results.append({**out, "meter": item.meter, "status": code})
-            # Each admission is journaled (fsynced) on the loop; a turn for the rest between
-            # them, so a bulk of 1,000 holds up a reconnect by one admission, not by all.
-            await asyncio.sleep(0)
         return {"results": results}
 
     @app.post("/commands/{command_id}/approve")
@@ -176,7 +175,7 @@ def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStor
         """Two-person rule: a different principal with the override role lets a protected
         customer's disconnect go ahead (it still waits for a window)."""
         try:
-            command = engine.approve(command_id, who.name, who.roles)
+            command = await engine.off_loop(engine.approve, command_id, who.name, who.roles)
         except JournalError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id}") from None
         except ApprovalError as exc:
@@ -188,10 +187,10 @@ def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStor
     @app.get("/commands/{command_id}")
     async def get_command(command_id: str, _who: Reader) -> dict[str, Any]:
         try:
-            command = engine.journal.get(command_id)
+            command = await engine.off_loop(engine.journal.get, command_id)
         except JournalError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id}") from None
-        return command_json(command, engine.journal.events(command_id))
+        return command_json(command, await engine.off_loop(engine.journal.events, command_id))
 
     @app.get("/commands")
     async def list_commands(
@@ -204,8 +203,9 @@ def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStor
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         """Newest first. `next` is the cursor for the following (older) page: pass it as `before`."""
-        page = engine.journal.page(meter=meter, states=state or (), who=principal, before=before, limit=limit,
-                                   since_ns=None if since is None else int(since.timestamp() * 1e9))  # fmt: skip
+        since_ns = None if since is None else int(since.timestamp() * 1e9)
+        page = await engine.off_loop(engine.journal.page, meter=meter, states=state or (), who=principal,
+                                     before=before, limit=limit, since_ns=since_ns)  # fmt: skip
         return {"commands": [command_json(c) for c in page.commands], "next": page.next_cursor}
 
     @app.post("/billing/events", status_code=202)
@@ -214,7 +214,7 @@ def create_app(engine: SwitchingEngine, runner: CommandRunner, tokens: TokenStor
         payment (reconnect at once; it cancels a disconnect not yet sent). 202 only for what
         was taken on; the reference, per meter and type, is the idempotency key."""
         action = "disconnect" if body.type == "disconnect_for_arrears" else "reconnect"
-        return answer(*submit(body.meter, action, who, f"{body.type} {body.reference}",
-                              f"billing:{body.type}:{body.reference}"))  # fmt: skip
+        return answer(*await submit(body.meter, action, who, f"{body.type} {body.reference}",
+                                    f"billing:{body.type}:{body.reference}"))  # fmt: skip
 
     return app

@@ -6,6 +6,7 @@ Periods are `start < t <= end` in UTC (interval-ending), at most `vee.max_period
 Every interval carries a status; `actual` is only ever a read that passed every rule.
 """
 
+import asyncio
 import csv
 import io
 import json
@@ -256,7 +257,8 @@ def billing_router(vee: VeeService, tokens: TokenStore) -> APIRouter:
     @router.get("/meters/{meter_id}/intervals/versions")
     async def versions(meter_id: str, timestamp: Annotated[Stamp, Query()], _who: Reader) -> dict[str, Any]:
         """Every version of one interval after the read: estimates and edits, who and why."""
-        found = vee.versions.versions(known(meter_id), IMPORT.interval, timestamp - vee.cfg.interval, timestamp)
+        found = await asyncio.to_thread(vee.versions.versions, known(meter_id), IMPORT.interval,
+                                        timestamp - vee.cfg.interval, timestamp)  # fmt: skip
         rows = found.get(timestamp, [])
         return {"meter": meter_id, "timestamp": timestamp.isoformat(), "versions": [
             {"version": v.version, "value": v.value, "status": v.status, "method": v.method,
@@ -268,8 +270,9 @@ def billing_router(vee: VeeService, tokens: TokenStore) -> APIRouter:
         """Record a meter exchange or CT/PT change: the register restarts from `baseline`."""
         meter = known(meter_id)
         try:
-            vee.versions.record_exchange(meter, Exchange(body.timestamp, body.baseline, body.multiplier),
-                                         author=who.name, reason=body.reason)  # fmt: skip
+            await asyncio.to_thread(vee.versions.record_exchange, meter,
+                                    Exchange(body.timestamp, body.baseline, body.multiplier), author=who.name,
+                                    reason=body.reason)  # fmt: skip
         except DuplicateExchange as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         return {"meter": meter, "timestamp": body.timestamp.isoformat(), "by": who.name}

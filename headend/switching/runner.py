@@ -168,7 +168,7 @@ class CommandRunner:
                 self._waiting_deferred.discard(command_id)
                 self._tracked.discard(command_id)
                 with self._guard(command_id):
-                    self._after(self.engine.release_waiting(command_id))
+                    self._after(await self.engine.off_loop(self.engine.release_waiting, command_id))
             now = self.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _due, _n, kind, key = heapq.heappop(self._timers)
@@ -258,9 +258,9 @@ class CommandRunner:
         self._side.add(task)
         task.add_done_callback(self._side.discard)
 
-    def _recover(self) -> None:
-        """The journal's side of a restart (no I/O: fast); read-backs run as tasks."""
-        recovered = self.engine.recover()
+    async def _recover(self) -> None:
+        """The journal's side of a restart (no meter I/O); read-backs run as tasks."""
+        recovered = await self.engine.off_loop(self.engine.recover)
         for command in recovered:
             log.info("after a restart: command %s (%s %s) is %s", command.id, command.action, command.meter,
                      command.state)  # fmt: skip
@@ -274,7 +274,8 @@ class CommandRunner:
         """Take on what the journal holds and start the workers; returns at once (read-backs
         of commands a restart found `sent` go on beside). Recovery comes first: a command the
         new workers claim is never mistaken for one a dead process left."""
-        self._recover()
+        await self._recover()
+
         def worker(queue: asyncio.Queue[str], name: str) -> Callable[[], Awaitable[None]]:
             return lambda: self._work(queue, name)
 
