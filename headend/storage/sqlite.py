@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS readings (
     collected_at INTEGER NOT NULL,
     PRIMARY KEY (kind, meter, channel, ts)
 ) WITHOUT ROWID;
+-- The few rows with quality codes, found without reading the rest: VEE asks for them apart
+-- from the values (a tenth of a validation's time when it scanned the range for them).
+CREATE INDEX IF NOT EXISTS readings_with_quality ON readings (kind, meter, channel, ts) WHERE quality != '';
 """
 
 _COLUMNS = "kind, meter, channel, ts, value, raw, scaler, multiplier, unit, quality, source, collected_at"
@@ -156,8 +159,8 @@ class SqliteStore(ReadingStore):
                 rows = db.execute(f"SELECT ts, ifnull(value, 9e999), multiplier FROM readings WHERE {where} "
                                   "ORDER BY ts", params)  # fmt: skip
                 table = np.fromiter(rows, dtype=_COLUMN_TYPES)
-                coded = db.execute(f"SELECT ts, quality FROM readings WHERE {where} AND quality != ''",
-                                   params).fetchall()  # fmt: skip
+                coded = db.execute(f"SELECT ts, quality FROM readings INDEXED BY readings_with_quality "
+                                   f"WHERE {where} AND quality != ''", params).fetchall()  # fmt: skip
             value = table["value"]
             value[np.isinf(value)] = np.nan
             quality = np.full(len(table), "", dtype=object)
