@@ -236,24 +236,6 @@ async def test_invocation_counters_persist_and_never_repeat(
     reopened.close()
 
 
-def test_invocation_counters_never_repeat_across_a_crash_or_two_processes(tmp_path: Path) -> None:
-    """Counters are reserved on disk a block at a time (a ciphered request does not wait for
-    an fsync); a crash skips the rest of a block, another process gets the blocks after."""
-    first = InvocationCounters(tmp_path / "ic.sqlite")
-    handed = [first.reserve("M-1") for _ in range(300)]
-    assert handed == list(range(handed[0], handed[0] + 300)), "one sequence, in order"
-    assert first._db.total_changes <= 2 * (300 // InvocationCounters.BLOCK + 1), "a commit per block, not per counter"
-    crashed_into = InvocationCounters(tmp_path / "ic.sqlite")  # `first` never closed: a crash, or a second process
-    for _ in range(600):
-        handed += [first.reserve("M-1"), crashed_into.reserve("M-1")]
-    assert len(set(handed)) == len(handed), "no counter handed out twice"
-    crashed_into.close()
-    first.close()  # `crashed_into` reserved after it: `first` must not give its rest back
-    again = InvocationCounters(tmp_path / "ic.sqlite")
-    assert again.reserve("M-1") > max(handed)
-    again.close()
-
-
 def test_a_replayed_or_tampered_ciphered_apdu_is_refused() -> None:
     counter = iter(range(100))
     sender = Protection(DEFAULT_KEYS, b"CLIENT01", b"METER001", lambda: next(counter))

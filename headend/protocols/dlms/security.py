@@ -98,34 +98,17 @@ class InvocationCounters:
     meter never sees a counter go back (upgrades from per-meter counters included).
     """
 
-    #: Counters reserved on disk at a time. Every ciphered request takes one; committing
-    #: each (an fsync) held the event loop for milliseconds per request. A crash skips the
-    #: rest of a block (gaps are allowed, repeats never); a clean close gives it back.
-    BLOCK = 256
-
     def __init__(self, path: str | Path) -> None:
         self._db = connect_durable(Path(path))
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (meter TEXT PRIMARY KEY, next INTEGER NOT NULL)")
         self._lock = threading.Lock()
-        #: scope -> (next to hand out, end of the block reserved on disk)
-        self._blocks: dict[str, tuple[int, int]] = {}
 
     @staticmethod
     def scope(system_title: bytes, keys: bytes) -> str:
         return f"{system_title.hex()}:{hashlib.sha256(keys).hexdigest()[:16]}"
 
     def reserve(self, scope: str) -> int:
-        with self._lock:
-            value, end = self._blocks.get(scope, (0, 0))
-            if value >= end:
-                value, end = self._reserve_block(scope)
-            self._blocks[scope] = (value + 1, end)
-        return value
-
-    def _reserve_block(self, scope: str) -> tuple[int, int]:
-        """The next block of `scope`, committed before any counter of it is used. Another
-        process sharing the file gets the blocks after it: no counter is handed out twice."""
-        with write_transaction(self._db) as db:
+        with self._lock, write_transaction(self._db) as db:
             row = db.execute("SELECT next FROM counters WHERE meter = ?", (scope,)).fetchone()
             if row is not None:
                 value = row[0]
@@ -133,15 +116,8 @@ class InvocationCounters:
                 value = db.execute("SELECT coalesce(max(next), 1) FROM counters").fetchone()[0]
             if value > 0xFFFFFFFF:
                 raise ProtectionError(f"{scope}: invocation counter exhausted; the global keys must be changed")
-            end = min(value + self.BLOCK, 0xFFFFFFFF + 1)
-            db.execute("INSERT OR REPLACE INTO counters (meter, next) VALUES (?, ?)", (scope, end))
-        return int(value), int(end)
+            db.execute("INSERT OR REPLACE INTO counters (meter, next) VALUES (?, ?)", (scope, value + 1))
+        return int(value)
 
     def close(self) -> None:
-        """Give back the unused rest of each block, unless another process reserved after it."""
-        with self._lock, write_transaction(self._db) as db:
-            for scope, (value, end) in self._blocks.items():
-                if value < end:
-                    db.execute("UPDATE counters SET next = ? WHERE meter = ? AND next = ?", (value, scope, end))
-            self._blocks.clear()
         self._db.close()
