@@ -236,6 +236,18 @@ async def test_invocation_counters_persist_and_never_repeat(
     reopened.close()
 
 
+def test_invocation_counters_increase_across_processes_sharing_the_store(tmp_path: Path) -> None:
+    """`headend commission` and `headend serve` share the file: whichever asks next gets the
+    next counter, so a meter (and every meter sharing the global keys) sees one increasing
+    sequence. (Reserving blocks per process to save fsyncs broke this: the meter refused the
+    server's requests after a commissioning run.)"""
+    serve, commission = InvocationCounters(tmp_path / "ic.sqlite"), InvocationCounters(tmp_path / "ic.sqlite")
+    handed = [store.reserve("M-1") for _ in range(50) for store in (serve, commission)]
+    assert handed == sorted(handed) and len(set(handed)) == len(handed)
+    serve.close()
+    commission.close()
+
+
 def test_a_replayed_or_tampered_ciphered_apdu_is_refused() -> None:
     counter = iter(range(100))
     sender = Protection(DEFAULT_KEYS, b"CLIENT01", b"METER001", lambda: next(counter))

@@ -195,12 +195,18 @@ class DlmsSession:
         keys = self.keys.encryption + self.keys.authentication
         return self.counters.reserve(self.counters.scope(self.system_title, keys))
 
+    async def _reserve_counter(self) -> int:
+        """The next invocation counter, committed (fsynced) in a thread: one per ciphered
+        request, and the event loop serves every other meter meanwhile. Reserved one at a
+        time, so a meter sees one increasing counter whichever process talks to it."""
+        return await asyncio.to_thread(self._next_counter)
+
     async def _associate_hls_gmac(self) -> None:
         """AARQ/AARE with ciphered initiate, then the HLS passes 3 and 4 (GMAC over the challenges)."""
         assert self.keys is not None
         client_challenge = secrets.token_bytes(16)
         aarq = codec.aarq(codec.AUTH_HLS_GMAC, client_challenge, system_title=self.system_title, keys=self.keys,
-                          counter=self._next_counter())  # fmt: skip
+                          counter=await self._reserve_counter())  # fmt: skip
         result = self._parse_aare(await self.transport.exchange(aarq))
         if not result.accepted:
             raise Refused(f"association rejected: {result.diagnostic}", meter=self.meter)
@@ -213,7 +219,7 @@ class DlmsSession:
             raise Refused("the meter's AARE does not decrypt with our keys (wrong keys?)", meter=self.meter) from None
         self.protection = Protection(self.keys, self.system_title, result.system_title, self._next_counter,
                                      peer_counter=result.ciphered_initiate.invocation_counter)  # fmt: skip
-        reply = hls_reply(self.system_title, self._next_counter(), self.keys, result.challenge)
+        reply = hls_reply(self.system_title, await self._reserve_counter(), self.keys, result.challenge)
         try:
             answer = await self.action(15, CURRENT_ASSOCIATION, 1, reply)
         except MeterError as exc:
@@ -245,7 +251,7 @@ class DlmsSession:
             await self._close()
             raise Timeout(f"session deadline ({self.session_deadline:g} s) passed", meter=self.meter)
         if self.protection is not None:
-            request_bytes = self.protection.wrap(request_bytes)
+            request_bytes = self.protection.wrap(request_bytes, await self._reserve_counter())
         reply = await self.transport.exchange(request_bytes)
         try:
             if self.protection is not None and reply[:1] != bytes([xdlms.EXCEPTION_RESPONSE]):

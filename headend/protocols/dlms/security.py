@@ -38,8 +38,10 @@ class Protection:
     peer_counter: int = -1
     general: bool = False
 
-    def wrap(self, apdu: bytes) -> bytes:
-        counter = self.next_counter()
+    def wrap(self, apdu: bytes, counter: int | None = None) -> bytes:
+        """`counter`: one reserved beforehand (off the event loop: a reservation is an fsync)."""
+        if counter is None:
+            counter = self.next_counter()
         body = bytes([codec.SC_AUTH_ENC]) + counter.to_bytes(4, "big")
         body += codec.encrypt(codec.SC_AUTH_ENC, self.own_title, counter, self.keys, apdu)
         if self.general:
