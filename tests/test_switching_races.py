@@ -7,6 +7,8 @@ starves the other links."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,8 +23,8 @@ from headend.protocols.modbus import ModbusLink
 from headend.protocols.modbus_maps import shipped_maps
 from headend.registry import Registry
 from headend.switching.engine import SwitchingEngine
-from headend.switching.journal import CommandJournal, CommandState
-from headend.switching.policy import SwitchingPolicy
+from headend.switching.journal import Admitted, Command, CommandJournal, CommandState
+from headend.switching.policy import Decision, SwitchingPolicy
 from headend.switching.runner import CommandRunner
 from simulators.clock import ManualClock
 from simulators.modbus_meter import ModbusSimulator, SimulatedMeter
@@ -166,3 +168,101 @@ async def test_a_link_whose_relays_hang_does_not_starve_the_others(lines: dict[s
             await asyncio.sleep(0.01)
     assert not lines["B"].meter(1).relay_connected
     await runner.stop()
+
+
+@pytest.mark.parametrize("paid_first", [True, False], ids=["paid-before-the-check", "paid-during-the-check"])
+async def test_a_payment_during_a_retry_is_either_seen_by_its_check_or_admitted_after_sent(
+    lines: dict[str, Line], tmp_path: Path, paid_first: bool
+) -> None:
+    """A disconnect's first attempt is sent but the relay sticks. As the retry's policy check
+    runs in the journal thread, the customer pays: just before it, or during it (an API
+    request queued in that thread). The check and `sent` are one journal step, so a payment
+    is never admitted between them: either the check sees it (no retry) or the journal has
+    the disconnect `sent` before the payment was `requested`, as if the payment came a moment
+    later, and the reconnect runs next. When they were two steps, the retry was sent after
+    the payment had been admitted (found by an attacker pass)."""
+    e = engine(lines, tmp_path, attempts=3)
+    meter = lines["A"].meter(3)
+    meter.faults.stuck_relay = True  # the first write does not move the contact
+    off = e.request("A-3", RelayAction.DISCONNECT, who="anna", why="arrears").command
+    checks = 0
+    recheck = e._recheck
+    paid: list[concurrent.futures.Future[Admitted]] = []
+
+    def recheck_while_paying(command: Command) -> Decision:
+        nonlocal checks
+        checks += 1
+        if checks == 2:  # the retry's check, in the journal thread
+            meter.faults.stuck_relay = False
+            if paid_first:  # admitted by the step just before this one
+                done: concurrent.futures.Future[Admitted] = concurrent.futures.Future()
+                done.set_result(e.request("A-3", RelayAction.RECONNECT, who="billing", why="paid"))
+                paid.append(done)
+            else:  # queued in the thread while this step runs
+                paid.append(e._journal_thread.submit(e.request, "A-3", RelayAction.RECONNECT, who="billing",
+                                                     why="paid"))  # fmt: skip
+        return recheck(command)
+
+    e._recheck = recheck_while_paying  # type: ignore[method-assign]
+    done = await e.run(off.id)
+    reconnect = paid[0].result(10).command
+    assert reconnect.state == CommandState.QUEUED  # the payment was taken on
+    if paid_first:
+        assert meter.relay_writes == 1, "the disconnect was sent again after the payment was admitted"
+        assert done.state == CommandState.FAILED and "reconnect" in (done.reason or "")
+    else:
+        sent_at = max(ev.at_ns for ev in e.journal.events(off.id) if ev.state == CommandState.SENT)
+        paid_at = min(ev.at_ns for ev in e.journal.events(reconnect.id) if ev.state == CommandState.REQUESTED)
+        assert sent_at < paid_at, "the retry was sent after the payment was admitted"
+        assert meter.relay_writes == 2 and done.state == CommandState.CONFIRMED
+    e.close()
+
+
+async def test_an_approval_queued_just_before_its_expiry_runs_the_command_once(lines: dict[str, Line],
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    """A protected customer's disconnect waits for a second principal. The approval reaches
+    the journal thread just in time, and the runner's timer, seeing the deadline pass, queues
+    the release behind it (both wait behind a slow step). The approval wins (it came first):
+    the command is run once and the runner goes idle only when it is done, not filed as busy
+    behind itself (then taken on again mid-run: a read-back racing its own run)."""
+    now = [MONDAY_10]
+    e = engine(lines, tmp_path, site(lines, protected_approval=True), now=lambda: now[0])
+    runner = CommandRunner(e, tick=0.05, busy_retry=0.01)
+    lines["A"].meter(8).faults.stuck_relay = True  # three attempts, each waiting out its read-back
+    await runner.start()
+    asked = e.request("A-8", RelayAction.DISCONNECT, who="anna", why="arrears", override_reason="ok by the board",
+                      roles=frozenset({"operator", "override"})).command  # fmt: skip
+    assert asked.state == CommandState.AWAITING_APPROVAL and asked.expires_ns is not None
+    runner.submit(asked)
+    deadline = datetime.fromtimestamp(asked.expires_ns / 1e9, UTC)
+
+    def approve_in_time() -> Command:
+        now[0] = deadline - timedelta(seconds=1)  # the approval's own clock: before the deadline
+        try:
+            return e.approve(asked.id, "chief", frozenset({"override"}))
+        finally:
+            now[0] = deadline + timedelta(seconds=1)
+
+    async def approve_as_the_api_does() -> Command:
+        command = await e.off_loop(approve_in_time)
+        runner.submit(command)
+        return command
+
+    disk = threading.Event()
+    slow = e._journal_thread.submit(disk.wait, 10)  # the journal thread busy with a slow fsync
+    approving = asyncio.create_task(approve_as_the_api_does())
+    await asyncio.sleep(0)  # the approval is queued in the thread
+    now[0] = deadline + timedelta(seconds=1)
+    runner.clock_changed()
+    while asked.id in runner._waiting_deferred:  # noqa: ASYNC110 - the timer takes it and queues its release
+        await asyncio.sleep(0.01)
+    disk.set()
+    slow.result(10)
+    assert (await approving).state == CommandState.QUEUED
+    async with asyncio.timeout(10):
+        await runner.join()
+    done = e.journal.get(asked.id)
+    assert done.state == CommandState.FAILED, f"the runner went idle with the command {done.state}"
+    assert lines["A"].meter(8).relay_writes == 3 and done.attempts == 3
+    await runner.stop()
+    e.close()

@@ -250,20 +250,9 @@ class SwitchingEngine:
                 async with self.admission.session(command.meter, Lane.SWITCHING) as session:
                     before = await session.read_relay()
                     register = await _register(session)
-                    # Policy again, now that the link is ours: windows close, registries change.
-                    decision = await self.off_loop(self._recheck, command)
-                    if not decision.allowed:
-                        return await self.off_loop(self._refused_at_run, command, decision, owner)
-                    evidence = {"relay_before": before.value, "register_at_switching": register}
-                    if before in targets:
-                        log.info("command %s: %s relay already %s; not operated", command.id, command.meter,
-                                 before.value)  # fmt: skip
-                        return await self.off_loop(self._confirmed, command, before, register, owner, operated=False,
-                                                   evidence=evidence)  # fmt: skip
-                    command = await self.off_loop(
-                        self.journal.transition, command.id, CommandState.SENT,
-                        {"attempt": attempt, "dry_run": self.dry_run}, evidence, attempt=True, owner=owner,
-                    )  # fmt: skip
+                    command, send = await self.off_loop(self._go_ahead, command, before, register, owner, attempt)
+                    if not send:
+                        return command
                     if not self.dry_run:
                         await session.operate_relay(command.action)
                     state = await self._read_back(session, targets)
@@ -276,6 +265,23 @@ class SwitchingEngine:
                     break
             log.warning("command %s for %s, attempt %d: %s", command.id, command.meter, attempt, last_error)
         return await self.off_loop(self._fail, command, last_error, owner)
+
+    def _go_ahead(self, command: Command, before: RelayState, register: Any, owner: str,
+                  attempt: int) -> tuple[Command, bool]:  # fmt: skip
+        """Policy again, now that the link is ours (windows close, registries change, a payment
+        may have come in), and `sent` journaled: (command, True) to operate the relay, or the
+        command as it ended, False. One journal step: a reconnect admitted between the check
+        and `sent` would find this disconnect already past cancelling and not stop it."""
+        decision = self._recheck(command)
+        if not decision.allowed:
+            return self._refused_at_run(command, decision, owner), False
+        evidence = {"relay_before": before.value, "register_at_switching": register}
+        if before in _TARGETS[command.action]:
+            log.info("command %s: %s relay already %s; not operated", command.id, command.meter, before.value)
+            return self._confirmed(command, before, register, owner, operated=False, evidence=evidence), False
+        sent = self.journal.transition(command.id, CommandState.SENT, {"attempt": attempt, "dry_run": self.dry_run},
+                                       evidence, attempt=True, owner=owner)  # fmt: skip
+        return sent, True
 
     def _recheck(self, command: Command) -> Decision:
         if self._needs_approval(command) and command.approved_by is None:

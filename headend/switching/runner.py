@@ -168,7 +168,12 @@ class CommandRunner:
                 self._waiting_deferred.discard(command_id)
                 self._tracked.discard(command_id)
                 with self._guard(command_id):
-                    self._after(await self.engine.off_loop(self.engine.release_waiting, command_id))
+                    released = await self.engine.off_loop(self.engine.release_waiting, command_id)
+                    # Taken on again while the release waited for the journal thread (approved:
+                    # `submit` queued it): that path has it; routing it here as well would file
+                    # it as busy and queue it twice.
+                    if command_id not in self._tracked:
+                        self._after(released)
             now = self.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _due, _n, kind, key = heapq.heappop(self._timers)
