@@ -96,6 +96,9 @@ class Metrics:
                                      ["plan"], registry=self.registry)  # fmt: skip
         self.last_run = Gauge("headend_plan_last_run_finished_timestamp_seconds", "When the plan's last run ended",
                               ["plan"], registry=self.registry)  # fmt: skip
+        self.last_run_started = Gauge("headend_plan_last_run_started_timestamp_seconds",
+                                      "When the plan's last (finished) run started", ["plan"],
+                                      registry=self.registry)  # fmt: skip
         self.vee_failing = Gauge("headend_vee_failing_intervals", "Intervals failing a rule in the latest validation",
                                  ["rule"], registry=self.registry)  # fmt: skip
         self.vee_conflicts = Gauge("headend_vee_conflicting_values", "Stored values replaced by a different one",
@@ -152,6 +155,7 @@ class Metrics:
             received = sum(r.received_intervals for r in report.results)
             self.completeness.labels(plan.id).set(received / expected if expected else 1.0)
             self.last_run.labels(plan.id).set(time.time())
+            self.last_run_started.labels(plan.id).set(report.started.timestamp())
 
         loop = PlanLoop(plan, engine, on_result=on_result, on_report=on_report,
                         on_restart=lambda _exc: self.loop_restarts.labels(plan.id).inc())  # fmt: skip
