@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,6 +257,7 @@ async def test_an_approval_queued_just_before_its_expiry_runs_the_command_once(l
     runner.clock_changed()
     while asked.id in runner._waiting_deferred:  # noqa: ASYNC110 - the timer takes it and queues its release
         await asyncio.sleep(0.01)
+    assert not runner._idle.is_set(), "join() would return while the command's release waits"
     disk.set()
     slow.result(10)
     assert (await approving).state == CommandState.QUEUED
@@ -266,3 +268,39 @@ async def test_an_approval_queued_just_before_its_expiry_runs_the_command_once(l
     assert lines["A"].meter(8).relay_writes == 3 and done.attempts == 3
     await runner.stop()
     e.close()
+
+
+async def test_a_stop_between_sent_and_the_relay_operation_still_operates_it(lines: dict[str, Line],
+                                                                            tmp_path: Path) -> None:  # fmt: skip
+    """The runner stops (serve shutting down) while a disconnect's go-ahead step (policy again,
+    `sent` journaled) runs in the journal thread. The relay is still operated: a command
+    journaled `sent` and never operated would be failed by the restart's read-back, where
+    it should be confirmed or run again (found by an attacker pass)."""
+    e = engine(lines, tmp_path)
+    entered, go = threading.Event(), threading.Event()
+    go_ahead = e._go_ahead
+
+    def slow_go_ahead(*args: Any, **kwargs: Any) -> tuple[Command, bool]:
+        entered.set()
+        assert go.wait(10)
+        return go_ahead(*args, **kwargs)
+
+    e._go_ahead = slow_go_ahead  # type: ignore[method-assign]
+    off = e.request("A-1", RelayAction.DISCONNECT, who="anna", why="arrears").command
+    runner = CommandRunner(e)
+    await runner.start()
+    runner.submit(off)
+    assert await asyncio.to_thread(entered.wait, 10)
+    stopping = asyncio.create_task(runner.stop())
+    for _ in range(5):  # the stop's cancellation reaches the worker while its step runs
+        await asyncio.sleep(0)
+    go.set()
+    await stopping
+    e.close()
+    assert e.journal.get(off.id).state == CommandState.SENT
+    assert lines["A"].meter(1).relay_writes == 1, "journaled sent, never operated"
+    e.journal.close()
+    restarted = engine(lines, tmp_path)
+    (found,) = restarted.recover()
+    assert (await restarted.reconfirm(found)).state == CommandState.CONFIRMED  # type: ignore[union-attr]
+    restarted.close()

@@ -14,11 +14,12 @@ at the moment of switching.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
@@ -230,15 +231,22 @@ class SwitchingEngine:
         """Claim a queued command and carry it out. A command that cannot be claimed (not
         queued, or its meter busy with another) is returned as it is."""
         owner = owner or f"runner-{id(self):x}-{time.monotonic_ns()}"
-        claimed = await self.off_loop(self.journal.claim, command_id, owner)
+        claimed, command = await self.off_loop(self._claim, command_id, owner)
         if claimed is None:
-            return await self.off_loop(self.journal.get, command_id)
+            return command
         try:
             return await self._carry_out(claimed, owner)
         except NotOwner as exc:
             # Cancelled by a reconnect (or taken over) before anything was sent.
             log.info("command %s: %s; the relay was not operated", command_id, exc)
             return await self.off_loop(self.journal.get, command_id)
+
+    def _claim(self, command_id: str, owner: str) -> tuple[Command | None, Command]:
+        """The claim, or the command as it is when it cannot be claimed: one journal step, so
+        the runner sees the state that refused the claim (the meter's other command still
+        running), not one a later step made (it finished: then nobody would wake this one)."""
+        claimed = self.journal.claim(command_id, owner)
+        return claimed, claimed if claimed is not None else self.journal.get(command_id)
 
     async def _carry_out(self, command: Command, owner: str) -> Command:
         if command.expires_ns is not None and _ns(self.now()) >= command.expires_ns:
@@ -250,11 +258,10 @@ class SwitchingEngine:
                 async with self.admission.session(command.meter, Lane.SWITCHING) as session:
                     before = await session.read_relay()
                     register = await _register(session)
-                    command, send = await self.off_loop(self._go_ahead, command, before, register, owner, attempt)
+                    command, send = await _finished_even_if_cancelled(
+                        self._send(session, command, before, register, owner, attempt))
                     if not send:
                         return command
-                    if not self.dry_run:
-                        await session.operate_relay(command.action)
                     state = await self._read_back(session, targets)
                     if state in targets or self.dry_run:
                         return await self.off_loop(self._confirmed, command, state, await _register(session), owner)
@@ -265,6 +272,15 @@ class SwitchingEngine:
                     break
             log.warning("command %s for %s, attempt %d: %s", command.id, command.meter, attempt, last_error)
         return await self.off_loop(self._fail, command, last_error, owner)
+
+    async def _send(self, session: MeterSession, command: Command, before: RelayState, register: Any, owner: str,
+                    attempt: int) -> tuple[Command, bool]:  # fmt: skip
+        """`_go_ahead`, then the relay operated if it said so: once `sent` is journaled the
+        command is operated, so that a restart's read-back judges what really happened."""
+        command, send = await self.off_loop(self._go_ahead, command, before, register, owner, attempt)
+        if send and not self.dry_run:
+            await session.operate_relay(command.action)
+        return command, send
 
     def _go_ahead(self, command: Command, before: RelayState, register: Any, owner: str,
                   attempt: int) -> tuple[Command, bool]:  # fmt: skip
@@ -311,6 +327,11 @@ class SwitchingEngine:
             if state in targets or loop.time() >= deadline:
                 return state
             await asyncio.sleep(self.poll_interval)  # the relay needs time to move; we poll the meter
+
+    async def _send_again(self, session: MeterSession, command: Command) -> None:
+        await self.off_loop(self.journal.transition, command.id, CommandState.SENT, {"attempt": "after a restart"},
+                            attempt=True, owner=command.owner)  # fmt: skip
+        await session.operate_relay(command.action)
 
     def _confirmed(self, command: Command, state: RelayState, register: Any, owner: str | None, *,
                    operated: bool = True, evidence: dict[str, Any] | None = None) -> Command:  # fmt: skip
@@ -378,9 +399,7 @@ class SwitchingEngine:
                                                command.owner)  # fmt: skip
                 if command.action == RelayAction.RECONNECT and not self.dry_run:
                     # Unlike a disconnect, a reconnect is safe to send again: the customer paid.
-                    await self.off_loop(self.journal.transition, command.id, CommandState.SENT,
-                                        {"attempt": "after a restart"}, attempt=True, owner=command.owner)  # fmt: skip
-                    await session.operate_relay(command.action)
+                    await _finished_even_if_cancelled(self._send_again(session, command))
                     state = await self._read_back(session, targets)
                     if state in targets:
                         return await self.off_loop(self._confirmed, command, state, await _register(session),
@@ -394,6 +413,19 @@ class SwitchingEngine:
             return await self.off_loop(self._fail, command, reason, command.owner)
         reason = f"after a restart the relay reads {state.value}; not sent again"
         return await self.off_loop(self._fail, command, reason, command.owner)
+
+
+async def _finished_even_if_cancelled(step: Coroutine[Any, Any, T]) -> T:
+    """Run `step` to its end even when the caller is cancelled (a stopping runner), then pass
+    the cancellation on. For `sent` and the relay operation: journaled `sent` and never
+    operated, a restart would fail a command the relay never saw."""
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 async def _register(session: MeterSession) -> float | str | None:

@@ -165,15 +165,15 @@ class CommandRunner:
                 _due, _n, command_id = heapq.heappop(self._deferred)
                 if command_id not in self._waiting_deferred:
                     continue  # stale: approved or taken on again since
+                # Still tracked while its release waits for the journal thread: `join()` must
+                # not see the runner idle meanwhile, and an approval arriving meanwhile finds it
+                # taken on (its `submit` does nothing); the release's answer routes it, once.
                 self._waiting_deferred.discard(command_id)
-                self._tracked.discard(command_id)
+                self._update_idle()
                 with self._guard(command_id):
                     released = await self.engine.off_loop(self.engine.release_waiting, command_id)
-                    # Taken on again while the release waited for the journal thread (approved:
-                    # `submit` queued it): that path has it; routing it here as well would file
-                    # it as busy and queue it twice.
-                    if command_id not in self._tracked:
-                        self._after(released)
+                    self._tracked.discard(command_id)
+                    self._after(released)
             now = self.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _due, _n, kind, key = heapq.heappop(self._timers)
