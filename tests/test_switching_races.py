@@ -304,3 +304,31 @@ async def test_a_stop_between_sent_and_the_relay_operation_still_operates_it(lin
     (found,) = restarted.recover()
     assert (await restarted.reconfirm(found)).state == CommandState.CONFIRMED  # type: ignore[union-attr]
     restarted.close()
+
+
+async def test_a_protected_disconnect_approved_outside_its_window_runs_when_the_window_opens(
+    lines: dict[str, Line], tmp_path: Path
+) -> None:
+    """Approved at 07:00, before the day's disconnect window: the command waits for the
+    window, not for the approval's deadline (it used to wait up to four days and expire)."""
+    now = [MONDAY_10.replace(hour=7)]
+    e = engine(lines, tmp_path, site(lines, protected_approval=True), now=lambda: now[0])
+    runner = CommandRunner(e, tick=0.05)
+    await runner.start()
+    asked = e.request("A-8", RelayAction.DISCONNECT, who="anna", why="arrears", override_reason="board",
+                      roles=frozenset({"operator", "override"})).command  # fmt: skip
+    assert asked.state == CommandState.AWAITING_APPROVAL
+    runner.submit(asked)
+    approved = await e.off_loop(e.approve, asked.id, "chief", frozenset({"override"}))
+    assert approved.state == CommandState.DEFERRED and approved.not_before_ns is not None
+    runner.submit(approved)  # as the API does
+    now[0] = datetime.fromtimestamp(approved.not_before_ns / 1e9, UTC)  # the window opens
+    runner.clock_changed()
+    async with asyncio.timeout(10):
+        while e.journal.get(asked.id).state == CommandState.DEFERRED:  # noqa: ASYNC110 - the timer's turn
+            await asyncio.sleep(0.01)
+        await runner.join()
+    assert e.journal.get(asked.id).state == CommandState.CONFIRMED
+    assert lines["A"].meter(8).relay_writes == 1
+    await runner.stop()
+    e.close()

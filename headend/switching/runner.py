@@ -62,6 +62,7 @@ class CommandRunner:
         self._pacing: set[str] = set()  # links with a release scheduled
         self._timers: list[tuple[float, int, str, str]] = []  # (monotonic due, n, kind, id)
         self._deferred: list[tuple[int, int, str]] = []  # (wall ns not_before, n, id)
+        self._due: dict[str, int] = {}  # waiting command -> its current entry's due time
         self._order = itertools.count()
         self._tracked: set[str] = set()
         self._waiting_deferred: set[str] = set()
@@ -78,8 +79,14 @@ class CommandRunner:
     def submit(self, command: Command) -> None:
         """Take a command on, whatever state the journal has it in; the same command twice is one."""
         waiting = (CommandState.DEFERRED, CommandState.AWAITING_APPROVAL)
-        if command.id in self._waiting_deferred and command.state not in waiting:
-            self._untrack(command.id)  # its wait is over (approved): its timer entry goes stale
+        if command.id in self._waiting_deferred:
+            if command.state not in waiting:
+                self._untrack(command.id)  # its wait is over (approved): its timer entry goes stale
+            elif command.state == CommandState.DEFERRED:
+                # Approved outside a window: it now waits for the window, not for the
+                # approval's deadline (it waited up to 4 days and expired).
+                self._wait_until(command.id, command.not_before_ns or 0)
+                return
         if command.id in self._tracked:
             return
         if command.state == CommandState.QUEUED:
@@ -87,15 +94,19 @@ class CommandRunner:
             self._enqueue(command)
         elif command.state == CommandState.DEFERRED:
             self._track(command.id, deferred=True)
-            heapq.heappush(self._deferred, (command.not_before_ns or 0, next(self._order), command.id))
-            self._wake.set()
+            self._wait_until(command.id, command.not_before_ns or 0)
         elif command.state == CommandState.AWAITING_APPROVAL and command.expires_ns is not None:
             self._track(command.id, deferred=True)  # to expire it if nobody approves in time
-            heapq.heappush(self._deferred, (command.expires_ns, next(self._order), command.id))
-            self._wake.set()
+            self._wait_until(command.id, command.expires_ns)
         elif command.state == CommandState.SENT:
             self._track(command.id)
             self._spawn(self._reconfirm(command))
+
+    def _wait_until(self, command_id: str, due_ns: int) -> None:
+        """(Re)time a waiting command's release; an entry of an earlier wait goes stale."""
+        self._due[command_id] = due_ns
+        heapq.heappush(self._deferred, (due_ns, next(self._order), command_id))
+        self._wake.set()
 
     def _enqueue(self, command: Command) -> None:
         if command.action == RelayAction.RECONNECT:
@@ -142,6 +153,7 @@ class CommandRunner:
 
     def _untrack(self, command_id: str) -> None:
         self._tracked.discard(command_id)
+        self._due.pop(command_id, None)
         self._blocked_ids.discard(command_id)
         self._waiting_deferred.discard(command_id)
         self._update_idle()
@@ -162,9 +174,10 @@ class CommandRunner:
         while True:
             now_wall = _ns(self.engine.now())
             while self._deferred and self._deferred[0][0] <= now_wall:
-                _due, _n, command_id = heapq.heappop(self._deferred)
-                if command_id not in self._waiting_deferred:
-                    continue  # stale: approved or taken on again since
+                due, _n, command_id = heapq.heappop(self._deferred)
+                if command_id not in self._waiting_deferred or self._due.get(command_id) != due:
+                    continue  # stale: approved, re-timed or taken on again since
+                del self._due[command_id]
                 # Still tracked while its release waits for the journal thread: `join()` must
                 # not see the runner idle meanwhile, and an approval arriving meanwhile finds it
                 # taken on (its `submit` does nothing); the release's answer routes it, once.
