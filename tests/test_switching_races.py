@@ -255,7 +255,7 @@ async def test_an_approval_queued_just_before_its_expiry_runs_the_command_once(l
     await asyncio.sleep(0)  # the approval is queued in the thread
     now[0] = deadline + timedelta(seconds=1)
     runner.clock_changed()
-    while asked.id in runner._waiting_deferred:  # noqa: ASYNC110 - the timer takes it and queues its release
+    while asked.id in runner._waiting:  # noqa: ASYNC110 - the timer takes it and queues its release
         await asyncio.sleep(0.01)
     assert not runner._idle.is_set(), "join() would return while the command's release waits"
     disk.set()

@@ -62,10 +62,11 @@ class CommandRunner:
         self._pacing: set[str] = set()  # links with a release scheduled
         self._timers: list[tuple[float, int, str, str]] = []  # (monotonic due, n, kind, id)
         self._deferred: list[tuple[int, int, str]] = []  # (wall ns not_before, n, id)
-        self._due: dict[str, int] = {}  # waiting command -> its current entry's due time
         self._order = itertools.count()
         self._tracked: set[str] = set()
-        self._waiting_deferred: set[str] = set()
+        #: Commands waiting for a window or an approval -> the due time of their current timer
+        #: entry (an entry with another due time is stale).
+        self._waiting: dict[str, int] = {}
         self._blocked: dict[str, set[str]] = {}  # meter -> commands waiting for it
         self._blocked_ids: set[str] = set()
         self._wake = asyncio.Event()
@@ -79,7 +80,7 @@ class CommandRunner:
     def submit(self, command: Command) -> None:
         """Take a command on, whatever state the journal has it in; the same command twice is one."""
         waiting = (CommandState.DEFERRED, CommandState.AWAITING_APPROVAL)
-        if command.id in self._waiting_deferred:
+        if command.id in self._waiting:
             if command.state not in waiting:
                 self._untrack(command.id)  # its wait is over (approved): its timer entry goes stale
             elif command.state == CommandState.DEFERRED:
@@ -93,18 +94,16 @@ class CommandRunner:
             self._track(command.id)
             self._enqueue(command)
         elif command.state == CommandState.DEFERRED:
-            self._track(command.id, deferred=True)
-            self._wait_until(command.id, command.not_before_ns or 0)
+            self._track(command.id, due_ns=command.not_before_ns or 0)
         elif command.state == CommandState.AWAITING_APPROVAL and command.expires_ns is not None:
-            self._track(command.id, deferred=True)  # to expire it if nobody approves in time
-            self._wait_until(command.id, command.expires_ns)
+            self._track(command.id, due_ns=command.expires_ns)  # to expire it if nobody approves in time
         elif command.state == CommandState.SENT:
             self._track(command.id)
             self._spawn(self._reconfirm(command))
 
     def _wait_until(self, command_id: str, due_ns: int) -> None:
         """(Re)time a waiting command's release; an entry of an earlier wait goes stale."""
-        self._due[command_id] = due_ns
+        self._waiting[command_id] = due_ns
         heapq.heappush(self._deferred, (due_ns, next(self._order), command_id))
         self._wake.set()
 
@@ -145,21 +144,21 @@ class CommandRunner:
         heapq.heappush(self._timers, (self.monotonic() + delay, next(self._order), kind, key))
         self._wake.set()
 
-    def _track(self, command_id: str, *, deferred: bool = False) -> None:
+    def _track(self, command_id: str, *, due_ns: int | None = None) -> None:
+        """Taken on; with `due_ns`, waiting until then (a window, an approval's deadline)."""
         self._tracked.add(command_id)
-        if deferred:
-            self._waiting_deferred.add(command_id)
+        if due_ns is not None:
+            self._wait_until(command_id, due_ns)
         self._update_idle()
 
     def _untrack(self, command_id: str) -> None:
         self._tracked.discard(command_id)
-        self._due.pop(command_id, None)
         self._blocked_ids.discard(command_id)
-        self._waiting_deferred.discard(command_id)
+        self._waiting.pop(command_id, None)
         self._update_idle()
 
     def _update_idle(self) -> None:
-        if len(self._tracked) > len(self._waiting_deferred):
+        if len(self._tracked) > len(self._waiting):
             self._idle.clear()
         else:
             self._idle.set()
@@ -175,13 +174,12 @@ class CommandRunner:
             now_wall = _ns(self.engine.now())
             while self._deferred and self._deferred[0][0] <= now_wall:
                 due, _n, command_id = heapq.heappop(self._deferred)
-                if command_id not in self._waiting_deferred or self._due.get(command_id) != due:
+                if self._waiting.get(command_id) != due:
                     continue  # stale: approved, re-timed or taken on again since
-                del self._due[command_id]
                 # Still tracked while its release waits for the journal thread: `join()` must
                 # not see the runner idle meanwhile, and an approval arriving meanwhile finds it
                 # taken on (its `submit` does nothing); the release's answer routes it, once.
-                self._waiting_deferred.discard(command_id)
+                del self._waiting[command_id]
                 self._update_idle()
                 with self._guard(command_id):
                     released = await self.engine.off_loop(self.engine.release_waiting, command_id)
@@ -309,7 +307,7 @@ class CommandRunner:
 
     @property
     def deferred(self) -> int:
-        return len(self._waiting_deferred)
+        return len(self._waiting)
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *self._side]
