@@ -31,16 +31,15 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-#: serve's buckets of headend_event_loop_lag_seconds.
-LAG_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-
 def loop_lag(text: str) -> tuple[int, float, float, float]:
-    """(ticks, p50 bound, p99 bound, max) of serve's event-loop lag, in seconds, from a /metrics answer."""
+    """(ticks, p50 bound, p99 bound, max) of serve's event-loop lag, in seconds, from a /metrics
+    answer (the bounds are the histogram's own buckets, read from it)."""
     count = metric(text, "headend_event_loop_lag_seconds_count")
-    under = {b: metric(text, "headend_event_loop_lag_seconds_bucket", le=str(b)) for b in LAG_BUCKETS}
-    p50 = next((b for b in LAG_BUCKETS if under[b] >= 0.5 * count), float("inf"))
-    p99 = next((b for b in LAG_BUCKETS if under[b] >= 0.99 * count), float("inf"))
+    prefix = 'headend_event_loop_lag_seconds_bucket{le="'
+    under = sorted((float(line[len(prefix):].split('"', 1)[0]), float(line.split()[-1]))
+                   for line in text.splitlines() if line.startswith(prefix))  # fmt: skip
+    p50 = next((b for b, n in under if n >= 0.5 * count), float("inf"))
+    p99 = next((b for b, n in under if n >= 0.99 * count), float("inf"))
     return int(count), p50, p99, metric(text, "headend_event_loop_lag_max_seconds")
 
 
