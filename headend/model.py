@@ -192,6 +192,14 @@ def exact_difference(a: float, b: float) -> float:
     return float(Decimal(repr(float(a))) - Decimal(repr(float(b))))
 
 
+def _scaled(raw: float, scaler: int, multiplier: float) -> float:
+    """raw x 10^scaler x multiplier, exact in decimal where it matters."""
+    if multiplier == 1.0 and float(raw).is_integer():
+        # Dividing by 10**-scaler keeps 12345 with scaler -3 at exactly 12.345.
+        return raw / 10.0**-scaler if scaler < 0 else raw * 10.0**scaler
+    return exact_product(raw, multiplier, scaler)
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
     """One value of one channel of one meter.
@@ -274,6 +282,38 @@ class Reading:
             object.__setattr__(reading, name, fields[name])
         return reading
 
+    def like(self, timestamp: datetime, raw: int | float, qualities: tuple[str, ...]) -> Reading:
+        """Another value of this reading's meter and channel (same kind, unit, source, scaler,
+        multiplier, collection time), from the meter's raw number, as `from_raw` computes it.
+
+        A profile is hundreds of values sharing everything but time, value and status: the
+        shared fields were checked when this reading was made, only the number is checked per
+        value here. The caller vouches for the rest: `timestamp` an aware UTC datetime,
+        `qualities` valid codes (checked once per distinct status, not per value).
+        """
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise InvalidReading(f"raw must be a number, got {raw!r}")
+        value = _scaled(raw, self.scaler, self.multiplier) if math.isfinite(raw) else math.inf
+        if not math.isfinite(value):
+            raise InvalidReading(f"value of {self.meter} {self.channel} at {timestamp} is not finite (raw {raw!r}, "
+                                 f"scaler {self.scaler}, multiplier {self.multiplier}); "
+                                 "only finite numbers are stored")  # fmt: skip
+        reading = object.__new__(Reading)
+        put = object.__setattr__
+        put(reading, "value", value)
+        put(reading, "meter", self.meter)
+        put(reading, "channel", self.channel)
+        put(reading, "timestamp", timestamp)
+        put(reading, "unit", self.unit)
+        put(reading, "kind", self.kind)
+        put(reading, "raw", float(raw))
+        put(reading, "scaler", self.scaler)
+        put(reading, "multiplier", self.multiplier)
+        put(reading, "qualities", qualities)
+        put(reading, "source", self.source)
+        put(reading, "collected_at", self.collected_at)
+        return reading
+
     @classmethod
     def from_raw(
         cls,
@@ -287,16 +327,11 @@ class Reading:
         **kwargs: object,
     ) -> Reading:
         """Build a reading from the meter's raw integer, its scaler and the site multiplier."""
-        if multiplier == 1.0 and float(raw).is_integer():
-            # Dividing by 10**-scaler keeps 12345 with scaler -3 at exactly 12.345.
-            value = raw / 10.0**-scaler if scaler < 0 else raw * 10.0**scaler
-        else:
-            value = exact_product(raw, multiplier, scaler)
         return cls(
             meter=meter,
             channel=channel,
             timestamp=timestamp,
-            value=value,
+            value=_scaled(raw, scaler, multiplier),
             raw=raw,
             scaler=scaler,
             multiplier=multiplier,

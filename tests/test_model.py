@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from headend.model import InvalidReading, Obis, Quality, Reading, validate_meter_id
 
@@ -100,3 +102,36 @@ def test_awkward_meter_ids_are_allowed(meter: str) -> None:
 def test_overlong_meter_id_is_refused() -> None:
     with pytest.raises(ValueError, match="longer than 64"):
         validate_meter_id("x" * 65)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.one_of(st.integers(-(2**63), 2**64), st.floats(allow_nan=False, allow_infinity=False, width=32)),
+    scaler=st.integers(-128, 127),
+    multiplier=st.sampled_from([1.0, 40.0, 0.5, 2000.0]),
+    status=st.sampled_from([(), ("1.0.32",), ("1.0.128",)]),
+)
+def test_another_value_like_a_checked_reading_is_the_reading_from_raw_would_make(
+    raw: float, scaler: int, multiplier: float, status: tuple[str, ...]
+) -> None:
+    """A profile's values are made from a per-column template; they must be exactly the
+    readings `from_raw` makes, and refuse what it refuses."""
+    template = Reading.from_raw("M1", IMPORT, T, 0, scaler=scaler, multiplier=multiplier, unit="kWh",
+                                source="dlms", kind="interval")  # fmt: skip
+    later = T + timedelta(minutes=15)
+    try:
+        expected = Reading.from_raw("M1", IMPORT, later, raw, scaler=scaler, multiplier=multiplier, unit="kWh",
+                                    source="dlms", kind="interval", qualities=status,
+                                    collected_at=template.collected_at)  # fmt: skip
+    except (InvalidReading, OverflowError):
+        with pytest.raises((InvalidReading, OverflowError)):
+            template.like(later, raw, status)
+        return
+    assert template.like(later, raw, status) == expected
+
+
+def test_another_value_like_a_reading_refuses_what_is_not_a_number() -> None:
+    template = Reading.from_raw("M1", IMPORT, T, 0, unit="kWh")
+    for bad in (True, "12", None, float("nan"), float("inf")):
+        with pytest.raises(InvalidReading):
+            template.like(T, bad, ())  # type: ignore[arg-type]

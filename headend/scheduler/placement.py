@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from headend.model import CLOCK_INVALID_BIT, Quality, Reading, meter_status
+from headend.model import CLOCK_INVALID_BIT, Obis, Quality, Reading, meter_status
 from headend.timegrid import nearest_boundary
 
 
@@ -40,11 +40,19 @@ def place_on_grid(readings: Sequence[Reading], offset: timedelta | None, step: t
     """`offset`: how far the meter's clock is ahead of true time, measured in this session,
     or None when it is within tolerance (or was not measured)."""
     out = Placed()
+    # A profile's values share few quality tuples and, per row, one time: each is worked out
+    # once, not once per value.
+    invalid_of: dict[tuple[str, ...], bool] = {}
+    boundary_of: dict[datetime, datetime] = {}
+
     def invalid(r: Reading) -> bool:
-        return bool(meter_status(r.qualities) & CLOCK_INVALID_BIT)
+        flag = invalid_of.get(r.qualities)
+        if flag is None:
+            flag = invalid_of[r.qualities] = bool(meter_status(r.qualities) & CLOCK_INVALID_BIT)
+        return flag
 
     marks = any(invalid(r) for r in readings if r.kind == "interval")
-    taken: set[tuple[str, object]] = set()
+    taken: set[tuple[Obis, datetime]] = set()
     # Rows taken as stamped go first: on a collision the row that needed no correction stands.
     for r in sorted(readings, key=invalid):
         if r.kind != "interval":
@@ -55,11 +63,13 @@ def place_on_grid(readings: Sequence[Reading], offset: timedelta | None, step: t
             out.held.append((r, "captured while the meter's clock was invalid, and its offset is not known now"))
             continue
         true_t = r.timestamp - offset if offset is not None and shift else r.timestamp
-        boundary = nearest_boundary(true_t, step)
-        if (str(r.channel), boundary) in taken:
+        boundary = boundary_of.get(true_t)
+        if boundary is None:
+            boundary = boundary_of[true_t] = nearest_boundary(true_t, step)
+        if (r.channel, boundary) in taken:
             out.held.append((r, f"a second value for {boundary.isoformat()} (the meter's clock moved)"))
             continue
-        taken.add((str(r.channel), boundary))
+        taken.add((r.channel, boundary))
         qualities = r.qualities
         if shift and boundary != r.timestamp:
             qualities = (*qualities, Quality.TIME_ADJUSTED)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -122,10 +123,20 @@ def of_readings(readings: Iterable[Reading]) -> list[Series]:
             group = open_[(r.kind, r.meter, r.channel)] = []
             groups.append(group)
         group.append(r)
+    # A profile's channels share their times (and a read its collection time): each datetime
+    # is converted once.
+    ns: dict[datetime, int] = {}
+
+    def at(t: datetime) -> int:
+        n = ns.get(t)
+        if n is None:
+            n = ns[t] = to_ns(t)
+        return n
+
     return [
         Series(rs[0].kind, rs[0].meter, rs[0].channel, rs[0].unit, rs[0].source, rs[0].multiplier,
-               [to_ns(r.timestamp) for r in rs], [r.value for r in rs], [r.raw for r in rs], [r.scaler for r in rs],
-               [",".join(r.qualities) for r in rs], [to_ns(r.collected_at) for r in rs])
+               [at(r.timestamp) for r in rs], [r.value for r in rs], [r.raw for r in rs], [r.scaler for r in rs],
+               [",".join(r.qualities) if r.qualities else "" for r in rs], [at(r.collected_at) for r in rs])
         for rs in groups
     ]  # fmt: skip
 

@@ -19,7 +19,17 @@ from types import TracebackType
 from typing import Any, Self
 
 from headend.config import DlmsSettings, Meter, SerialLink, TcpLink
-from headend.model import EVENT_LOG, Obis, Quality, Reading, RelayAction, RelayState, event_readings, transformer_ratio
+from headend.model import (
+    EVENT_LOG,
+    Obis,
+    Quality,
+    Reading,
+    RelayAction,
+    RelayState,
+    event_readings,
+    transformer_ratio,
+    validate_quality_code,
+)
 from headend.protocols.base import BadFrame, MeterError, Refused, Timeout, Unsupported
 from headend.protocols.dlms import axdr, codec, xdlms
 from headend.protocols.dlms.axdr import DateTime, Structure, Typed
@@ -437,22 +447,33 @@ class DlmsSession:
         status_col = next((i for i, (c, o, _a) in enumerate(columns) if c == 1 and o.c == 96 and o.d == 10), None)
         value_cols = [(i, o) for i, (c, o, a) in enumerate(columns) if c in (3, 4) and a == 2]
         scalers = {o: await self._scaler_unit(o) for _i, o in value_cols}
+        if not rows:
+            return []
+        # Each column's meter, unit, scaler and multiplier are checked once, in a template
+        # reading; each row's status once per distinct status; per value only the number.
+        first_t = rows[0][0]
+        templates = [(i, self._reading(obis, 0, *scalers[obis], first_t, kind="interval")) for i, obis in value_cols]
+        status_qualities: dict[int, tuple[str, ...]] = {0: ()}
         readings = []
         for t, row in rows:
             status = row[status_col] if status_col is not None else 0
             if isinstance(status, bool) or not isinstance(status, int):
                 raise self._bad(f"profile status at {t} is not an unsigned: {status!r:.60}", b"")
-            qualities = (f"1.0.{status}",) if status else ()
-            for i, obis in value_cols:
+            qualities = status_qualities.get(status)
+            if qualities is None:
+                try:
+                    qualities = status_qualities[status] = (validate_quality_code(f"1.0.{status}"),)
+                except ValueError:
+                    raise self._bad(f"profile status at {t} is not a status word: {status!r:.60}", b"") from None
+            for i, template in templates:
                 value = row[i]
                 if value is None:
-                    readings.append(Reading(meter=self.meter, channel=obis, timestamp=t, value=None,
+                    readings.append(Reading(meter=self.meter, channel=template.channel, timestamp=t, value=None,
                                             qualities=(Quality.MISSING, *qualities), source=self.source))  # fmt: skip
-                    continue
-                scaler, unit = scalers[obis]
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise self._bad(f"profile value of {obis} at {t} is not a number: {value!r:.60}", b"")
-                readings.append(self._reading(obis, value, scaler, unit, t, kind="interval", qualities=qualities))
+                elif isinstance(value, bool) or not isinstance(value, int | float):
+                    raise self._bad(f"profile value of {template.channel} at {t} is not a number: {value!r:.60}", b"")
+                else:
+                    readings.append(template.like(t, value, qualities))
         return readings
 
     async def read_events(self, since: datetime, until: datetime | None = None) -> list[Reading]:
