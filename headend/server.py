@@ -41,6 +41,7 @@ from headend.scheduler.loop import PlanLoop
 from headend.sessions import SessionFactory
 from headend.storage.pipeline import Pipeline
 from headend.storage.sqlite_db import StateFileError
+from headend.storage.writer_process import WriterProcess
 from headend.supervisor import Supervisor
 from headend.switching.engine import SwitchingEngine
 from headend.switching.journal import CommandJournal, CommandState
@@ -182,7 +183,8 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
     headend_id = installation_id(cfg.state_dir)  # before any state file of this start exists
     metrics = Metrics()
     supervisor = Supervisor(on_restart=lambda task: metrics.task_restarts.labels(task).inc())
-    pipeline = Pipeline(cfg.storage, flush_timeout=5, supervisor=supervisor)
+    pipeline = Pipeline(cfg.storage, flush_timeout=5, supervisor=supervisor, own_process=cfg.storage.writer.own_process,
+                        vee_versions=cfg.state_dir / "vee.sqlite" if cfg.vee.on_arrival else None)  # fmt: skip
     registry = Registry(cfg)
     journal = CommandJournal(cfg.state_dir / "journal.sqlite")
     versions = VeeStore(cfg.state_dir / "vee.sqlite")
@@ -204,7 +206,17 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
     arrival = ArrivalValidator(vee)
     if cfg.vee.on_arrival:
         # Given before the writer starts: what it drains from the outbox at start is checked too.
-        pipeline.writer.before_write, pipeline.writer.after_write = arrival.before_write, arrival.after_write
+        if isinstance(pipeline.writer, WriterProcess):
+            # The writer process checks for conflicts itself and tells which meter-days it stored.
+            pipeline.writer.on_days = arrival.note_stored
+        else:
+            pipeline.writer.before_write, pipeline.writer.after_write = arrival.before_write, arrival.after_write
+
+    def conflicts() -> int:
+        """Values that arrived different from the one stored, wherever the check runs."""
+        writer = pipeline.writer
+        return arrival.conflicts + (writer.conflicts if isinstance(writer, WriterProcess) else 0)
+
     async with pipeline:
         sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir, headend_id=headend_id,
                                   supervisor=supervisor)  # fmt: skip
@@ -243,7 +255,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             metrics.progress_age.set(time.monotonic() - polling.stats.last_progress)
             for rule, count in arrival.failing().items():
                 metrics.vee_failing.labels(rule).set(count)
-            metrics.vee_conflicts.set(arrival.conflicts)
+            metrics.vee_conflicts.set(conflicts())
             counts = await switching.off_loop(journal.counts)
             for (action, state), n in counts.items():
                 metrics.commands.labels(action, state).set(n)
@@ -286,7 +298,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
                 "writer": {"healthy": pipeline.writer.stats.healthy, "written": pipeline.writer.stats.written},
                 "links": sessions.link_states(),
                 "breakers": {k: b.state() for k, b in polling.breakers.items()},
-                "vee": {"validated_on_arrival": arrival.validated, "conflicting_values": arrival.conflicts,
+                "vee": {"validated_on_arrival": arrival.validated, "conflicting_values": conflicts(),
                         "failing_intervals": dict(arrival.failing())},
             }  # fmt: skip
 

@@ -88,7 +88,7 @@ async def test_an_exception_in_a_writer_hook_is_counted_and_never_holds_data_bac
 ) -> None:
     dc_id = f"dc-{uuid.uuid4().hex[:8]}"
     served = await serve_with_fault(tmp_path, spawn, concentrator_site(mosquitto_server.port, dc_id, ["M1"]),
-                                    "headend.vee.arrival:ArrivalValidator.after_write:1000")  # fmt: skip
+                                    "headend.vee.arrival:ArrivalValidator.note_stored:1000")  # fmt: skip
     try:
         async with aiomqtt.Client("127.0.0.1", mosquitto_server.port, identifier=f"pub-{dc_id}") as client:
             await client.publish(state_topic(dc_id), birth(0, 1, ["M1"]), qos=1, retain=True)

@@ -399,17 +399,37 @@ class Outbox:
         self._waiters.add(event)
         return event
 
-    def lock_for_writer(self) -> None:
-        """Make this process the only writer of the outbox; the OS frees the lock if it dies."""
+    def notify_new_data(self) -> None:
+        """Wake this process's waiters: another process accepted readings (serve's writer
+        process hears it from serve)."""
+        for event in self._waiters:
+            event.set()
+
+    def lock_for_writer(self, wait: float = 0.0) -> None:
+        """Make this process the only writer of the outbox; the OS frees the lock if it dies.
+
+        `wait`: seconds to wait for a writer that is on its way out (the writer process of a
+        serve that was just killed ends when it sees serve gone, a few ms later)."""
         handle = open(f"{self.path}.writer.lock", "wb")  # noqa: SIM115 - held for the process's life
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise WriterLocked(f"{self.path} is already being drained by another process") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.close()
+                    raise WriterLocked(f"{self.path} is already being drained by another process") from None
+                time.sleep(0.05)
         handle.write(str(os.getpid()).encode())
         handle.flush()
         self._writer_lock = handle
+
+    @property
+    def writer_lock_fd(self) -> int | None:
+        """The lock's descriptor, for a writer process to inherit (it then holds the lock too,
+        for as long as it lives)."""
+        return None if self._writer_lock is None else self._writer_lock.fileno()
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 
 from headend.config import StorageConfig
@@ -14,6 +15,7 @@ from headend.storage.base import ReadingStore, StoreUnavailable
 from headend.storage.outbox import Outbox
 from headend.storage.sqlite import SqliteStore
 from headend.storage.writer import BatchWriter
+from headend.storage.writer_process import WriterJob, WriterProcess
 from headend.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -61,25 +63,35 @@ class Pipeline:
     """
 
     def __init__(self, cfg: StorageConfig, *, store: ReadingStore | None = None, flush_timeout: float = 10.0,
-                 supervisor: Supervisor | None = None) -> None:  # fmt: skip
+                 supervisor: Supervisor | None = None, own_process: bool = False,
+                 vee_versions: Path | None = None) -> None:  # fmt: skip
+        """`own_process`: the writer runs in a process of its own (serve's default), checking
+        for conflicts with stored values in `vee_versions` when given; otherwise it is a task
+        of this event loop and its hooks are set on it."""
         self.cfg = cfg
         self.supervisor = supervisor or Supervisor()
         self.store = store or build_store(cfg)
         self.outbox = Outbox(cfg.outbox)
-        self.writer = BatchWriter(
-            self.outbox,
-            self.store,
-            batch_size=cfg.writer.batch_size,
-            max_backoff=cfg.writer.max_backoff.total_seconds(),
-            warn_depth=cfg.writer.warn_depth,
-            linger=cfg.writer.linger.total_seconds(),
-            in_flight=cfg.writer.in_flight,
-        )
+        self.writer: BatchWriter | WriterProcess
+        if own_process:
+            job = WriterJob(cfg, vee_versions, logging.getLogger().getEffectiveLevel())
+            self.writer = WriterProcess(self.outbox, job)
+        else:
+            self.writer = BatchWriter(
+                self.outbox,
+                self.store,
+                batch_size=cfg.writer.batch_size,
+                max_backoff=cfg.writer.max_backoff.total_seconds(),
+                warn_depth=cfg.writer.warn_depth,
+                linger=cfg.writer.linger.total_seconds(),
+                in_flight=cfg.writer.in_flight,
+            )
         self.flush_timeout = flush_timeout
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Pipeline:
-        self.outbox.lock_for_writer()
+        # A writer process of a serve killed a moment ago ends when it sees serve gone.
+        self.outbox.lock_for_writer(wait=5.0)
         try:
             await self.store.open()
         except StoreUnavailable as exc:

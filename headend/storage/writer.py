@@ -79,6 +79,7 @@ class BatchWriter:
         warn_depth: int = 1_000_000,
         before_write: BatchHook | None = None,
         after_write: BatchHook | None = None,
+        on_drained: Callable[[], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self.store = store
@@ -97,6 +98,8 @@ class BatchWriter:
         #: is logged and counted and never holds the data back: storing it is what matters.
         self.before_write = before_write
         self.after_write = after_write
+        #: Called each time the writer finds the outbox empty (a writer process tells serve).
+        self.on_drained = on_drained
         self.stats = WriterStats()
         self._backoff = min_backoff
         self._stop = asyncio.Event()
@@ -139,6 +142,8 @@ class BatchWriter:
                     await self._failed(exc)
                     continue
                 self._drained.set()
+                if self.on_drained is not None:
+                    self.on_drained()
                 await self._wait(self.poll_interval, wake_on_data=True)
                 small = False
                 continue

@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from headend.model import IMPORT_ENERGY, IMPORT_INTERVAL, Obis
 from headend.registry import UnknownMeter
+from headend.storage.base import ReadingStore
 from headend.storage.codec import from_ns, to_ns
 from headend.storage.series import Series
 from headend.vee.service import VeeService
+from headend.vee.store import VeeStore
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +37,25 @@ DAY = timedelta(days=1)
 NS_PER_DAY = 86_400 * 10**9
 
 
-class ArrivalValidator:
-    def __init__(self, vee: VeeService, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
-        self.vee = vee
-        self.now = now
-        #: meter -> rule -> intervals failing it, in the meter's latest validated period
-        self.last_flags: dict[str, Counter[str]] = {}
-        self.validated = 0
+class ConflictCheck:
+    """The before-write half: notes values that would replace a different stored value. It
+    needs only the store and the versions, so it runs wherever the writer runs (in serve's
+    writer process by default)."""
+
+    def __init__(self, store: ReadingStore, versions: VeeStore) -> None:
+        self.store = store
+        self.versions = versions
         self.conflicts = 0
         #: Lookups made for values that might replace a stored one (live data makes none).
         self.lookups = 0
-        #: meter -> UTC days touched and not validated since
-        self._dirty: dict[str, set[datetime]] = {}
         #: (meter, channel) -> the latest interval stored; asked of the store once for the whole
         #: fleet (None: not yet), then kept up to date with what this process writes.
         self._stored_up_to: dict[tuple[str, Obis], int] | None = None
-        self._wake = asyncio.Event()
 
     async def _watermarks(self) -> dict[tuple[str, Obis], int]:
         if self._stored_up_to is None:
             self.lookups += 1
-            latest = await self.vee.store.latest_intervals(WATCHED)
+            latest = await self.store.latest_intervals(WATCHED)
             self._stored_up_to = {key: to_ns(t) for key, t in latest.items()}
         return self._stored_up_to
 
@@ -80,7 +80,7 @@ class ArrivalValidator:
             self.lookups += 1
             first, last = from_ns(min(t for t, _ in points)), from_ns(max(t for t, _ in points))
             stored = {to_ns(s.timestamp): s.value for s in
-                      await self.vee.store.query(meter, channel, first - timedelta(microseconds=1), last)}  # fmt: skip
+                      await self.store.query(meter, channel, first - timedelta(microseconds=1), last)}  # fmt: skip
             for t, v in points:
                 old = stored.get(t)
                 if old is not None and abs(old - v) > 1e-9 * max(1.0, abs(old)):
@@ -89,16 +89,49 @@ class ArrivalValidator:
             log.warning("%d intervals arrived with a value different from the one stored; kept as doubtful",
                         len(found))  # fmt: skip
             self.conflicts += len(found)
-            await asyncio.to_thread(self.vee.versions.record_conflicts, found)
+            await asyncio.to_thread(self.versions.record_conflicts, found)
+
+
+def touched_days(batch: Sequence[Series]) -> dict[str, set[int]]:
+    """Per meter, the UTC days (epoch ns of their midnight) a stored batch put watched
+    intervals in; an interval ending at midnight belongs to the day before."""
+    days: dict[str, set[int]] = {}
+    for s in batch:
+        if s.kind == "interval" and s.channel in WATCHED and len(s):
+            days.setdefault(s.meter, set()).update(((t - 1) // NS_PER_DAY) * NS_PER_DAY for t in s.times)
+    return days
+
+
+class ArrivalValidator:
+    def __init__(self, vee: VeeService, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.vee = vee
+        self.now = now
+        self.check = ConflictCheck(vee.store, vee.versions)
+        #: meter -> rule -> intervals failing it, in the meter's latest validated period
+        self.last_flags: dict[str, Counter[str]] = {}
+        self.validated = 0
+        #: meter -> UTC days touched and not validated since
+        self._dirty: dict[str, set[datetime]] = {}
+        self._wake = asyncio.Event()
+
+    @property
+    def conflicts(self) -> int:
+        return self.check.conflicts
+
+    @property
+    def lookups(self) -> int:
+        return self.check.lookups
+
+    async def before_write(self, batch: Sequence[Series]) -> None:
+        await self.check.before_write(batch)
 
     async def after_write(self, batch: Sequence[Series]) -> None:
-        for s in batch:
-            if s.kind != "interval" or s.channel not in WATCHED or not len(s):
-                continue
-            # An interval ending at midnight belongs to the day before: days of (t - 1 ns).
-            days = self._dirty.setdefault(s.meter, set())
-            for day in {(t - 1) // NS_PER_DAY for t in s.times}:
-                days.add(from_ns(day * NS_PER_DAY))
+        self.note_stored(touched_days(batch))
+
+    def note_stored(self, days: Mapping[str, Iterable[int]]) -> None:
+        """Meter-days (epoch ns of their midnight) that stored data touched: validated once closed."""
+        for meter, midnights in days.items():
+            self._dirty.setdefault(meter, set()).update(from_ns(day) for day in midnights)
         if self._dirty:
             self._wake.set()
 
