@@ -39,7 +39,8 @@ from headend.storage.codec import to_ns
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def site(work: Path, broker: int, influx_url: str, api: int, concentrators: int, meters: int) -> str:
+def site(work: Path, broker: int, influx_url: str, api: int, concentrators: int, meters: int,
+         inline_writer: bool = False) -> str:  # fmt: skip
     dcs = [f"dc-{k:03d}" for k in range(concentrators)]
     body = "".join(f'[[concentrators]]\nid = "{dc}"\nlink = "broker"\n' for dc in dcs)
     body += "".join(f'[[meters]]\nid = "{dc}-m{n:04d}"\nconcentrator = "{dc}"\n' for dc in dcs for n in range(meters))
@@ -50,6 +51,7 @@ outbox = "{work / "outbox.sqlite"}"
 [storage.influx]
 url = "{influx_url}"
 database = "serve"
+{"[storage.writer]" + chr(10) + "own_process = false" if inline_writer else ""}
 [api]
 port = {api}
 [[links]]
@@ -85,7 +87,8 @@ async def check(influx_url: str, summary: dict[str, Any]) -> int:
 async def run(args: argparse.Namespace, work: Path, broker: MosquittoServer, influx: InfluxServer) -> None:
     total = args.concentrators * args.meters * int(args.days * 96)
     api = free_port()
-    (work / "site.toml").write_text(site(work, broker.port, influx.url, api, args.concentrators, args.meters))
+    (work / "site.toml").write_text(site(work, broker.port, influx.url, api, args.concentrators, args.meters,
+                                            args.inline_writer))
     profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
     serve = await start_serve(work / "site.toml", log=work / "serve.log", python_args=tuple(profile))
     summary_file = work / "published.json"
@@ -151,6 +154,8 @@ def main() -> None:
     p.add_argument("--concentrators", type=int, default=10)
     p.add_argument("--meters", type=int, default=100)
     p.add_argument("--days", type=float, default=1)
+    p.add_argument("--inline-writer", action="store_true",
+                   help="the writer as a task of serve's event loop instead of its own process (for comparison)")
     p.add_argument("--profile", help="run serve under cProfile and write its stats here")
     p.add_argument("--timeline", action="store_true", help="print values stored and the outbox's depth as it goes")
     args = p.parse_args()
