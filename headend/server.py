@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import Depends, HTTPException
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -56,20 +56,39 @@ from headend.vee.store import VeeStore
 log = logging.getLogger(__name__)
 
 
-class LinkEvents(Collector):
-    """The MQTT links' own counters, as Prometheus counters (`headend_mqtt_link_events_total`)."""
+class LinkSeries(Collector):
+    """The series per link (state, breaker, MQTT link events), from a snapshot taken on the
+    event loop at each scrape: /metrics is rendered in a thread, off the loop (with a
+    thousand links rendering took tens of ms), and the thread never reads live state."""
 
-    def __init__(self, sessions: SessionFactory) -> None:
-        self.sessions = sessions
+    def __init__(self) -> None:
+        self.up: dict[str, int] = {}
+        self.breaker_open: dict[str, int] = {}
+        self.mqtt_events: dict[str, tuple[int, ...]] = {}
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("headend_mqtt_link_events", "MQTT link events since start: connects, gaps, "
+    def snapshot(self, sessions: SessionFactory, polling: PollingEngine) -> None:
+        self.up = {link_id: int(state == "up") for link_id, state in sessions.link_states().items()}
+        self.breaker_open = {link_id: int(b.is_open) for link_id, b in polling.breakers.items()}
+        self.mqtt_events = {link_id: tuple(getattr(mqtt.stats, event) for event in MQTT_EVENTS)
+                            for link_id, mqtt in sessions.mqtt.items()}  # fmt: skip
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        up = GaugeMetricFamily("headend_link_up", "1 if the link is connected", labels=["link"])
+        for link_id, value in self.up.items():
+            up.add_metric([link_id], value)
+        yield up
+        breaker = GaugeMetricFamily("headend_link_breaker_open", "1 while the link's circuit breaker is open",
+                                    labels=["link"])  # fmt: skip
+        for link_id, value in self.breaker_open.items():
+            breaker.add_metric([link_id], value)
+        yield breaker
+        events = CounterMetricFamily("headend_mqtt_link_events", "MQTT link events since start: connects, gaps, "
                                      "backfills, duplicates, bad_messages (unkept_: quarantine full), "
                                      "refused_answers, refused_messages", labels=["link", "event"])  # fmt: skip
-        for link_id, mqtt in self.sessions.mqtt.items():
-            for event in MQTT_EVENTS:
-                family.add_metric([link_id, event], getattr(mqtt.stats, event))
-        yield family
+        for link_id, counts in self.mqtt_events.items():
+            for event, count in zip(MQTT_EVENTS, counts, strict=True):
+                events.add_metric([link_id, event], count)
+        yield events
 
 
 #: LinkStats counters published as headend_mqtt_link_events_total{event}.
@@ -90,9 +109,8 @@ class Metrics:
                                   ["plan"], registry=self.registry)  # fmt: skip
         self.outbox_depth = Gauge("headend_outbox_depth", "Readings accepted, not yet in the store",
                                   registry=self.registry)  # fmt: skip
-        self.link_up = Gauge("headend_link_up", "1 if the link is connected", ["link"], registry=self.registry)
-        self.breaker_open = Gauge("headend_link_breaker_open", "1 while the link's circuit breaker is open",
-                                  ["link"], registry=self.registry)  # fmt: skip
+        self.links = LinkSeries()
+        self.registry.register(self.links)
         self.loop_restarts = Counter("headend_plan_loop_restarts", "Plan loops restarted after an error",
                                      ["plan"], registry=self.registry)  # fmt: skip
         self.last_run = Gauge("headend_plan_last_run_finished_timestamp_seconds", "When the plan's last run ended",
@@ -221,7 +239,6 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
         sessions = SessionFactory(cfg, pipeline.outbox, state_dir=cfg.state_dir, headend_id=headend_id,
                                   supervisor=supervisor)  # fmt: skip
         await sessions.start()
-        metrics.registry.register(LinkEvents(sessions))
         # One admission for polling, on-demand reads, VEE re-reads and switching.
         admission = LinkAdmission(registry, sessions)
         polling = PollingEngine(registry, pipeline.outbox, sessions, admission=admission)
@@ -247,10 +264,7 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
             metrics.written.set(pipeline.writer.stats.written)
             metrics.hook_failures.set(pipeline.writer.stats.hook_failures)
             metrics.outbox_failures.set(pipeline.writer.stats.outbox_failures)
-            for link_id, state in sessions.link_states().items():
-                metrics.link_up.labels(link_id).set(1 if state == "up" else 0)
-            for link_id, breaker in polling.breakers.items():
-                metrics.breaker_open.labels(link_id).set(1 if breaker.is_open else 0)
+            metrics.links.snapshot(sessions, polling)
             metrics.meter_breakers_open.set(sum(1 for b in polling.meter_breakers.values() if b.is_open))
             metrics.progress_age.set(time.monotonic() - polling.stats.last_progress)
             for rule, count in arrival.failing().items():
@@ -261,7 +275,8 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None, ready: asynci
                 metrics.commands.labels(action, state).set(n)
             metrics.deferred.set(sum(n for (_a, s), n in counts.items() if s == CommandState.DEFERRED))
             metrics.awaiting.set(sum(n for (_a, s), n in counts.items() if s == CommandState.AWAITING_APPROVAL))
-            return generate_latest(metrics.registry).decode()
+            text = await asyncio.to_thread(generate_latest, metrics.registry)
+            return text.decode()
 
         class ReadIn(BaseModel):
             model_config = ConfigDict(extra="forbid")
