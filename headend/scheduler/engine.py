@@ -133,6 +133,8 @@ class PollingEngine:
         #: Per meter: its own failures (no answer), so one dead unit behind a gateway never
         #: stalls its neighbours.
         self.meter_breakers: dict[str, CircuitBreaker] = {}
+        #: Per link (or meter) breaker, the opening last logged as skipping meters.
+        self._skips_said: dict[str, tuple[str, float]] = {}
         #: Per link: the meters that did not answer since the link's last success. Silence
         #: from several different meters in a row is the link's (a cut RS-485 line behind a
         #: gateway that still accepts TCP); one dead unit, however often asked, is not.
@@ -256,7 +258,16 @@ class PollingEngine:
                 result.error = f"{which} circuit open after {open_one.failures} failures; next try in {wait:.0f} s"
                 result.error_type, result.skipped = "CircuitOpen", True
                 self.stats.skipped += 1
-                log.warning("%s: not read by plan %s: %s", meter_id, plan.id, result.error)
+                # Once per breaker and time it opened: a link down skips its hundreds of meters,
+                # and a line each was a flood (98,000 on a site with 490 gateways down) that
+                # also held the event loop. The skips are counted (reads{result="skipped"}).
+                said, whose = (which, open_one.open_until), key if open_one is breaker else meter_id
+                if self._skips_said.get(whose) != said:
+                    self._skips_said[whose] = said
+                    more = ", and its other meters while it stays open" if open_one is breaker else ""
+                    log.warning("%s%s: not read by plan %s: %s", meter_id, more, plan.id, result.error)
+                else:
+                    log.debug("%s: not read by plan %s: %s", meter_id, plan.id, result.error)
                 return result
             result.attempts = attempt
             try:
