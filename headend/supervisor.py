@@ -31,6 +31,12 @@ class Supervisor:
         self._tasks[name] = task
         return task
 
+    def note_restart(self, name: str) -> None:
+        """A task that restarts a part of its own (a child process) counts it here too."""
+        self.restarts[name] += 1
+        if self.on_restart is not None:
+            self.on_restart(name)
+
     async def _keep(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         pause = self.min_backoff
         loop = asyncio.get_running_loop()

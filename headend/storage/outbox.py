@@ -140,6 +140,7 @@ class Outbox:
             # Counted at every start: whatever changed the rows without the counter (an older
             # head-end during an upgrade, a hand-made repair) is not believed for long.
             db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES ('depth', 0)")
+            db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES ('written', 0)")
             db.execute(_RECOUNT)
         # `depth()` reads through its own connection: WAL readers never wait for a writer, and
         # the event loop never waits for the lock a worker thread holds through an fsync.
@@ -227,6 +228,9 @@ class Outbox:
             db.executemany("INSERT OR REPLACE INTO quarantine (id, body, reason, quarantined_ns) VALUES (?, ?, ?, ?)",
                            held)  # fmt: skip
             self._remove(db, done)
+            # Counted with the deletion itself: exact whichever process writes, and whenever it dies.
+            db.execute("UPDATE counters SET value = value + ? WHERE name = 'written'",
+                       (sum(p.n for p in done) - len(refused),))  # fmt: skip
 
     async def settle(self, done: Sequence[Pending], refused: Sequence[tuple[Reading, str]]) -> None:
         await asyncio.to_thread(self.settle_sync, done, refused)
@@ -329,6 +333,12 @@ class Outbox:
     async def recount(self) -> int:
         return await asyncio.to_thread(self.recount_sync)
 
+    def written(self) -> int:
+        """Readings the store has confirmed from this outbox, ever (kept with the deletions)."""
+        with self._reader_lock:
+            row = self._reader.execute("SELECT value FROM counters WHERE name = 'written'").fetchone()
+        return int(row[0]) if row else 0
+
     def depth(self) -> int:
         """Readings waiting for the store: one row's lookup, never a count."""
         with self._reader_lock:
@@ -419,7 +429,8 @@ class Outbox:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     handle.close()
-                    raise WriterLocked(f"{self.path} is already being drained by another process") from None
+                    waited = f" (waited {wait:g} s for it to end)" if wait else ""
+                    raise WriterLocked(f"{self.path} is already being drained by another process{waited}") from None
                 time.sleep(0.05)
         handle.write(str(os.getpid()).encode())
         handle.flush()

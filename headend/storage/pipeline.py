@@ -66,8 +66,9 @@ class Pipeline:
                  supervisor: Supervisor | None = None, own_process: bool = False,
                  vee_versions: Path | None = None) -> None:  # fmt: skip
         """`own_process`: the writer runs in a process of its own (serve's default), checking
-        for conflicts with stored values in `vee_versions` when given; otherwise it is a task
-        of this event loop and its hooks are set on it."""
+        for conflicts with stored values in `vee_versions` when given, with a store it builds
+        from `cfg` (`store` is then this process's, for queries); otherwise it is a task of
+        this event loop and its hooks are set on it."""
         self.cfg = cfg
         self.supervisor = supervisor or Supervisor()
         self.store = store or build_store(cfg)
@@ -75,7 +76,8 @@ class Pipeline:
         self.writer: BatchWriter | WriterProcess
         if own_process:
             job = WriterJob(cfg, vee_versions, logging.getLogger().getEffectiveLevel())
-            self.writer = WriterProcess(self.outbox, job)
+            self.writer = WriterProcess(self.outbox, job,
+                                        on_restart=lambda: self.supervisor.note_restart("outbox-writer"))  # fmt: skip
         else:
             self.writer = BatchWriter(
                 self.outbox,
@@ -91,7 +93,7 @@ class Pipeline:
 
     async def __aenter__(self) -> Pipeline:
         # A writer process of a serve killed a moment ago ends when it sees serve gone.
-        self.outbox.lock_for_writer(wait=5.0)
+        await asyncio.to_thread(self.outbox.lock_for_writer, 5.0)
         try:
             await self.store.open()
         except StoreUnavailable as exc:
@@ -105,7 +107,8 @@ class Pipeline:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._task is not None:
-            if exc_type is None:
+            if exc_type is None and not (isinstance(self.writer, WriterProcess) and not self.writer.alive):
+                # (no writer process to wait for while one is being started again)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.flush_timeout):
                         await self.writer.wait_drained()

@@ -11,9 +11,10 @@ With serve, over pipes:
   process ends at once. What it had in flight stays in the outbox (rows are deleted only
   after the store confirmed them) and the next writer writes it again; the store keeps one
   point per meter, channel and time, so nothing is doubled.
-- stdout: one JSON object per line: {"stats": {...}} when the figures change,
-  {"drained": true} when it found the outbox empty, {"days": {meter: [midnight ns, ...]}}
-  for what each batch stored (serve validates those meter-days once they close).
+- stdout: one JSON object per line: {"stats": {...}} after each batch and when the figures
+  change, {"drained": true} when it found the outbox empty, {"days": {meter: [midnight ns,
+  ...]}} for what each batch stored, a few hundred meters a line (serve validates those
+  meter-days once they close).
 - stderr: its log, beside serve's.
 
 The outbox's writer lock is serve's, inherited: while this process lives the outbox has its
@@ -28,7 +29,6 @@ import json
 import logging
 import os
 import pickle
-import signal
 import struct
 import sys
 import threading
@@ -59,6 +59,11 @@ def _receive_job(stdin: BinaryIO) -> WriterJob:
     return job
 
 
+#: Meters per "days" line: a batch of 100,000 meters with long unicode ids is many short
+#: lines, never one serve would refuse.
+DAYS_PER_LINE = 500
+
+
 class _Report:
     """JSON lines to serve. Written from the event loop only."""
 
@@ -66,7 +71,7 @@ class _Report:
         self.out = out
 
     def send(self, message: dict[str, Any]) -> None:
-        self.out.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        self.out.write(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
         self.out.flush()
 
 
@@ -91,10 +96,14 @@ async def _run(job: WriterJob, stdin: BinaryIO, stdout: BinaryIO) -> None:
     store = build_store(storage)
     check = ConflictCheck(store, VeeStore(job.vee_versions)) if job.vee_versions is not None else None
 
+    def figures() -> dict[str, Any]:
+        return {**dataclasses.asdict(writer.stats), "conflicts": check.conflicts if check is not None else 0}
+
     async def stored(batch: Sequence[Series]) -> None:
-        days = touched_days(batch)
-        if days:
-            report.send({"days": {meter: sorted(d) for meter, d in days.items()}})
+        report.send({"stats": figures()})  # each batch's counts at once, not at the next tick
+        days = list(touched_days(batch).items())
+        for first in range(0, len(days), DAYS_PER_LINE):
+            report.send({"days": {meter: sorted(d) for meter, d in days[first : first + DAYS_PER_LINE]}})
 
     writer = BatchWriter(
         outbox,
@@ -116,22 +125,21 @@ async def _run(job: WriterJob, stdin: BinaryIO, stdout: BinaryIO) -> None:
     task = asyncio.create_task(writer.run(), name="outbox-writer")
     last: dict[str, Any] = {}
     while not task.done():
-        figures = {**dataclasses.asdict(writer.stats), "conflicts": check.conflicts if check is not None else 0}
-        if figures != last:
-            report.send({"stats": figures})
-            last = figures
+        now = figures()
+        if now != last:  # health and failures between batches (the store down, backing off)
+            report.send({"stats": now})
+            last = now
         await asyncio.wait([task], timeout=STATS_EVERY)
     task.result()  # a writer that ended by itself did so with an error: let it show
 
 
 def main() -> None:
-    # Ctrl-C in a terminal and systemd's stop signal reach every process of serve's group:
-    # this one ends when serve closes its pipe, after serve has let it drain the outbox.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Serve starts this with SIGINT and SIGTERM ignored from the first line (WriterProcess):
+    it ends when serve closes its pipe, after serve has let it drain the outbox."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     job = _receive_job(stdin)
-    logging.basicConfig(level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=job.log_level,
+                        format="%(asctime)s %(levelname)s writer[%(process)d] %(name)s: %(message)s")  # fmt: skip
     asyncio.run(_run(job, stdin, stdout))
 
 
