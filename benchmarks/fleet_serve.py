@@ -109,8 +109,8 @@ async def run(work: Path, meters: int, sessions: int) -> None:
     print(f"headend serve, one plan run: {int(done)} read, {int(failed)} failed in {elapsed:.1f} s: "
           f"{rate:.1f} meters/s (clock + 96 x 4 profile + register, outbox, SQLite store; from the run's "
           "start to its end as serve records them)")  # fmt: skip
-    print(f"  serve's CPU (its writer process included): {cpu_used / meters * 1000:.1f} ms per meter ({cpu_used:.1f} s over the run and up to "
-          f"{POLL:.0f} s before it)")  # fmt: skip
+    print(f"  serve's CPU (its writer process included): {cpu_used / meters * 1000:.1f} ms per meter "
+          f"({cpu_used:.1f} s over the run and up to {POLL:.0f} s before it)")  # fmt: skip
     print(f"  limit (same run): the DLMS sessions alone, {sessions} at a time: {limit:.1f} meters/s; "
           f"ratio {rate / limit:.2f}")  # fmt: skip
 
