@@ -64,6 +64,10 @@ POWER_DOWN, POWER_UP, CLOCK_ADJUSTED_OLD, CLOCK_ADJUSTED_NEW = 1, 2, 4, 5
 A_PLUS, A_MINUS, R_PLUS, R_MINUS = Obis(1, 0, 1, 8, 0), Obis(1, 0, 2, 8, 0), Obis(1, 0, 3, 8, 0), Obis(1, 0, 4, 8, 0)
 UNIT_WH, UNIT_VARH, UNIT_W, UNIT_V, UNIT_A, UNIT_HZ = 30, 32, 27, 35, 33, 44
 SUCCESS, HARDWARE_FAULT, TEMPORARY_FAILURE, OBJECT_UNDEFINED, OBJECT_UNAVAILABLE, TYPE_UNMATCHED = 0, 1, 2, 4, 11, 12
+READ_WRITE_DENIED = 3
+#: GET-next with no block transfer going on (none asked, or the last block already sent);
+#: a block number the transfer never had.
+NO_LONG_GET_IN_PROGRESS, DATA_BLOCK_NUMBER_INVALID = 16, 19
 DISCONNECTED, CONNECTED, READY = 0, 1, 2
 STEP = timedelta(minutes=15)
 
@@ -388,6 +392,8 @@ class SimulatedDlmsMeter:
                 return TYPE_UNMATCHED
             self.control_mode = value
             return SUCCESS
+        if type(self.get(xdlms.GetRequest(request.invoke_id, a))) is not int:
+            return READ_WRITE_DENIED  # there, and readable, but not writable
         return OBJECT_UNDEFINED
 
     def action(self, request: xdlms.ActionRequest) -> int:
@@ -471,8 +477,12 @@ class SimulatedDlmsMeter:
             return xdlms.GetResult(request.invoke_id, data=bytes(size), block_number=n,
                                    last_block=False).to_bytes(), [b""]  # fmt: skip
         if isinstance(request, xdlms.GetRequestNext):
-            if not blocks or request.block_number > len(blocks) or request.block_number < 1:
-                return xdlms.GetResult(request.invoke_id, error=16, block_number=request.block_number).to_bytes(), []
+            if not blocks or request.block_number == len(blocks):  # none going on, or the last one sent
+                return xdlms.GetResult(request.invoke_id, error=NO_LONG_GET_IN_PROGRESS,
+                                       block_number=request.block_number).to_bytes(), []  # fmt: skip
+            if not 1 <= request.block_number < len(blocks):
+                return xdlms.GetResult(request.invoke_id, error=DATA_BLOCK_NUMBER_INVALID,
+                                       block_number=request.block_number).to_bytes(), []  # fmt: skip
             n = request.block_number + 1
             last = n == len(blocks)
             return xdlms.GetResult(
@@ -492,9 +502,11 @@ class SimulatedDlmsMeter:
             first = xdlms.GetResult(request.invoke_id, data=chunks[0], block_number=1, last_block=len(chunks) == 1)
             return first.to_bytes(), chunks
         if isinstance(request, xdlms.SetRequest):
+            if not lls:  # the public client reads; it never writes (clock, control mode)
+                return xdlms.SetResult(request.invoke_id, READ_WRITE_DENIED).to_bytes(), []
             return xdlms.SetResult(request.invoke_id, self.set(request)).to_bytes(), []
         if not lls and request.method.class_id == 70:
-            return xdlms.ActionResult(request.invoke_id, 3).to_bytes(), []  # read-write-denied to the public client
+            return xdlms.ActionResult(request.invoke_id, READ_WRITE_DENIED).to_bytes(), []  # the public client
         return xdlms.ActionResult(request.invoke_id, self.action(request)).to_bytes(), []
 
     async def send_with_faults(self, writer: asyncio.StreamWriter, out: bytes, header: int) -> bool:

@@ -182,3 +182,31 @@ async def test_gurux_reads_the_event_log_ratios_and_serial_the_head_end_reads(me
     assert [(t.replace(tzinfo=UTC), int(code)) for t, code in got["events"]] == [(outage[0], 1), (outage[1], 2)]
     assert [int(v) for v in got["ct"]] == [200, 5]
     assert str(got["serial"]) == meter.serial
+
+
+def gurux_writes(port: int, password: str | None) -> dict[str, int]:
+    """Gurux writes the clock (writable by a logged-in client) and the energy register (read
+    only); the answer to each: 0 or the data-access-result Gurux raised."""
+    g = GuruxSession(port, password)
+    g.associate()
+    out: dict[str, int] = {}
+    clock = g.read(GXDLMSClock("0.0.1.0.0.255"), 2)
+    register = g.read(g.read(GXDLMSRegister("1.0.1.8.0.255"), 3), 2)
+    for name, obj in (("clock", clock), ("register", register)):
+        out[name] = int(g.run(g.client.write(obj, 2)).error)  # Gurux gives the result, it does not raise
+    out["missing"] = int(g.run(g.client.read(GXDLMSData("0.0.96.99.99.255"), 2)).error)  # no such object
+    out["after"] = int(g.read(GXDLMSRegister("1.0.1.8.0.255"), 2).value)  # the association goes on
+    g.close()
+    return out
+
+
+async def test_gurux_writes_what_its_association_may_and_is_denied_the_rest(meter: SimulatedDlmsMeter) -> None:
+    """Issue #16: the public client could SET the clock and the control mode, and a SET of a
+    read-only attribute answered object-undefined; a missing object then another GET works."""
+    public = await asyncio.to_thread(gurux_writes, meter.port, None)
+    assert public["clock"] == 3 and public["register"] == 3  # read-write-denied: the public client reads only
+    assert public["missing"] == 4 and public["after"] == meter.register_value(A_PLUS, NOW.timestamp())
+    lls = await asyncio.to_thread(gurux_writes, meter.port, "12345678")
+    assert lls["clock"] == 0  # the logged-in client sets the clock
+    assert lls["register"] == 3  # there and readable, not writable: read-write-denied, not object-undefined
+    assert lls["missing"] == 4

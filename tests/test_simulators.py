@@ -10,6 +10,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 from headend.localservers import MosquittoServer
+from headend.protocols.dlms import xdlms
 from simulators.clock import Clock, ManualClock
 from simulators.dlms_meter import A_PLUS, SimulatedDlmsMeter
 from simulators.physics import LoadModel
@@ -102,3 +103,19 @@ async def test_the_concentrator_clock_runs_after_publishing_a_backlog(
                     break
     told = datetime.fromisoformat(answer.result["time"])
     assert abs((told - Clock().datetime()).total_seconds()) < 5
+
+
+def test_a_dlms_get_next_after_the_last_block_or_out_of_the_transfer_is_an_error_not_a_crash() -> None:
+    """Issue #16: asking for the block after the last one raised IndexError in the simulator
+    and dropped the connection; a meter answers no-long-get-in-progress (16), and a block
+    number the transfer never had data-block-number-invalid (19)."""
+    meter = SimulatedDlmsMeter("1", ManualClock(datetime(2026, 3, 9, tzinfo=UTC)))
+    blocks = [b"one", b"two", b"three"]
+    for asked, error, left in ((3, 16, []), (7, 19, []), (0, 19, [])):
+        answer, kept = meter.service(xdlms.GetRequestNext(5, asked).to_bytes(), blocks, True)
+        result = xdlms.parse_response(answer)
+        assert isinstance(result, xdlms.GetResult) and result.error == error, (asked, result)
+        assert kept == left
+    answer, kept = meter.service(xdlms.GetRequestNext(5, 2).to_bytes(), blocks, True)
+    result = xdlms.parse_response(answer)
+    assert isinstance(result, xdlms.GetResult) and result.data == b"three" and result.last_block and kept == blocks
