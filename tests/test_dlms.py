@@ -14,7 +14,7 @@ import pytest
 
 from headend.model import Obis, Quality, RelayAction, RelayState
 from headend.protocols.base import BadFrame, MeterSession, Refused, Timeout, Unsupported
-from headend.protocols.dlms import codec, xdlms
+from headend.protocols.dlms import codec, wrapper, xdlms
 from headend.protocols.dlms.client import DlmsSession
 from headend.protocols.dlms.security import InvocationCounters, Protection, ProtectionError
 from simulators.clock import ManualClock
@@ -161,6 +161,28 @@ async def test_a_wrong_password_is_refused(meter: SimulatedDlmsMeter, clock: Man
         async with session(meter, clock, password=b"00000000"):
             pass
     assert "00000000" not in repr(session(meter, clock, password=b"00000000"))
+
+
+async def test_an_aarq_refused_by_an_exception_response_is_a_refusal_that_says_why() -> None:
+    """Issue #16: some meters answer an AARQ they will not take with an ExceptionResponse;
+    it was a BadFrame quoting the parser ("not an AARE")."""
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frame = await wrapper.read_frame(reader)
+        writer.write(wrapper.WrapperFrame(frame.destination, frame.source, bytes([0xD8, 1, 2])).to_bytes())
+        await writer.drain()
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(Refused, match="refused by an exception response: service-not-allowed, "
+                                          "service-not-supported"):  # fmt: skip
+            async with DlmsSession.tcp_wrapper("127.0.0.1", port, "M1", timeout=2):
+                pass
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_unknown_objects_are_unsupported(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:

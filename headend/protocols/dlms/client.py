@@ -195,6 +195,11 @@ class DlmsSession:
         return self
 
     def _parse_aare(self, reply: bytes) -> codec.AssociationResult:
+        if reply[:1] == bytes([xdlms.EXCEPTION_RESPONSE]) and len(reply) == 3:
+            # Some meters refuse an AARQ they cannot take (a wrong client address, a busy
+            # association) with an ExceptionResponse instead of a rejecting AARE: a refusal.
+            refusal = xdlms.ExceptionResult(reply[1], reply[2])
+            raise Refused(f"association refused by an exception response: {refusal.describe()}", meter=self.meter)
         try:
             return codec.parse_aare(reply)
         except codec.AcseError as exc:
@@ -274,7 +279,7 @@ class DlmsSession:
             await self._close()
             raise self._bad(str(exc), reply) from None
         if isinstance(response, xdlms.ExceptionResult):
-            raise Refused(f"exception response {response.state_error}/{response.service_error}", meter=self.meter)
+            raise Refused(f"exception response: {response.describe()}", meter=self.meter)
         return response
 
     def _next_invoke(self) -> int:

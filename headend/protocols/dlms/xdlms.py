@@ -185,6 +185,17 @@ class ExceptionResult:
     def to_bytes(self) -> bytes:
         return bytes([EXCEPTION_RESPONSE, self.state_error, self.service_error])
 
+    def describe(self) -> str:
+        """The errors by their names in the standard (Green Book, ExceptionResponse)."""
+        state = _STATE_ERRORS.get(self.state_error, f"state error {self.state_error}")
+        service = _SERVICE_ERRORS.get(self.service_error, f"service error {self.service_error}")
+        return f"{state}, {service}"
+
+
+_STATE_ERRORS = {1: "service-not-allowed", 2: "service-unknown"}
+_SERVICE_ERRORS = {1: "operation-not-possible", 2: "service-not-supported", 3: "other-reason", 4: "pdu-too-long",
+                   5: "deciphering-error", 6: "invocation-counter-error"}  # fmt: skip
+
 
 def parse_response(apdu: bytes) -> GetResult | SetResult | ActionResult | ExceptionResult:
     if len(apdu) < 3:
