@@ -289,7 +289,7 @@ class DlmsSettings(Strict):
     client_sap: int | None = Field(None, ge=1, le=127)
     logical: int = Field(1, ge=0, le=127)
     #: HDLC lower (physical) address; None for the TCP wrapper or a one-meter HDLC link.
-    physical: int | None = Field(None, ge=0, le=127)
+    physical: int | None = Field(None, ge=0, le=16383)  # above 127: a four-byte HDLC address
     server_sap: int = Field(1, ge=0, le=0xFFFF)
 
     @model_validator(mode="after")

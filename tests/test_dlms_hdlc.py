@@ -115,6 +115,34 @@ async def test_hdlc_over_tcp(meters: dict[int, SimulatedDlmsMeter], clock: Manua
     await bus.stop()
 
 
+def test_a_physical_address_above_127_is_a_four_byte_address_as_gurux_writes_it() -> None:
+    """Issue #16: meters addressed by serial number have physical addresses up to 16,383."""
+    ours = hdlc.encode_address(1, 4567)
+    assert len(ours) == 4 and hdlc.address_parts(ours) == (1, 4567)
+    assert hdlc.encode_address(1, 0x11) == bytes([2, 0x23])  # two bytes while both parts fit
+    gurux = GXDLMSClient(True, 16, GXDLMSClient.getServerAddress(1, 4567), Authentication.NONE, None,
+                         InterfaceType.HDLC)  # fmt: skip
+    snrm = hdlc.parse(bytes(gurux.snrmRequest()))
+    assert snrm.destination == ours and snrm.control == hdlc.SNRM
+    with pytest.raises(ValueError, match=r"0\.\.16383"):
+        hdlc.encode_address(1, 16384)
+
+
+async def test_a_meter_at_a_four_byte_hdlc_address_is_read(clock: ManualClock) -> None:
+    meter = SimulatedDlmsMeter("M-4567", clock)
+    bus = HdlcBus({4567: meter})
+    port = await bus.start_tcp()
+    try:
+        async with DlmsSession.hdlc_tcp("127.0.0.1", port, "M-4567", server_physical=4567, timeout=3) as s:
+            assert await s.read_clock() == NOW
+        cfg = parse_config({"links": [{"id": "bus", "kind": "tcp", "protocol": "dlms-hdlc", "host": "127.0.0.1",
+                                       "port": port}],
+                            "meters": [{"id": "M-4567", "link": "bus", "dlms": {"physical": 4567}}]})  # fmt: skip
+        assert cfg.meters[0].dlms.physical == 4567
+    finally:
+        await bus.stop()
+
+
 def gurux_over_hdlc(port: int) -> dict[str, object]:
     client = GXDLMSClient(True, 1, GXDLMSClient.getServerAddress(1, 0x11), Authentication.LOW, "12345678",
                           InterfaceType.HDLC)  # fmt: skip

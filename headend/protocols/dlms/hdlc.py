@@ -38,15 +38,23 @@ def crc16(data: bytes) -> int:
     return crc ^ 0xFFFF
 
 
+#: The largest server address part: four-byte addresses carry 14 bits in each half.
+MAX_ADDRESS_PART = 0x3FFF
+
+
 def encode_address(upper: int, lower: int | None = None) -> bytes:
-    """A one-byte address, or the two-byte server address (upper = logical, lower = physical)."""
+    """A one-byte address, or the server address (upper = logical, lower = physical): two
+    bytes when both parts fit in 7 bits, else four (meters addressed by their serial number
+    use physical addresses up to 16,383)."""
     if lower is None:
         if not 0 <= upper <= 0x7F:
             raise ValueError(f"one-byte HDLC address must be 0..127, got {upper}")
         return bytes([(upper << 1) | 1])
-    if not (0 <= upper <= 0x7F and 0 <= lower <= 0x7F):
-        raise ValueError(f"two-byte HDLC address parts must be 0..127, got {upper}/{lower}")
-    return bytes([upper << 1, (lower << 1) | 1])
+    if not (0 <= upper <= MAX_ADDRESS_PART and 0 <= lower <= MAX_ADDRESS_PART):
+        raise ValueError(f"HDLC server address parts must be 0..{MAX_ADDRESS_PART}, got {upper}/{lower}")
+    if upper <= 0x7F and lower <= 0x7F:
+        return bytes([upper << 1, (lower << 1) | 1])
+    return bytes([(upper >> 7) << 1, (upper & 0x7F) << 1, (lower >> 7) << 1, ((lower & 0x7F) << 1) | 1])
 
 
 def _split_address(body: bytes, start: int) -> tuple[bytes, int]:
