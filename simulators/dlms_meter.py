@@ -65,6 +65,12 @@ A_PLUS, A_MINUS, R_PLUS, R_MINUS = Obis(1, 0, 1, 8, 0), Obis(1, 0, 2, 8, 0), Obi
 UNIT_WH, UNIT_VARH, UNIT_W, UNIT_V, UNIT_A, UNIT_HZ = 30, 32, 27, 35, 33, 44
 SUCCESS, HARDWARE_FAULT, TEMPORARY_FAILURE, OBJECT_UNDEFINED, OBJECT_UNAVAILABLE, TYPE_UNMATCHED = 0, 1, 2, 4, 11, 12
 READ_WRITE_DENIED = 3
+#: A GET answer's bytes around its data, at most: tag, kind, invoke id, last-block flag,
+#: block number, choice and a three-byte length.
+REPLY_OVERHEAD = 13
+#: What general-glo-ciphering adds around an APDU: tag, length, security control, invocation
+#: counter and the 12-byte authentication tag.
+CIPHER_OVERHEAD = 1 + 3 + 1 + 4 + 12
 #: GET-next with no block transfer going on (none asked, or the last block already sent);
 #: a block number the transfer never had.
 NO_LONG_GET_IN_PROGRESS, DATA_BLOCK_NUMBER_INVALID = 16, 19
@@ -155,6 +161,8 @@ class SimulatedDlmsMeter:
         self.faults = DlmsFaults()
         self.associations = 0
         self.requests = 0
+        #: The longest APDU answered (before ciphering): never more than a client said it takes.
+        self.largest_reply = 0
         self.actions = 0
         self.events: list[tuple[datetime, int]] = []  # (meter time, event code), oldest first
         #: (true time from, clock offset s) of each clock set or jump; empty: never changed.
@@ -466,14 +474,21 @@ class SimulatedDlmsMeter:
             self._connections.discard(writer)
             writer.close()
 
-    def service(self, apdu: bytes, blocks: list[bytes], lls: bool) -> tuple[bytes, list[bytes]]:
+    def service(self, apdu: bytes, blocks: list[bytes], lls: bool,
+                max_pdu: int = 0xFFFF) -> tuple[bytes, list[bytes]]:  # fmt: skip
+        """`max_pdu`: the longest APDU the client said it takes (its AARQ's max receive PDU)."""
+        reply, kept = self._service(apdu, blocks, lls, max(1, min(self.block_size, max_pdu - REPLY_OVERHEAD)))
+        self.largest_reply = max(self.largest_reply, len(reply))
+        return reply, kept
+
+    def _service(self, apdu: bytes, blocks: list[bytes], lls: bool, block_size: int) -> tuple[bytes, list[bytes]]:
         try:
             request = xdlms.parse_request(apdu)
         except (xdlms.XdlmsError, ValueError):
             return xdlms.ExceptionResult(2, 1).to_bytes(), []
         if isinstance(request, xdlms.GetRequestNext) and self.faults.endless_blocks:
             n = 1 if self.faults.repeat_block_number else request.block_number + 1
-            size = 0 if self.faults.repeat_block_number else self.block_size
+            size = 0 if self.faults.repeat_block_number else block_size
             return xdlms.GetResult(request.invoke_id, data=bytes(size), block_number=n,
                                    last_block=False).to_bytes(), [b""]  # fmt: skip
         if isinstance(request, xdlms.GetRequestNext):
@@ -494,11 +509,11 @@ class SimulatedDlmsMeter:
                 return xdlms.GetResult(request.invoke_id, error=value).to_bytes(), []
             data = axdr.encode(value)
             if self.faults.endless_blocks:
-                head = data[: self.block_size]
+                head = data[:block_size]
                 return xdlms.GetResult(request.invoke_id, data=head, block_number=1, last_block=False).to_bytes(), [b""]
-            if len(data) <= self.block_size:
+            if len(data) <= block_size:
                 return xdlms.GetResult(request.invoke_id, data=data).to_bytes(), []
-            chunks = [data[i : i + self.block_size] for i in range(0, len(data), self.block_size)]
+            chunks = [data[i : i + block_size] for i in range(0, len(data), block_size)]
             first = xdlms.GetResult(request.invoke_id, data=chunks[0], block_number=1, last_block=len(chunks) == 1)
             return first.to_bytes(), chunks
         if isinstance(request, xdlms.SetRequest):
@@ -535,6 +550,8 @@ class Association:
         self.hls_pending = False
         self.client_challenge = b""
         self.server_challenge = b""
+        #: What the client said it takes (AARQ), less what ciphering adds around an APDU.
+        self.max_pdu = 0xFFFF
 
     def handle(self, apdu: bytes) -> bytes:
         meter = self.meter
@@ -557,7 +574,8 @@ class Association:
         return self._serve(apdu)
 
     def _serve(self, apdu: bytes) -> bytes:
-        reply, self.blocks = self.meter.service(apdu, self.blocks, self.lls or self.protection is not None)
+        reply, self.blocks = self.meter.service(apdu, self.blocks, self.lls or self.protection is not None,
+                                                self.max_pdu)  # fmt: skip
         return reply
 
     def _associate(self, apdu: bytes) -> bytes:
@@ -568,15 +586,18 @@ class Association:
             request = codec.parse_aarq(apdu)
         except codec.AcseError:
             return codec.aare(False, failure="no_reason_given")
+        ciphering = CIPHER_OVERHEAD if request.authentication == codec.AUTH_HLS_GMAC else 0
+        self.max_pdu = request.max_pdu - ciphering
         if request.authentication == codec.AUTH_HLS_GMAC:
             initiate = request.ciphered_initiate
             if not (request.system_title and request.password and initiate):
                 return codec.aare(False, authentication=request.authentication, failure="authentication_failed")
             try:
-                codec.decrypt(codec.SC_AUTH_ENC, request.system_title, initiate.invocation_counter, meter.keys,
-                              initiate.text)  # fmt: skip
+                plain = codec.decrypt(codec.SC_AUTH_ENC, request.system_title, initiate.invocation_counter,
+                                      meter.keys, initiate.text)  # fmt: skip
             except codec.AcseError:
                 return codec.aare(False, authentication=request.authentication, failure="authentication_failed")
+            self.max_pdu = codec.client_max_pdu(plain) - ciphering
             self.protection = Protection(meter.keys, meter.system_title, request.system_title, meter.next_counter,
                                          peer_counter=initiate.invocation_counter)  # fmt: skip
             self.client_challenge = request.password

@@ -210,3 +210,22 @@ async def test_gurux_writes_what_its_association_may_and_is_denied_the_rest(mete
     assert lls["clock"] == 0  # the logged-in client sets the clock
     assert lls["register"] == 3  # there and readable, not writable: read-write-denied, not object-undefined
     assert lls["missing"] == 4
+
+
+def gurux_reads_a_day_taking_64_byte_apdus(port: int) -> list[tuple[datetime, Any]]:
+    g = GuruxSession(port, "12345678")
+    g.client.maxReceivePDUSize = 64
+    g.associate()
+    profile = g.read(GXDLMSProfileGeneric("1.0.99.1.0.255"), 3)
+    g.client.updateValue(profile, 2, g.run(g.client.readRowsByRange(profile, NOW - timedelta(days=1), NOW)).value)
+    g.close()
+    return [(row[0].value, row[2]) for row in profile.buffer]
+
+
+async def test_the_simulator_never_sends_a_client_more_than_its_max_pdu(meter: SimulatedDlmsMeter) -> None:
+    """Issue #16: a client that takes 64-byte APDUs was sent 1,036 bytes at once."""
+    rows = await asyncio.to_thread(gurux_reads_a_day_taking_64_byte_apdus, meter.port)
+    assert len(rows) == 97
+    for stamp, energy in rows:
+        assert energy == meter.register_value(A_PLUS, stamp.replace(tzinfo=UTC).timestamp())
+    assert 0 < meter.largest_reply <= 64

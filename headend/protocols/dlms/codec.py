@@ -150,6 +150,14 @@ def parse_aarq(apdu: bytes) -> AssociationRequest:
     return AssociationRequest(auth, value, max_pdu, title, ciphered)
 
 
+def client_max_pdu(initiate: bytes) -> int:
+    """The client's max receive PDU from a (deciphered) InitiateRequest; 65535 if unreadable."""
+    try:
+        return int(InitiateRequest.from_bytes(initiate).client_max_receive_pdu_size)
+    except Exception:  # noqa: BLE001 - a parser failure of any kind: the default
+        return 0xFFFF
+
+
 def initiate_response_bytes(max_pdu: int = 0xFFFF) -> bytes:
     return bytes(InitiateResponse(negotiated_conformance=CONFORMANCE, server_max_receive_pdu_size=max_pdu).to_bytes())
 
