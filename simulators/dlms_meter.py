@@ -696,6 +696,8 @@ class _HdlcLink:
     send_seq: int = 0
     recv_seq: int = 0
     pending: bytearray = field(default_factory=bytearray)
+    #: The longest information field the client takes, as negotiated by its SNRM.
+    send_info: int = hdlc.DEFAULT_MAX_INFO
 
 
 class HdlcBus:
@@ -705,6 +707,8 @@ class HdlcBus:
         self.meters = meters
         self.max_info = max_info
         self.bad_frames = 0
+        #: The longest information field sent: never more than a client's SNRM said it takes.
+        self.largest_info = 0
         #: Associations open at once on this bus, at most (a bus carries one: more is a head-end bug).
         self.most_connected = 0
         #: Physical addresses in the order their associations opened (SNRM).
@@ -795,7 +799,12 @@ class HdlcBus:
         if frame.control == hdlc.SNRM:
             link.connected, link.send_seq, link.recv_seq = True, 0, 0
             link.association = Association(meter)
-            params = hdlc.snrm_parameters(self.max_info)
+            # What the client proposes (128 where it says nothing) against what this meter
+            # does; one frame at a time whatever window it offers (the meter's window is 1).
+            proposed = hdlc.parse_parameters(frame.info)
+            link.send_info = min(self.max_info, proposed.get(hdlc.MAX_INFO_RX, hdlc.DEFAULT_MAX_INFO))
+            receive = min(self.max_info, proposed.get(hdlc.MAX_INFO_TX, hdlc.DEFAULT_MAX_INFO))
+            params = hdlc.snrm_parameters(link.send_info, 1, receive=receive)
             return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.UA, params))
         if frame.control == hdlc.DISC:
             was = link.connected
@@ -814,7 +823,8 @@ class HdlcBus:
             self.bad_frames += 1
             return True
         answer = link.association.handle(request[3:])
-        parts = hdlc.segments(hdlc.LLC_RESPONSE + answer, self.max_info)
+        parts = hdlc.segments(hdlc.LLC_RESPONSE + answer, link.send_info)
+        self.largest_info = max(self.largest_info, max(len(part) for part in parts))
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             control = hdlc.information_control(link.send_seq, link.recv_seq)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, InterfaceType
-from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSRegister
+from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSProfileGeneric, GXDLMSRegister
 
 from headend.config import ConfigError, SerialLink, parse_config
 from headend.model import RelayAction, RelayState
@@ -143,9 +143,11 @@ async def test_a_meter_at_a_four_byte_hdlc_address_is_read(clock: ManualClock) -
         await bus.stop()
 
 
-def gurux_over_hdlc(port: int) -> dict[str, object]:
+def gurux_over_hdlc(port: int, max_info: int | None = None) -> dict[str, object]:
     client = GXDLMSClient(True, 1, GXDLMSClient.getServerAddress(1, 0x11), Authentication.LOW, "12345678",
                           InterfaceType.HDLC)  # fmt: skip
+    if max_info is not None:
+        client.hdlcSettings.maxInfoRX = client.hdlcSettings.maxInfoTX = max_info
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
 
     def run(frames: list[bytes] | bytes) -> GXReplyData:
@@ -164,8 +166,11 @@ def gurux_over_hdlc(port: int) -> dict[str, object]:
         return reply
 
     client.parseUAResponse(run(client.snrmRequest()).data)
+    out: dict[str, object] = {"negotiated": (client.hdlcSettings.maxInfoTX, client.hdlcSettings.maxInfoRX)}
     client.parseAareResponse(run(client.aarqRequest()).data)
-    out: dict[str, object] = {}
+    profile = GXDLMSProfileGeneric("1.0.99.1.0.255")
+    client.updateValue(profile, 3, run(client.read(profile, 3)).value)
+    out["captured"] = len(profile.captureObjects)
     clock = GXDLMSClock("0.0.1.0.0.255")
     client.updateValue(clock, 2, run(client.read(clock, 2)).value)
     out["clock"] = clock.time.value
@@ -191,6 +196,22 @@ async def test_gurux_speaks_hdlc_to_the_simulator(meters: dict[int, SimulatedDlm
     assert got["energy"] == meters[0x11].register_value(A_PLUS, clock.now())
     assert got["serial"] == "SN~11~"
     assert bus.bad_frames == 0
+
+
+async def test_the_simulator_keeps_to_the_hdlc_frame_size_the_client_negotiated(
+    meters: dict[int, SimulatedDlmsMeter], clock: ManualClock
+) -> None:
+    """Issue #16: the UA always said 128/128 and 129-byte frames came whatever the client
+    proposed; now the UA answers the client's sizes and every frame keeps to them."""
+    bus = HdlcBus({0x11: meters[0x11]})
+    port = await bus.start_tcp()
+    try:
+        got = await asyncio.to_thread(gurux_over_hdlc, port, 32)
+    finally:
+        await bus.stop()
+    assert got["negotiated"] == (32, 32) and got["captured"] == 6
+    assert got["energy"] == meters[0x11].register_value(A_PLUS, clock.now())
+    assert 0 < bus.largest_info <= 32 and bus.bad_frames == 0
 
 
 async def test_sessions_come_from_the_config_with_the_password_from_the_environment(

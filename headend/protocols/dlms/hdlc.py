@@ -175,10 +175,17 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame:
         return parse(byte + fmt + rest)
 
 
-def snrm_parameters(max_info: int = DEFAULT_MAX_INFO, window: int = 1) -> bytes:
-    """The HDLC parameter negotiation field (ISO/IEC 13239) of SNRM and UA."""
-    params = bytes([0x05, 2]) + max_info.to_bytes(2, "big") + bytes([0x06, 2]) + max_info.to_bytes(2, "big")
-    params += bytes([0x07, 4]) + window.to_bytes(4, "big") + bytes([0x08, 4]) + window.to_bytes(4, "big")
+#: Parameter ids of the negotiation field, each from the sender's side.
+MAX_INFO_TX, MAX_INFO_RX, WINDOW_TX, WINDOW_RX = 0x05, 0x06, 0x07, 0x08
+
+
+def snrm_parameters(max_info: int = DEFAULT_MAX_INFO, window: int = 1, *, receive: int | None = None) -> bytes:
+    """The HDLC parameter negotiation field (ISO/IEC 13239) of SNRM and UA: the longest
+    information field the sender sends (`max_info`) and takes (`receive`, default the same)."""
+    receive = max_info if receive is None else receive
+    params = bytes([MAX_INFO_TX, 2]) + max_info.to_bytes(2, "big")
+    params += bytes([MAX_INFO_RX, 2]) + receive.to_bytes(2, "big")
+    params += bytes([WINDOW_TX, 4]) + window.to_bytes(4, "big") + bytes([WINDOW_RX, 4]) + window.to_bytes(4, "big")
     return bytes([0x81, 0x80, len(params)]) + params
 
 
