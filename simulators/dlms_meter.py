@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -65,6 +65,15 @@ A_PLUS, A_MINUS, R_PLUS, R_MINUS = Obis(1, 0, 1, 8, 0), Obis(1, 0, 2, 8, 0), Obi
 UNIT_WH, UNIT_VARH, UNIT_W, UNIT_V, UNIT_A, UNIT_HZ = 30, 32, 27, 35, 33, 44
 SUCCESS, HARDWARE_FAULT, TEMPORARY_FAILURE, OBJECT_UNDEFINED, OBJECT_UNAVAILABLE, TYPE_UNMATCHED = 0, 1, 2, 4, 11, 12
 READ_WRITE_DENIED = 3
+#: A profile's rows with start <= stamp <= end.
+Rows = Callable[[datetime, datetime], list[Structure]]
+#: Attribute access modes of the association's object list.
+READ, READ_WRITE = 1, 3
+#: "Up to the end of the buffer" for a profile read without a range.
+EVERYTHING = datetime(9999, 12, 31, tzinfo=UTC)
+#: A profile's capacity as attribute 8 reports it (the rows it keeps, at least those in use):
+#: 60 days of 15-minute rows.
+PROFILE_CAPACITY = 60 * 96
 #: A GET answer's bytes around its data, at most: tag, kind, invoke id, last-block flag,
 #: block number, choice and a three-byte length.
 REPLY_OVERHEAD = 13
@@ -291,6 +300,78 @@ class SimulatedDlmsMeter:
             if start <= t <= end
         ]
 
+    # -- COSEM objects -------------------------------------------------------------------
+
+    @property
+    def profiles(self) -> dict[Obis, tuple[list[tuple[int, Obis, int]], int, Rows]]:
+        """Each profile generic: its capture objects, capture period (s; 0: on events) and rows."""
+        return {
+            PROFILE: (CAPTURE, int(STEP.total_seconds()), self.profile_rows),
+            EVENT_LOG: (EVENT_CAPTURE, 0, self.event_rows),
+            BILLING_PROFILES[0]: (BILLING_CAPTURE, 86_400, lambda s, e: self.billing_rows(s, e, monthly=False)),
+            BILLING_PROFILES[1]: (BILLING_CAPTURE, 31 * 86_400, lambda s, e: self.billing_rows(s, e, monthly=True)),
+        }
+
+    def _profile_attribute(self, request: xdlms.GetRequest, capture: list[tuple[int, Obis, int]], period: int,
+                           rows: Rows) -> Any:  # fmt: skip
+        u16, i8, u32 = axdr.LONG_UNSIGNED, axdr.INTEGER, axdr.DOUBLE_LONG_UNSIGNED
+        index = request.attribute.index
+        if index == 2:
+            try:
+                if request.selector is None:
+                    return rows(self.installed, EVERYTHING)
+                if request.selector == 1:
+                    return rows(*_range(request.parameters))
+                if request.selector == 2:
+                    return _by_entry(rows(self.installed, EVERYTHING), request.parameters)
+            except (ValueError, axdr.AxdrError):
+                return TYPE_UNMATCHED  # a selective access descriptor that is not one
+            return OBJECT_UNAVAILABLE
+        if index == 3:
+            return [Structure([Typed(u16, c), o.to_bytes(), Typed(i8, i), Typed(u16, 0)]) for c, o, i in capture]
+        if index == 4:
+            return Typed(u32, period)
+        if index == 5:
+            return Typed(axdr.ENUM, 1)  # sort method: fifo (oldest first)
+        if index == 6:
+            return Structure([Typed(u16, 0), bytes(6), Typed(i8, 0), Typed(u16, 0)])  # sort object: none
+        if index in (7, 8):
+            used = len(rows(self.installed, EVERYTHING))
+            return Typed(u32, used if index == 7 else max(used, PROFILE_CAPACITY))
+        return OBJECT_UNDEFINED
+
+    def objects(self) -> list[tuple[int, int, Obis, dict[int, int], dict[int, int]]]:
+        """(class id, version, logical name, attribute access, method access) of every object,
+        as a management client (LLS or HLS) may use them."""
+        read: dict[int, int] = {1: READ, 2: READ}
+        data = [SERIAL, FIRMWARE, LDN, STATUS, EVENT_CODE]
+        data += [o for o, ratio in ((CT_NUM, self.ct), (CT_DEN, self.ct), (PT_NUM, self.pt), (PT_DEN, self.pt))
+                 if ratio is not None]  # fmt: skip
+        return [
+            (15, 1, CURRENT_ASSOCIATION, dict(read), {1: 1}),  # reply_to_HLS_authentication
+            (8, 0, CLOCK, {1: READ, 2: READ_WRITE, 3: READ}, {}),
+            *[(3, 0, o, {1: READ, 2: READ, 3: READ}, {}) for o in REGISTERS],
+            (4, 0, MAX_DEMAND, {1: READ, 2: READ, 3: READ, 5: READ}, {}),
+            *[(7, 1, o, dict.fromkeys(range(1, 9), READ), {}) for o in self.profiles],
+            *[(1, 0, o, dict(read), {}) for o in data],
+            (17, 0, SAP_ASSIGNMENT, dict(read), {}),
+            (70, 0, DISCONNECT, {1: READ, 2: READ, 3: READ, 4: READ_WRITE}, {1: 1, 2: 1}),
+        ]
+
+    def object_list(self, management: bool) -> list[Structure]:
+        """Attribute 2 of the association (0-0:40.0.0.255): every object with the access this
+        association has to it (the public client reads; it writes and operates nothing)."""
+        u16, u8, i8, enum = axdr.LONG_UNSIGNED, axdr.UNSIGNED, axdr.INTEGER, axdr.ENUM
+        out = []
+        for class_id, version, obis, attributes, methods in self.objects():
+            attribute_access = [Structure([Typed(i8, i), Typed(enum, mode if management else mode & READ), None])
+                                for i, mode in attributes.items()]  # fmt: skip
+            method_access = [Structure([Typed(i8, m), Typed(enum, mode if management else 0)])
+                             for m, mode in methods.items()]  # fmt: skip
+            out.append(Structure([Typed(u16, class_id), Typed(u8, version), obis.to_bytes(),
+                                  Structure([attribute_access, method_access])]))  # fmt: skip
+        return out
+
     # -- COSEM services ------------------------------------------------------------------
 
     def get(self, request: xdlms.GetRequest) -> Any:
@@ -298,6 +379,12 @@ class SimulatedDlmsMeter:
         a = request.attribute
         t = self.clock.now()
         t_now = self.clock.datetime()
+        if a.index == 1 and (a.class_id, a.obis) in {(c, o) for c, _v, o, _a, _m in self.objects()}:
+            return a.obis.to_bytes()  # every object's logical name
+        if a.class_id == 1 and a.index == 2 and a.obis == STATUS:
+            return Typed(axdr.UNSIGNED, 0x20 if self.offset_at(t_now) else 0)  # as the profile captures it
+        if a.class_id == 1 and a.index == 2 and a.obis == EVENT_CODE:
+            return Typed(axdr.UNSIGNED, self.events[-1][1] if self.events else 0)  # the latest event's code
         if a.class_id == 8 and a.obis == CLOCK:
             if a.index == 1:
                 return CLOCK.to_bytes()
@@ -314,20 +401,8 @@ class SimulatedDlmsMeter:
                 return Structure([Typed(axdr.INTEGER, 0), Typed(axdr.ENUM, UNIT_W)])
             if a.index == 5:
                 return Typed(axdr.OCTET_STRING, DateTime.from_datetime(self.max_demand()[1] + self.offset_at(t_now)))
-        if a.class_id == 7 and a.obis in BILLING_PROFILES:
-            monthly = a.obis == BILLING_PROFILES[1]
-            if a.index == 3:
-                u16, i8 = axdr.LONG_UNSIGNED, axdr.INTEGER
-                return [Structure([Typed(u16, c), o.to_bytes(), Typed(i8, i), Typed(u16, 0)])
-                        for c, o, i in BILLING_CAPTURE]  # fmt: skip
-            if a.index == 4:
-                return Typed(axdr.DOUBLE_LONG_UNSIGNED, (31 if monthly else 1) * 86_400)
-            if a.index == 2:
-                if request.selector is None:
-                    return self.billing_rows(self.installed, self.now(), monthly=monthly)
-                if request.selector != 1:
-                    return OBJECT_UNAVAILABLE
-                return self.billing_rows(*_range(request.parameters), monthly=monthly)
+        if a.class_id == 7 and a.obis in self.profiles:
+            return self._profile_attribute(request, *self.profiles[a.obis])
         if a.class_id == 3 and a.obis in REGISTERS:
             spec = REGISTERS[a.obis]
             if a.index == 1:
@@ -349,31 +424,6 @@ class SimulatedDlmsMeter:
                 return "SIM-DLMS 2.1"
             if a.obis == LDN:
                 return f"SIM{self.name}"[:16].encode()
-        if a.class_id == 7 and a.obis == PROFILE:
-            if a.index == 3:
-                u16, i8 = axdr.LONG_UNSIGNED, axdr.INTEGER
-                return [Structure([Typed(u16, c), o.to_bytes(), Typed(i8, i), Typed(u16, 0)]) for c, o, i in CAPTURE]
-            if a.index == 4:
-                return Typed(axdr.DOUBLE_LONG_UNSIGNED, int(STEP.total_seconds()))
-            if a.index == 2:
-                if request.selector is None:
-                    return self.profile_rows(self.installed, self.clock.datetime())
-                if request.selector != 1:
-                    return OBJECT_UNAVAILABLE
-                start, end = _range(request.parameters)
-                return self.profile_rows(start, end)
-        if a.class_id == 7 and a.obis == EVENT_LOG:
-            if a.index == 3:
-                u16, i8 = axdr.LONG_UNSIGNED, axdr.INTEGER
-                return [
-                    Structure([Typed(u16, c), o.to_bytes(), Typed(i8, i), Typed(u16, 0)]) for c, o, i in EVENT_CAPTURE
-                ]
-            if a.index == 2:
-                if request.selector is None:
-                    return self.event_rows(self.installed, self.now())
-                if request.selector != 1:
-                    return OBJECT_UNAVAILABLE
-                return self.event_rows(*_range(request.parameters))
         if a.class_id == 70 and a.obis == DISCONNECT:
             if a.index == 2:
                 return self.control_state == CONNECTED
@@ -504,7 +554,11 @@ class SimulatedDlmsMeter:
                 request.invoke_id, data=blocks[n - 1], block_number=n, last_block=last
             ).to_bytes(), blocks
         if isinstance(request, xdlms.GetRequest):
-            value = self.get(request)
+            a = request.attribute
+            if (a.class_id, a.obis, a.index) == (15, CURRENT_ASSOCIATION, 2):
+                value: Any = self.object_list(management=lls)
+            else:
+                value = self.get(request)
             if type(value) is int:  # get() answers values as Typed/bytes/str/...; a bare int is an error
                 return xdlms.GetResult(request.invoke_id, error=value).to_bytes(), []
             data = axdr.encode(value)
@@ -646,6 +700,20 @@ def _ceil_to(t: datetime, step: timedelta) -> datetime:
 
 def _ceil_quarter(t: datetime) -> datetime:
     return _ceil_to(t, STEP)
+
+
+def _by_entry(rows: list[Structure], parameters: bytes) -> list[Structure]:
+    """Selective access by entry (selector 2): entries from_entry..to_entry (1 = the oldest;
+    to 0 = the last), columns from_selected_value..to_selected_value (1-based; to 0 = the last)."""
+    value = axdr.decode(parameters)
+    if not isinstance(value, Structure) or len(value) != 4 or not all(type(v) is int for v in value):
+        raise ValueError("entry descriptor must be a structure of four unsigned numbers")
+    first_entry, last_entry, first_value, last_value = value
+    if first_entry < 1 or (last_entry and last_entry < first_entry) or first_value < 1 or \
+            (last_value and last_value < first_value):
+        raise ValueError(f"entry descriptor out of order: {value}")
+    chosen = rows[first_entry - 1 : last_entry or len(rows)]
+    return [Structure(list(row)[first_value - 1 : last_value or len(row)]) for row in chosen]
 
 
 def _range(parameters: bytes) -> tuple[datetime, datetime]:

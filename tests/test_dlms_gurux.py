@@ -13,6 +13,7 @@ import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, InterfaceType, Security
 from gurux_dlms.objects import (
+    GXDLMSAssociationLogicalName,
     GXDLMSClock,
     GXDLMSData,
     GXDLMSDisconnectControl,
@@ -229,3 +230,54 @@ async def test_the_simulator_never_sends_a_client_more_than_its_max_pdu(meter: S
     for stamp, energy in rows:
         assert energy == meter.register_value(A_PLUS, stamp.replace(tzinfo=UTC).timestamp())
     assert 0 < meter.largest_reply <= 64
+
+
+def gurux_walks_the_object_list(port: int, password: str | None) -> dict[str, Any]:
+    """The object list (0-0:40.0.0.255, attribute 2), then every listed object's attribute 2;
+    a profile's attributes 3-8 and its rows by entry and by range."""
+    g = GuruxSession(port, password)
+    g.associate()
+    association = g.read(GXDLMSAssociationLogicalName("0.0.40.0.0.255"), 2)
+    out: dict[str, Any] = {"listed": {}, "errors": {}, "profiles": {}}
+    for obj in association.objectList:
+        out["listed"][obj.logicalName] = (int(obj.objectType), int(obj.getAccess(2)))
+        if isinstance(obj, GXDLMSProfileGeneric):
+            for attribute in range(3, 9):
+                g.read(obj, attribute)
+            first_two = g.run(g.client.readRowsByEntry(obj, 1, 2)).value
+            g.client.updateValue(obj, 2, first_two)
+            by_entry = [list(row) for row in obj.buffer]
+            in_use = obj.entriesInUse
+            out["profiles"][obj.logicalName] = {
+                "capture": len(obj.captureObjects), "sort": int(obj.sortMethod), "in_use": in_use,
+                "entries": obj.profileEntries, "by_entry": by_entry,
+            }  # fmt: skip
+            continue
+        error = int(g.run(g.client.read(obj, 2)).error)
+        if error:
+            out["errors"][obj.logicalName] = error
+    g.close()
+    return out
+
+
+@pytest.mark.parametrize("password", [None, "12345678"], ids=["public", "lls"])
+async def test_gurux_reads_the_object_list_and_every_object_it_lists(
+    meter: SimulatedDlmsMeter, password: str | None
+) -> None:
+    """Issue #16: a tool starts from the association's object list; every object it lists is
+    readable, profiles answer attributes 3-8 and reads by entry, the access rights are the
+    association's (the public client may write nothing)."""
+    got = await asyncio.to_thread(gurux_walks_the_object_list, meter.port, password)
+    listed = got["listed"]
+    assert len(listed) >= 20 and got["errors"] == {}
+    for name in ("0.0.1.0.0.255", "1.0.99.1.0.255", "0.0.99.98.0.255", "0.0.96.10.1.255", "0.0.96.11.0.255",
+                 "0.0.96.3.10.255", "1.0.1.8.0.255"):  # fmt: skip
+        assert name in listed, name
+    clock_access = listed["0.0.1.0.0.255"][1]
+    assert clock_access == (3 if password else 1)  # read-write for the logged-in client, read-only for the public one
+    load = got["profiles"]["1.0.99.1.0.255"]
+    assert load["capture"] == 6 and load["sort"] == 1 and 0 < load["in_use"] <= load["entries"]
+    assert len(load["by_entry"]) == 2
+    oldest = meter.profile_rows(meter.installed, NOW)[0]
+    assert load["by_entry"][0][2] == oldest[2].value  # +A of the oldest entry, as the meter keeps it
+    assert set(got["profiles"]) == {"1.0.99.1.0.255", "0.0.99.98.0.255", "0.0.98.1.0.255", "0.0.98.2.0.255"}
