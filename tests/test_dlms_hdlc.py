@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, InterfaceType
-from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSProfileGeneric, GXDLMSRegister
+from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSDisconnectControl, GXDLMSProfileGeneric, GXDLMSRegister
 
 from headend.config import ConfigError, SerialLink, parse_config
 from headend.model import RelayAction, RelayState
@@ -292,3 +292,100 @@ async def test_the_simulator_runs_as_its_own_process_on_an_hdlc_pty() -> None:
         finally:
             proc.terminate()
             await proc.wait()
+
+
+class GuruxHdlc:
+    """A Gurux client speaking HDLC over one TCP connection, a step at a time."""
+
+    def __init__(self, port: int, password: str | None, physical: int = 0x11) -> None:
+        auth = Authentication.LOW if password else Authentication.NONE
+        self.client = GXDLMSClient(True, 1 if password else 16, GXDLMSClient.getServerAddress(1, physical), auth,
+                                   password, InterfaceType.HDLC)  # fmt: skip
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+
+    def run(self, frames: list[bytes] | bytes) -> GXReplyData:
+        reply = GXReplyData()
+        for frame in frames if isinstance(frames, list) else [frames]:
+            self.sock.sendall(frame)
+            buf = GXByteBuffer()
+            while not self.client.getData(buf, reply, None):
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("the meter closed the connection")
+                buf.set(chunk)
+        while reply.isMoreData():
+            self.sock.sendall(self.client.receiverReady(reply))
+            buf = GXByteBuffer()
+            while not self.client.getData(buf, reply, None):
+                buf.set(self.sock.recv(4096))
+        return reply
+
+    def connect(self) -> None:
+        self.client.parseUAResponse(self.run(self.client.snrmRequest()).data)
+        self.client.parseAareResponse(self.run(self.client.aarqRequest()).data)
+
+    def clock(self) -> object:
+        clock = GXDLMSClock("0.0.1.0.0.255")
+        self.client.updateValue(clock, 2, self.run(self.client.read(clock, 2)).value)
+        return clock.time.value
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def hijack_over_hdlc(port: int) -> str:
+    """An LLS client associates and goes without releasing; a new connection, with no SNRM,
+    no AARQ and no password, sends remote_disconnect in the first client's name."""
+    owner = GuruxHdlc(port, "12345678")
+    owner.connect()
+    owner.close()
+    intruder = GuruxHdlc(port, None)
+    intruder.client = owner.client  # the same addresses and sequence numbers as the one that left
+    try:
+        reply = intruder.run(GXDLMSDisconnectControl("0.0.96.3.10.255").remoteDisconnect(intruder.client))
+        return f"answered: error {reply.error}"
+    except Exception as exc:  # noqa: BLE001 - Gurux raises its own types for a DM
+        return f"refused: {type(exc).__name__}: {exc}"
+    finally:
+        intruder.close()
+
+
+async def test_an_association_never_outlives_its_connection_a_new_one_cannot_switch_in_its_name(
+    meters: dict[int, SimulatedDlmsMeter],
+) -> None:
+    bus = HdlcBus({0x11: meters[0x11]})
+    port = await bus.start_tcp()
+    try:
+        outcome = await asyncio.to_thread(hijack_over_hdlc, port)
+    finally:
+        await bus.stop()
+    # Gurux gets the meter's DM (disconnected mode) as an error code of its own (-4) or raises.
+    assert not outcome.endswith("error 0"), outcome
+    assert meters[0x11].actions == 0 and meters[0x11].control_state == 1  # the relay never moved
+
+
+def two_clients_at_once(port: int) -> list[object]:
+    """Two connections with the same client address, their frames interleaved."""
+    first, second = GuruxHdlc(port, "12345678"), GuruxHdlc(port, "12345678")
+    try:
+        first.client.parseUAResponse(first.run(first.client.snrmRequest()).data)
+        second.client.parseUAResponse(second.run(second.client.snrmRequest()).data)
+        first.client.parseAareResponse(first.run(first.client.aarqRequest()).data)
+        second.client.parseAareResponse(second.run(second.client.aarqRequest()).data)
+        return [first.clock(), second.clock(), first.clock(), second.clock()]
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_two_connections_with_one_client_address_keep_their_own_hdlc_sequence(
+    meters: dict[int, SimulatedDlmsMeter],
+) -> None:
+    bus = HdlcBus({0x11: meters[0x11]})
+    port = await bus.start_tcp()
+    try:
+        clocks = await asyncio.to_thread(two_clients_at_once, port)
+    finally:
+        await bus.stop()
+    assert [c.replace(tzinfo=None) for c in clocks] == [NOW.replace(tzinfo=None)] * 4  # type: ignore[attr-defined]
+    assert bus.bad_frames == 0
