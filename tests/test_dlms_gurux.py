@@ -24,7 +24,7 @@ from gurux_dlms.secure import GXDLMSSecureClient
 
 from headend.protocols.dlms import codec
 from simulators.clock import ManualClock
-from simulators.dlms_meter import A_PLUS, DEFAULT_KEYS, SimulatedDlmsMeter
+from simulators.dlms_meter import A_PLUS, CIPHER_OVERHEAD, DEFAULT_KEYS, SimulatedDlmsMeter
 
 NOW = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
 
@@ -124,8 +124,11 @@ async def test_gurux_is_refused_with_a_wrong_password(meter: SimulatedDlmsMeter)
     assert meter.associations == 0
 
 
-def gurux_hls_gmac(port: int, keys: codec.Keys) -> dict[str, Any]:
+def hls_gmac_session(port: int, keys: codec.Keys, max_pdu: int | None = None) -> GuruxSession:
+    """A Gurux session set up for HLS-GMAC with these keys, associated."""
     g = GuruxSession(port, None, secure=True)
+    if max_pdu is not None:
+        g.client.maxReceivePDUSize = max_pdu
     g.client.authentication = Authentication.HIGH_GMAC
     g.client.clientAddress = 1
     cipher = g.client.settings.cipher
@@ -137,6 +140,15 @@ def gurux_hls_gmac(port: int, keys: codec.Keys) -> dict[str, Any]:
         g.client.parseAareResponse(g.run(g.client.aarqRequest()).data)
         if g.client.getIsAuthenticationRequired():
             g.client.parseApplicationAssociationResponse(g.run(g.client.getApplicationAssociationRequest()).data)
+    except BaseException:
+        g.sock.close()
+        raise
+    return g
+
+
+def gurux_hls_gmac(port: int, keys: codec.Keys) -> dict[str, Any]:
+    g = hls_gmac_session(port, keys)
+    try:
         clock = g.read(GXDLMSClock("0.0.1.0.0.255"), 2)
         register = g.read(g.read(GXDLMSRegister("1.0.1.8.0.255"), 3), 2)
         g.close()
@@ -213,30 +225,38 @@ async def test_gurux_writes_what_its_association_may_and_is_denied_the_rest(mete
     assert lls["missing"] == 4
 
 
-def gurux_reads_a_day_taking_64_byte_apdus(port: int) -> list[tuple[datetime, Any]]:
-    g = GuruxSession(port, "12345678")
-    g.client.maxReceivePDUSize = 64
-    g.associate()
+def gurux_reads_a_day_taking_64_byte_apdus(port: int, hls: bool) -> list[tuple[datetime, Any]]:
+    if hls:
+        g = hls_gmac_session(port, DEFAULT_KEYS, max_pdu=64)
+    else:
+        g = GuruxSession(port, "12345678")
+        g.client.maxReceivePDUSize = 64
+        g.associate()
     profile = g.read(GXDLMSProfileGeneric("1.0.99.1.0.255"), 3)
     g.client.updateValue(profile, 2, g.run(g.client.readRowsByRange(profile, NOW - timedelta(days=1), NOW)).value)
     g.close()
     return [(row[0].value, row[2]) for row in profile.buffer]
 
 
-async def test_the_simulator_never_sends_a_client_more_than_its_max_pdu(meter: SimulatedDlmsMeter) -> None:
-    """Issue #16: a client that takes 64-byte APDUs was sent 1,036 bytes at once."""
-    rows = await asyncio.to_thread(gurux_reads_a_day_taking_64_byte_apdus, meter.port)
+@pytest.mark.parametrize("hls", [False, True], ids=["lls", "hls-gmac"])
+async def test_the_simulator_never_sends_a_client_more_than_its_max_pdu(meter: SimulatedDlmsMeter, hls: bool) -> None:
+    """Issue #16: a client that takes 64-byte APDUs was sent 1,036 bytes at once (ciphered:
+    the ciphering's bytes count too)."""
+    rows = await asyncio.to_thread(gurux_reads_a_day_taking_64_byte_apdus, meter.port, hls)
     assert len(rows) == 97
     for stamp, energy in rows:
         assert energy == meter.register_value(A_PLUS, stamp.replace(tzinfo=UTC).timestamp())
-    assert 0 < meter.largest_reply <= 64
+    assert 0 < meter.largest_reply <= 64 - (CIPHER_OVERHEAD if hls else 0)
 
 
 def gurux_walks_the_object_list(port: int, password: str | None) -> dict[str, Any]:
     """The object list (0-0:40.0.0.255, attribute 2), then every listed object's attribute 2;
-    a profile's attributes 3-8 and its rows by entry and by range."""
-    g = GuruxSession(port, password)
-    g.associate()
+    a profile's attributes 3-8 and its rows by entry. `password` "hls": HLS-GMAC."""
+    if password == "hls":
+        g = hls_gmac_session(port, DEFAULT_KEYS)
+    else:
+        g = GuruxSession(port, password)
+        g.associate()
     association = g.read(GXDLMSAssociationLogicalName("0.0.40.0.0.255"), 2)
     out: dict[str, Any] = {"listed": {}, "errors": {}, "profiles": {}}
     for obj in association.objectList:
@@ -260,7 +280,7 @@ def gurux_walks_the_object_list(port: int, password: str | None) -> dict[str, An
     return out
 
 
-@pytest.mark.parametrize("password", [None, "12345678"], ids=["public", "lls"])
+@pytest.mark.parametrize("password", [None, "12345678", "hls"], ids=["public", "lls", "hls-gmac"])
 async def test_gurux_reads_the_object_list_and_every_object_it_lists(
     meter: SimulatedDlmsMeter, password: str | None
 ) -> None:
@@ -281,3 +301,34 @@ async def test_gurux_reads_the_object_list_and_every_object_it_lists(
     oldest = meter.profile_rows(meter.installed, NOW)[0]
     assert load["by_entry"][0][2] == oldest[2].value  # +A of the oldest entry, as the meter keeps it
     assert set(got["profiles"]) == {"1.0.99.1.0.255", "0.0.99.98.0.255", "0.0.98.1.0.255", "0.0.98.2.0.255"}
+
+
+def wrapper_hijack_and_two_at_once(port: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    owner = GuruxSession(port, "12345678")
+    owner.associate()
+    owner.sock.close()  # gone without releasing
+    intruder = GuruxSession(port, None)
+    intruder.client = owner.client  # speaks as if it were the associated client
+    try:
+        out["hijack"] = int(intruder.run(GXDLMSDisconnectControl("0.0.96.3.10.255").remoteDisconnect(
+            intruder.client)).error)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - Gurux raises its own types for an exception response
+        out["hijack"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        intruder.sock.close()
+    first, second = GuruxSession(port, "12345678"), GuruxSession(port, "12345678")
+    first.associate()
+    second.associate()
+    out["clocks"] = [s.read(GXDLMSClock("0.0.1.0.0.255"), 2).time.value for s in (first, second, first, second)]
+    first.close()
+    second.close()
+    return out
+
+
+async def test_the_wrapper_keeps_each_association_to_its_connection(meter: SimulatedDlmsMeter) -> None:
+    """Issue #16 over the TCP wrapper: a new connection cannot act in the name of one that
+    left without releasing, and two clients at once each keep their own association."""
+    got = await asyncio.to_thread(wrapper_hijack_and_two_at_once, meter.port)
+    assert got["hijack"] != 0 and meter.actions == 0 and meter.control_state == 1
+    assert [c.replace(tzinfo=None) for c in got["clocks"]] == [NOW.replace(tzinfo=None)] * 4
