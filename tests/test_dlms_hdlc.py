@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, InterfaceType
-from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSDisconnectControl, GXDLMSProfileGeneric, GXDLMSRegister
+from gurux_dlms.objects import (
+    GXDLMSAssociationLogicalName,
+    GXDLMSClock,
+    GXDLMSData,
+    GXDLMSDisconnectControl,
+    GXDLMSProfileGeneric,
+    GXDLMSRegister,
+)
 
 from headend.config import ConfigError, SerialLink, parse_config
 from headend.model import RelayAction, RelayState
@@ -389,3 +396,30 @@ async def test_two_connections_with_one_client_address_keep_their_own_hdlc_seque
         await bus.stop()
     assert [c.replace(tzinfo=None) for c in clocks] == [NOW.replace(tzinfo=None)] * 4  # type: ignore[attr-defined]
     assert bus.bad_frames == 0
+
+
+def object_list_over_hdlc(port: int, password: str | None) -> tuple[int, int, int]:
+    g = GuruxHdlc(port, password)
+    try:
+        g.connect()
+        association = GXDLMSAssociationLogicalName("0.0.40.0.0.255")
+        g.client.updateValue(association, 2, g.run(g.client.read(association, 2)).value)
+        profile = GXDLMSProfileGeneric("1.0.99.1.0.255")
+        g.client.updateValue(profile, 7, g.run(g.client.read(profile, 7)).value)
+        clock = next(o for o in association.objectList if o.logicalName == "0.0.1.0.0.255")
+        return len(association.objectList), int(profile.entriesInUse), int(clock.getAccess(2))
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("password", [None, "12345678"], ids=["public", "lls"])
+async def test_gurux_reads_the_object_list_over_hdlc(
+    meters: dict[int, SimulatedDlmsMeter], password: str | None
+) -> None:
+    bus = HdlcBus({0x11: meters[0x11]})
+    port = await bus.start_tcp()
+    try:
+        objects, in_use, clock_access = await asyncio.to_thread(object_list_over_hdlc, port, password)
+    finally:
+        await bus.stop()
+    assert objects >= 20 and in_use > 0 and clock_access == (3 if password else 1)
