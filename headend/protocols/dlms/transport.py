@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -17,15 +18,13 @@ import serial_asyncio_fast
 
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Timeout
 from headend.protocols.dlms import hdlc
+from headend.protocols.dlms.hdlc_link import Connected, Event, HdlcConnection, Received, Refused
 from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
 
 log = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 T = TypeVar("T")
-#: The largest APDU DLMS allows (max PDU size 65535) plus the LLC header: a segmented answer
-#: past it is a meter that never stops talking, not data.
-MAX_APDU = 0xFFFF + 3
 
 
 class StreamTransport:
@@ -107,7 +106,7 @@ class WrapperTransport(StreamTransport):
 
 
 class HdlcTransport(StreamTransport):
-    """HDLC: SNRM/UA to connect, I-frames with N(S)/N(R), segmentation with RR, DISC to leave."""
+    """HDLC: the link's state is a sans-IO HdlcConnection (hdlc_link.py); this moves its bytes."""
 
     def __init__(self, opener: Callable[[], Awaitable[Streams]], where: str, meter: str, *, client_sap: int,
                  server_logical: int = 1, server_physical: int | None = None, timeout: float = 10.0,
@@ -116,8 +115,8 @@ class HdlcTransport(StreamTransport):
         self.client = hdlc.encode_address(client_sap)
         self.server = hdlc.encode_address(server_logical, server_physical)
         self.max_info = max_info
-        self._send_seq = 0
-        self._recv_seq = 0
+        self._link = HdlcConnection(self.client, self.server, server=False, max_info=max_info)
+        self._events: deque[Event] = deque()
 
     @classmethod
     def tcp(cls, host: str, port: int, meter: str, **kwargs: object) -> HdlcTransport:
@@ -130,64 +129,51 @@ class HdlcTransport(StreamTransport):
 
         return cls(opener, f"hdlc {device}@{baudrate}", meter, **kwargs)  # type: ignore[arg-type]
 
-    def _frame(self, control: int, info: bytes = b"", segmented: bool = False) -> bytes:
-        return hdlc.Frame(self.server, self.client, control, info, segmented).to_bytes()
+    async def _next_event(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Event:
+        """Send what the link has to send (a frame, an RR), read until it has an event."""
+        while True:
+            out = self._link.data_to_send()
+            if out:
+                writer.write(out)
+                await writer.drain()
+            if self._events:
+                return self._events.popleft()
+            data = await reader.read(4096)
+            if not data:
+                raise asyncio.IncompleteReadError(self._link.buffered, None)
+            self._events.extend(self._link.receive_data(data))
 
     async def open(self) -> None:
         await super().open()
 
         async def connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(self._frame(hdlc.SNRM, hdlc.snrm_parameters(self.max_info)))
-            await writer.drain()
-            answer = await hdlc.read_frame(reader)
-            if answer.control == hdlc.DM:
+            self._link.connect()
+            event = await self._next_event(reader, writer)
+            if isinstance(event, Refused):
                 raise LinkDown("meter answered SNRM with DM (disconnected mode)", meter=self.meter)
-            if answer.control != hdlc.UA:
-                raise hdlc.HdlcError(f"expected UA to SNRM, got control 0x{answer.control:02x}")
-            params = hdlc.parse_parameters(answer.info)
-            # The meter's receive limit bounds what we may send.
-            self.max_info = min(self.max_info, params.get(0x06, self.max_info))
+            if not isinstance(event, Connected):
+                raise hdlc.HdlcError(f"expected UA to SNRM, got {event}")
+            # The meter's receive limit bounds what we send.
+            self.max_info = event.send_info
 
-        self._send_seq = self._recv_seq = 0
+        self._link = HdlcConnection(self.client, self.server, server=False, max_info=self.max_info)
+        self._events.clear()
         await self._guarded(connect)
 
     async def exchange(self, apdu: bytes) -> bytes:
         async def work(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-            parts = hdlc.segments(hdlc.LLC_REQUEST + apdu, self.max_info)
-            for i, part in enumerate(parts):
-                last = i == len(parts) - 1
-                writer.write(self._frame(hdlc.information_control(self._send_seq, self._recv_seq), part, not last))
-                await writer.drain()
-                self._send_seq = (self._send_seq + 1) % 8
-                if not last:
-                    ack = await hdlc.read_frame(reader)
-                    if not ack.is_rr:
-                        raise hdlc.HdlcError(f"expected RR between segments, got 0x{ack.control:02x}")
-            data = bytearray()
-            while True:
-                frame = await hdlc.read_frame(reader)
-                if not frame.is_information:
-                    raise hdlc.HdlcError(f"expected an I-frame, got control 0x{frame.control:02x}")
-                self._recv_seq = (frame.send_sequence + 1) % 8
-                data += frame.info
-                if len(data) > MAX_APDU:
-                    raise hdlc.HdlcError(f"segmented answer over {MAX_APDU} bytes, longer than any APDU",
-                                         bytes(data[:16]))  # fmt: skip
-                if not frame.segmented:
-                    break
-                writer.write(self._frame(hdlc.rr_control(self._recv_seq)))
-                await writer.drain()
-            if not data.startswith(hdlc.LLC_RESPONSE):
-                raise hdlc.HdlcError("answer lacks the LLC header E6 E7 00", bytes(data[:16]))
-            return bytes(data[3:])
+            self._link.send(apdu)
+            event = await self._next_event(reader, writer)
+            if not isinstance(event, Received):
+                raise hdlc.HdlcError(f"expected an answer, got {event}")
+            return event.apdu
 
         return await self._guarded(work)
 
     async def release_link(self) -> None:
         async def disconnect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(self._frame(hdlc.DISC))
-            await writer.drain()
-            await hdlc.read_frame(reader)
+            self._link.disconnect()
+            await self._next_event(reader, writer)
 
         if self.is_open:
             with contextlib.suppress(MeterError):
