@@ -35,6 +35,7 @@ import serial_asyncio_fast
 from headend.model import Obis
 from headend.protocols.dlms import axdr, codec, hdlc, xdlms
 from headend.protocols.dlms.axdr import DateTime, Structure, Typed
+from headend.protocols.dlms.hdlc_link import FrameReader, HdlcConnection, Received
 from headend.protocols.dlms.security import Protection, ProtectionError, hls_check, hls_reply
 from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
 from simulators.clock import Clock
@@ -757,19 +758,16 @@ def main() -> None:
 
 @dataclass
 class _HdlcLink:
-    """Per (client, meter) HDLC state on a bus."""
+    """Per (connection, client, meter) on a bus: the HDLC link's state and the association."""
 
+    hdlc: HdlcConnection
     association: Association
-    connected: bool = False
-    send_seq: int = 0
-    recv_seq: int = 0
-    pending: bytearray = field(default_factory=bytearray)
-    #: The longest information field the client takes, as negotiated by its SNRM.
-    send_info: int = hdlc.DEFAULT_MAX_INFO
 
 
 class HdlcBus:
-    """Meters on one HDLC line (a serial port or a TCP socket), selected by physical address."""
+    """Meters on one HDLC line (a serial port or a TCP socket), selected by physical address.
+    Each link's HDLC state is the same sans-IO HdlcConnection the client uses, in the
+    server's role."""
 
     def __init__(self, meters: dict[int, SimulatedDlmsMeter], *, max_info: int = hdlc.DEFAULT_MAX_INFO) -> None:
         self.meters = meters
@@ -824,86 +822,70 @@ class HdlcBus:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         connection = id(writer)
+        frames = FrameReader()
         try:
             while True:
                 try:
-                    frame = await hdlc.read_frame(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
+                    data = await reader.read(4096)
+                except ConnectionError:
                     return
                 except asyncio.CancelledError:
                     if self._stopping:  # closing the line cancels the pending read
                         return
                     raise
-                except hdlc.HdlcError as exc:
-                    self.bad_frames += 1
-                    log.warning("HDLC bus: bad frame %s (%s)", exc.raw.hex(), exc)
-                    continue
-                found = self._meter(frame.destination)
-                if found is None:
-                    continue  # nobody on the line has this address: silence, as on a real bus
-                physical, meter = found
-                key = (connection, frame.source, physical)
-                link = self._links.setdefault(key, _HdlcLink(Association(meter)))
-                if frame.control == hdlc.SNRM:
-                    self.sessions.append(physical)
-                if not await self._on_frame(frame, link, meter, writer, reader):
+                if not data:
                     return
-                connected = sum(1 for item in self._links.values() if item.connected)
-                self.most_connected = max(self.most_connected, connected)
+                frames.feed(data)
+                while True:
+                    try:
+                        frame = frames.next_frame()
+                    except hdlc.HdlcError as exc:
+                        self.bad_frames += 1
+                        log.warning("HDLC bus: bad frame %s (%s)", exc.raw.hex(), exc)
+                        continue
+                    if frame is None:
+                        break
+                    if not await self._on_frame(connection, frame, writer):
+                        return
         finally:
             for key in [k for k in self._links if k[0] == connection]:
                 del self._links[key]
             self._writers.discard(writer)
             writer.close()
 
-    async def _send(self, meter: SimulatedDlmsMeter, writer: asyncio.StreamWriter, frame: hdlc.Frame) -> bool:
+    async def _on_frame(self, connection: int, frame: hdlc.Frame, writer: asyncio.StreamWriter) -> bool:
+        """False when the connection was dropped (a fault)."""
+        found = self._meter(frame.destination)
+        if found is None:
+            return True  # nobody on the line has this address: silence, as on a real bus
+        physical, meter = found
+        key = (connection, frame.source, physical)
+        link = self._links.get(key)
+        if link is None:
+            link = self._links[key] = _HdlcLink(
+                HdlcConnection(frame.destination, frame.source, server=True, max_info=self.max_info),
+                Association(meter),
+            )  # fmt: skip
+        if frame.control == hdlc.SNRM:
+            self.sessions.append(physical)
+            link.association = Association(meter)
+        try:
+            events = link.hdlc.receive_frame(frame)
+        except hdlc.HdlcError as exc:
+            self.bad_frames += 1
+            log.warning("HDLC bus: %s from %s", exc, frame.source.hex())
+            return True
+        for event in events:
+            if isinstance(event, Received):
+                link.hdlc.send(link.association.handle(event.apdu))
+        self.largest_info = max(self.largest_info, link.hdlc.largest_sent)
+        self.most_connected = max(self.most_connected, sum(1 for item in self._links.values() if item.hdlc.connected))
+        out = link.hdlc.data_to_send()
+        if not out:
+            return True
         if meter.faults.delay:
             await asyncio.sleep(meter.faults.delay)
-        return await meter.send_with_faults(writer, frame.to_bytes(), header=3)
-
-    async def _on_frame(self, frame: hdlc.Frame, link: _HdlcLink, meter: SimulatedDlmsMeter,
-                        writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:  # fmt: skip
-        reply_to = (frame.source, frame.destination)
-        if frame.control == hdlc.SNRM:
-            link.connected, link.send_seq, link.recv_seq = True, 0, 0
-            link.association = Association(meter)
-            # What the client proposes (128 where it says nothing) against what this meter
-            # does; one frame at a time whatever window it offers (the meter's window is 1).
-            proposed = hdlc.parse_parameters(frame.info)
-            link.send_info = min(self.max_info, proposed.get(hdlc.MAX_INFO_RX, hdlc.DEFAULT_MAX_INFO))
-            receive = min(self.max_info, proposed.get(hdlc.MAX_INFO_TX, hdlc.DEFAULT_MAX_INFO))
-            params = hdlc.snrm_parameters(link.send_info, 1, receive=receive)
-            return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.UA, params))
-        if frame.control == hdlc.DISC:
-            was = link.connected
-            link.connected = False
-            return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.UA if was else hdlc.DM))
-        if not link.connected:
-            return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.DM))
-        if not frame.is_information:
-            return True  # a stray RR: nothing to send
-        link.recv_seq = (frame.send_sequence + 1) % 8
-        link.pending += frame.info
-        if frame.segmented:
-            return await self._send(meter, writer, hdlc.Frame(*reply_to, hdlc.rr_control(link.recv_seq)))
-        request, link.pending = bytes(link.pending), bytearray()
-        if not request.startswith(hdlc.LLC_REQUEST):
-            self.bad_frames += 1
-            return True
-        answer = link.association.handle(request[3:])
-        parts = hdlc.segments(hdlc.LLC_RESPONSE + answer, link.send_info)
-        self.largest_info = max(self.largest_info, max(len(part) for part in parts))
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            control = hdlc.information_control(link.send_seq, link.recv_seq)
-            link.send_seq = (link.send_seq + 1) % 8
-            if not await self._send(meter, writer, hdlc.Frame(*reply_to, control, part, not last)):
-                return False
-            if not last:
-                ack = await hdlc.read_frame(reader)  # the client's RR asking for the next segment
-                if not ack.is_rr:
-                    return True
-        return True
+        return await meter.send_with_faults(writer, out, header=3)
 
 
 if __name__ == "__main__":
