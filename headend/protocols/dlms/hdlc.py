@@ -7,7 +7,6 @@ format field; HCS and FCS are checked; anything else raises `HdlcError` with the
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 FLAG = 0x7E
@@ -155,24 +154,6 @@ def parse(raw: bytes) -> Frame:
             raise HdlcError("HCS mismatch", raw)
         info = bytes(body[pos + 2 : -2])
     return Frame(destination, source, control, info, bool(fmt & 0x0800))
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Frame:
-    """Read one frame by its length field; skips inter-frame flags and line noise before it."""
-    while True:
-        byte = await reader.readexactly(1)
-        if byte[0] != FLAG:
-            continue
-        fmt = await reader.readexactly(2)
-        if fmt[0] == FLAG:  # a closing flag followed by an opening one
-            fmt = fmt[1:] + await reader.readexactly(1)
-        if fmt[0] & 0xF0 != 0xA0:
-            continue  # noise that happened to contain a flag byte
-        length = int.from_bytes(fmt, "big") & 0x7FF
-        if length < 7:
-            raise HdlcError(f"HDLC length {length} is too short", byte + fmt)
-        rest = await reader.readexactly(length - 2 + 1)
-        return parse(byte + fmt + rest)
 
 
 #: Parameter ids of the negotiation field, each from the sender's side.
