@@ -137,7 +137,10 @@ def local_datetime(t: datetime, offset_minutes: int) -> DateTime:
 # --------------------------------------------------------------------------- decoding
 
 
-class _Reader:
+class Reader:
+    """A cursor over A-XDR bytes: `take(n)` bytes, a `length()` prefix; AxdrError past the end.
+    Public for the modules that read A-XDR framing by hand (ciphered APDUs, octet strings)."""
+
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self.pos = 0
@@ -159,7 +162,7 @@ class _Reader:
         return int.from_bytes(self.take(size), "big")
 
 
-def _decode(r: _Reader, depth: int) -> Any:
+def _decode(r: Reader, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise AxdrError(f"nested deeper than {MAX_DEPTH}")
     tag = r.take(1)[0]
@@ -205,7 +208,7 @@ def decode(raw: bytes) -> Any:
 
 def decode_prefix(raw: bytes) -> tuple[Any, int]:
     """Decode one value from the start of `raw`; return it and the bytes it used."""
-    r = _Reader(bytes(raw))
+    r = Reader(bytes(raw))
     return _decode(r, 0), r.pos
 
 

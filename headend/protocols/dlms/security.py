@@ -51,7 +51,7 @@ class Protection:
         return bytes([GLO[apdu[0]]]) + axdr.encode_length(len(body)) + body
 
     def unwrap(self, apdu: bytes) -> bytes:
-        r = axdr._Reader(apdu)
+        r = axdr.Reader(apdu)
         try:
             tag = r.take(1)[0]
             if tag == GENERAL_GLO:

@@ -239,7 +239,7 @@ def parse_response(apdu: bytes) -> GetResult | SetResult | ActionResult | Except
 
 
 def _octets(raw: bytes) -> tuple[bytes, int]:
-    r = axdr._Reader(raw)
+    r = axdr.Reader(raw)
     n = r.length()
     return r.take(n), r.pos
 
