@@ -186,6 +186,9 @@ class TcpLink(Strict):
     timeout: Duration = timedelta(seconds=10)
     #: A whole DLMS session (association to release) on this link may take this long at most.
     session_deadline: Duration = timedelta(minutes=10)
+    #: DLMS: pass over (log and count) bytes after a GET answer's value instead of failing the
+    #: read; for meters known to send them (docs/dlms.md). Strict by default.
+    dlms_lenient: bool = False
 
 
 class SerialLink(Strict):
@@ -200,6 +203,8 @@ class SerialLink(Strict):
     timeout: Duration = timedelta(seconds=5)
     #: A whole DLMS session (association to release) on this line may take this long at most.
     session_deadline: Duration = timedelta(minutes=10)
+    #: DLMS: pass over (log and count) bytes after a GET answer's value (see TcpLink).
+    dlms_lenient: bool = False
 
     @field_validator("baudrate")
     @classmethod

@@ -33,6 +33,7 @@ from headend.api.security import authenticated, require_roles
 from headend.config import Config, Plan
 from headend.installation import installation_id
 from headend.looplag import watch_lag
+from headend.protocols.dlms import client as dlms_client
 from headend.registry import Registry, UnknownMeter
 from headend.scheduler.admission import LinkAdmission
 from headend.scheduler.engine import MeterResult, PlanReport, PollingEngine, single_meter_plan
@@ -65,12 +66,14 @@ class LinkSeries(Collector):
         self.up: dict[str, int] = {}
         self.breaker_open: dict[str, int] = {}
         self.mqtt_events: dict[str, tuple[int, ...]] = {}
+        self.trailing_ignored: dict[str, int] = {}
 
     def snapshot(self, sessions: SessionFactory, polling: PollingEngine) -> None:
         self.up = {link_id: int(state == "up") for link_id, state in sessions.link_states().items()}
         self.breaker_open = {link_id: int(b.is_open) for link_id, b in polling.breakers.items()}
         self.mqtt_events = {link_id: tuple(getattr(mqtt.stats, event) for event in MQTT_EVENTS)
                             for link_id, mqtt in sessions.mqtt.items()}  # fmt: skip
+        self.trailing_ignored = dict(dlms_client.trailing_bytes_ignored)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         up = GaugeMetricFamily("headend_link_up", "1 if the link is connected", labels=["link"])
@@ -89,6 +92,11 @@ class LinkSeries(Collector):
             for event, count in zip(MQTT_EVENTS, counts, strict=True):
                 events.add_metric([link_id, event], count)
         yield events
+        ignored = CounterMetricFamily("headend_dlms_trailing_bytes_ignored", "GET answers whose bytes after the "
+                                      "value a lenient link passed over, per meter", labels=["meter"])  # fmt: skip
+        for meter, count in self.trailing_ignored.items():
+            ignored.add_metric([meter], count)
+        yield ignored
 
 
 #: LinkStats counters published as headend_mqtt_link_events_total{event}.

@@ -100,6 +100,9 @@ class DlmsFaults:
     endless_blocks: bool = False
     #: ... and with block number 1 every time, and no data (a count that never grows).
     repeat_block_number: bool = False
+    #: Bytes sent after the value of every GET answer that goes in blocks (as the Gurux C
+    #: example server does after a profile's last block).
+    trailing_bytes: bytes = b""
 
 
 @dataclass
@@ -563,6 +566,8 @@ class SimulatedDlmsMeter:
             if type(value) is int:  # get() answers values as Typed/bytes/str/...; a bare int is an error
                 return xdlms.GetResult(request.invoke_id, error=value).to_bytes(), []
             data = axdr.encode(value)
+            if len(data) > block_size:
+                data += self.faults.trailing_bytes
             if self.faults.endless_blocks:
                 head = data[:block_size]
                 return xdlms.GetResult(request.invoke_id, data=head, block_number=1, last_block=False).to_bytes(), [b""]

@@ -14,6 +14,7 @@ import pytest
 
 from headend.model import Obis, Quality, RelayAction, RelayState
 from headend.protocols.base import BadFrame, MeterSession, Refused, Timeout, Unsupported
+from headend.protocols.dlms import client as client_module
 from headend.protocols.dlms import codec, wrapper, xdlms
 from headend.protocols.dlms.client import DlmsSession
 from headend.protocols.dlms.security import InvocationCounters, Protection, ProtectionError
@@ -352,3 +353,20 @@ async def test_a_session_cancelled_while_it_releases_closes_its_connection(
         await task
     assert not s.transport.is_open
     meter.faults.delay = 0.0
+
+
+async def test_bytes_after_a_get_answer_fail_the_read_unless_the_link_is_lenient(
+    meter: SimulatedDlmsMeter, clock: ManualClock
+) -> None:
+    """Issue #16: the Gurux C example server sends 11 bytes after a profile's last block.
+    Strict by default (the standard's way); a lenient link logs, counts and passes over them."""
+    meter.faults.trailing_bytes = bytes(11)
+    with pytest.raises(BadFrame, match="11 bytes left after the value"):
+        async with session(meter, clock) as s:
+            await s.read_profile(PROFILE, NOW - timedelta(days=2), NOW)
+    before = client_module.trailing_bytes_ignored["M-1"]
+    async with session(meter, clock, lenient=True) as s:
+        rows = await s.read_profile(PROFILE, NOW - timedelta(days=2), NOW)
+        assert await s.read_clock() == NOW
+    assert len(rows) == 2 * 96 * 4
+    assert client_module.trailing_bytes_ignored["M-1"] - before == 1

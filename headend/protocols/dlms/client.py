@@ -8,6 +8,7 @@ the meter and the raw bytes). Keys and passwords are never logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -57,6 +58,11 @@ Row = tuple[datetime, list[Any]]
 _CONTROL_STATES = {0: RelayState.DISCONNECTED, 1: RelayState.CONNECTED, 2: RelayState.READY_FOR_RECONNECTION}
 
 
+#: Per meter, GET answers on lenient links whose bytes after the value were passed over
+#: (/metrics: headend_dlms_trailing_bytes_ignored_total).
+trailing_bytes_ignored: collections.Counter[str] = collections.Counter()
+
+
 class DlmsSession:
     profile_on_meter_clock = True
 
@@ -75,11 +81,15 @@ class DlmsSession:
         session_deadline: float = 600.0,
         max_get_bytes: int = 16 * 1024 * 1024,
         max_get_blocks: int = 20_000,
+        lenient: bool = False,
     ) -> None:
         """`session_deadline`: seconds a whole session (association to release) may take;
         `max_get_bytes`/`max_get_blocks`: what one GET may bring in blocks. A meter that keeps
         talking past any of them gets its session closed with a clear error, and memory stays
-        bounded whatever it sends."""
+        bounded whatever it sends. `lenient`: bytes after a GET answer's value are logged,
+        counted (`trailing_bytes_ignored`) and passed over instead of failing the read (the
+        Gurux C example server sends 11 after a profile's last block; Gurux's client ignores
+        them); strict by default, as the standard says."""
         if authentication == codec.AUTH_HLS_GMAC and (keys is None or counters is None):
             raise ValueError("HLS-GMAC needs the global keys and a durable invocation counter store")
         if len(system_title) != 8:
@@ -98,6 +108,7 @@ class DlmsSession:
         self.source = f"dlms/{transport.where}"
         self._invoke = 0
         self._scalers: dict[Obis, tuple[int, int]] = {}
+        self.lenient = lenient
         self.session_deadline = session_deadline
         self.max_get_bytes = max_get_bytes
         self.max_get_blocks = max_get_blocks
@@ -161,7 +172,7 @@ class DlmsSession:
             "password": password.encode() if password is not None else None,
             "client_sap": settings.client_sap,
             "timeout": link.timeout.total_seconds(), "ct": meter.ct.factor if meter.ct else 1.0,
-            "session_deadline": link.session_deadline.total_seconds(),
+            "session_deadline": link.session_deadline.total_seconds(), "lenient": link.dlms_lenient,
             "pt": meter.pt.factor if meter.pt else 1.0, **kwargs,
         }  # fmt: skip
         if link.protocol == "dlms-wrapper" and isinstance(link, TcpLink):
@@ -314,10 +325,17 @@ class DlmsSession:
                                 f"{self.max_get_blocks} blocks and no end in sight", bytes(data[:64]))  # fmt: skip
             response = await self._service(xdlms.GetRequestNext(invoke, response.block_number).to_bytes())
         try:
-            return axdr.decode(bytes(data))
+            if not self.lenient:
+                return axdr.decode(bytes(data))
+            value, used = axdr.decode_prefix(bytes(data))
         except axdr.AxdrError as exc:
             await self._close()
             raise self._bad(f"GET {obis}/{attribute}: {exc}", bytes(data)) from None
+        if used != len(data):
+            trailing_bytes_ignored[self.meter] += 1
+            log.warning("%s: GET %s/%s: %d bytes after the value ignored (lenient link): %s", self.meter, obis,
+                        attribute, len(data) - used, bytes(data[used:][:64]).hex())  # fmt: skip
+        return value
 
     async def set(self, class_id: int, obis: Obis, attribute: int, value: Any) -> None:
         request = xdlms.SetRequest(self._next_invoke(), xdlms.Attribute(class_id, obis, attribute), axdr.encode(value))
