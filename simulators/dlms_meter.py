@@ -66,6 +66,7 @@ A_PLUS, A_MINUS, R_PLUS, R_MINUS = Obis(1, 0, 1, 8, 0), Obis(1, 0, 2, 8, 0), Obi
 UNIT_WH, UNIT_VARH, UNIT_W, UNIT_V, UNIT_A, UNIT_HZ = 30, 32, 27, 35, 33, 44
 SUCCESS, HARDWARE_FAULT, TEMPORARY_FAILURE, OBJECT_UNDEFINED, OBJECT_UNAVAILABLE, TYPE_UNMATCHED = 0, 1, 2, 4, 11, 12
 READ_WRITE_DENIED = 3
+OTHER_REASON = 250
 #: A profile's rows with start <= stamp <= end.
 Rows = Callable[[datetime, datetime], list[Structure]]
 #: Attribute access modes of the association's object list.
@@ -103,6 +104,21 @@ class DlmsFaults:
     #: Bytes sent after the value of every GET answer that goes in blocks (as the Gurux C
     #: example server does after a profile's last block).
     trailing_bytes: bytes = b""
+
+
+@dataclass
+class CosemObject:
+    """One COSEM object: what each attribute answers (a value, or a bare int: the data-access
+    result of a failure), which attributes can be written and how, which methods run."""
+
+    class_id: int
+    version: int
+    obis: Obis
+    read: dict[int, Callable[[Any], Any]]
+    write: dict[int, Callable[[Any], int]] = field(default_factory=dict)
+    methods: dict[int, Callable[[Any], int]] = field(default_factory=dict)
+    #: Whether the meter has it now (the transformer ratios only on a CT/PT-connected meter).
+    present: Callable[[], bool] = lambda: True
 
 
 @dataclass
@@ -182,6 +198,7 @@ class SimulatedDlmsMeter:
         self._clock_changes: list[tuple[datetime, float]] = []
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self.cosem = self._build_objects()
         self._stopping = False
         self.port = 0
 
@@ -344,23 +361,57 @@ class SimulatedDlmsMeter:
             return Typed(u32, used if index == 7 else max(used, PROFILE_CAPACITY))
         return OBJECT_UNDEFINED
 
-    def objects(self) -> list[tuple[int, int, Obis, dict[int, int], dict[int, int]]]:
-        """(class id, version, logical name, attribute access, method access) of every object,
-        as a management client (LLS or HLS) may use them."""
-        read: dict[int, int] = {1: READ, 2: READ}
-        data = [SERIAL, FIRMWARE, LDN, STATUS, EVENT_CODE]
-        data += [o for o, ratio in ((CT_NUM, self.ct), (CT_DEN, self.ct), (PT_NUM, self.pt), (PT_DEN, self.pt))
-                 if ratio is not None]  # fmt: skip
-        return [
-            (15, 1, CURRENT_ASSOCIATION, dict(read), {1: 1}),  # reply_to_HLS_authentication
-            (8, 0, CLOCK, {1: READ, 2: READ_WRITE, 3: READ}, {}),
-            *[(3, 0, o, {1: READ, 2: READ, 3: READ}, {}) for o in REGISTERS],
-            (4, 0, MAX_DEMAND, {1: READ, 2: READ, 3: READ, 5: READ}, {}),
-            *[(7, 1, o, dict.fromkeys(range(1, 9), READ), {}) for o in self.profiles],
-            *[(1, 0, o, dict(read), {}) for o in data],
-            (17, 0, SAP_ASSIGNMENT, dict(read), {}),
-            (70, 0, DISCONNECT, {1: READ, 2: READ, 3: READ, 4: READ_WRITE}, {1: 1, 2: 1}),
+    def _build_objects(self) -> dict[tuple[int, Obis], CosemObject]:
+        """Every COSEM object of this meter: what each attribute answers, which can be
+        written (and how), which methods run. GET, SET, ACTION and the object list all come
+        from this one table."""
+        u8, u16, u32, i8, enum = axdr.UNSIGNED, axdr.LONG_UNSIGNED, axdr.DOUBLE_LONG_UNSIGNED, axdr.INTEGER, axdr.ENUM
+        objects = [
+            # reply_to_HLS_authentication runs in the association's own handshake (Association).
+            CosemObject(15, 1, CURRENT_ASSOCIATION, {2: lambda _r: self.object_list(management=True)},
+                        methods={1: lambda _r: OTHER_REASON}),
+            CosemObject(8, 0, CLOCK, {2: lambda _r: Typed(axdr.OCTET_STRING, DateTime.from_datetime(self.now())),
+                                      3: lambda _r: Typed(axdr.LONG, 0)},
+                        write={2: self._set_clock}),
+            CosemObject(4, 0, MAX_DEMAND, {
+                2: lambda _r: Typed(u32, self.max_demand()[0]),
+                3: lambda _r: Structure([Typed(i8, 0), Typed(enum, UNIT_W)]),
+                5: lambda _r: Typed(axdr.OCTET_STRING, DateTime.from_datetime(
+                    self.max_demand()[1] + self.offset_at(self.clock.datetime()))),
+            }),
+            CosemObject(1, 0, STATUS, {2: lambda _r: Typed(u8, 0x20 if self.offset_at(self.clock.datetime()) else 0)}),
+            CosemObject(1, 0, EVENT_CODE, {2: lambda _r: Typed(u8, self.events[-1][1] if self.events else 0)}),
+            CosemObject(1, 0, SERIAL, {2: lambda _r: self.serial}),
+            CosemObject(1, 0, FIRMWARE, {2: lambda _r: "SIM-DLMS 2.1"}),
+            CosemObject(1, 0, LDN, {2: lambda _r: f"SIM{self.name}"[:16].encode()}),
+            CosemObject(17, 0, SAP_ASSIGNMENT, {2: lambda _r: [Structure([Typed(u16, 1),
+                                                                         f"SIM{self.name}"[:16].encode()])]}),
+            CosemObject(70, 0, DISCONNECT, {2: lambda _r: self.control_state == CONNECTED,
+                                            3: lambda _r: Typed(enum, self.control_state),
+                                            4: lambda _r: Typed(enum, self.control_mode)},
+                        write={4: self._set_control_mode}, methods={1: self._operate, 2: self._operate}),
         ]
+        for obis, spec in REGISTERS.items():
+            objects.append(CosemObject(3, 0, obis, {
+                2: lambda _r, o=obis, s=spec: Typed(s.type_tag, self.register_value(o, self.clock.now())),
+                3: lambda _r, s=spec: Structure([Typed(i8, s.scaler), Typed(enum, s.unit)]),
+            }))  # fmt: skip
+        for obis, (capture, period, rows) in self.profiles.items():
+            objects.append(CosemObject(7, 1, obis, {
+                i: lambda r, c=capture, p=period, rw=rows: self._profile_attribute(r, c, p, rw) for i in range(2, 9)
+            }))  # fmt: skip
+        for obis, which, part in ((CT_NUM, "ct", 0), (CT_DEN, "ct", 1), (PT_NUM, "pt", 0), (PT_DEN, "pt", 1)):
+            objects.append(CosemObject(1, 0, obis, {2: lambda _r, w=which, i=part: Typed(u16, getattr(self, w)[i])},
+                                       present=lambda w=which: getattr(self, w) is not None))  # fmt: skip
+        return {(o.class_id, o.obis): o for o in objects}
+
+    def objects(self) -> list[tuple[int, int, Obis, dict[int, int], dict[int, int]]]:
+        """(class id, version, logical name, attribute access, method access) of every object
+        there now, as a management client (LLS or HLS) may use them."""
+        return [(o.class_id, o.version, o.obis,
+                 {1: READ} | {i: READ_WRITE if i in o.write else READ for i in sorted(o.read)},
+                 dict.fromkeys(o.methods, 1))
+                for o in self.cosem.values() if o.present()]  # fmt: skip
 
     def object_list(self, management: bool) -> list[Structure]:
         """Attribute 2 of the association (0-0:40.0.0.255): every object with the access this
@@ -378,97 +429,65 @@ class SimulatedDlmsMeter:
 
     # -- COSEM services ------------------------------------------------------------------
 
+    def _object(self, class_id: int, obis: Obis) -> CosemObject | None:
+        found = self.cosem.get((class_id, obis))
+        return found if found is not None and found.present() else None
+
     def get(self, request: xdlms.GetRequest) -> Any:
         """Return the attribute's value, or a bare int: the data-access-result of a failure."""
         a = request.attribute
-        t = self.clock.now()
-        t_now = self.clock.datetime()
-        if a.index == 1 and (a.class_id, a.obis) in {(c, o) for c, _v, o, _a, _m in self.objects()}:
+        obj = self._object(a.class_id, a.obis)
+        if obj is None:
+            return OBJECT_UNDEFINED
+        if a.index == 1:
             return a.obis.to_bytes()  # every object's logical name
-        if a.class_id == 1 and a.index == 2 and a.obis == STATUS:
-            return Typed(axdr.UNSIGNED, 0x20 if self.offset_at(t_now) else 0)  # as the profile captures it
-        if a.class_id == 1 and a.index == 2 and a.obis == EVENT_CODE:
-            return Typed(axdr.UNSIGNED, self.events[-1][1] if self.events else 0)  # the latest event's code
-        if a.class_id == 8 and a.obis == CLOCK:
-            if a.index == 1:
-                return CLOCK.to_bytes()
-            if a.index == 2:
-                return Typed(axdr.OCTET_STRING, DateTime.from_datetime(self.now()))
-            if a.index == 3:
-                return Typed(axdr.LONG, 0)
-        if a.class_id == 4 and a.obis == MAX_DEMAND:
-            if a.index == 1:
-                return a.obis.to_bytes()
-            if a.index == 2:
-                return Typed(axdr.DOUBLE_LONG_UNSIGNED, self.max_demand()[0])
-            if a.index == 3:
-                return Structure([Typed(axdr.INTEGER, 0), Typed(axdr.ENUM, UNIT_W)])
-            if a.index == 5:
-                return Typed(axdr.OCTET_STRING, DateTime.from_datetime(self.max_demand()[1] + self.offset_at(t_now)))
-        if a.class_id == 7 and a.obis in self.profiles:
-            return self._profile_attribute(request, *self.profiles[a.obis])
-        if a.class_id == 3 and a.obis in REGISTERS:
-            spec = REGISTERS[a.obis]
-            if a.index == 1:
-                return a.obis.to_bytes()
-            if a.index == 2:
-                return Typed(spec.type_tag, self.register_value(a.obis, t))
-            if a.index == 3:
-                return Structure([Typed(axdr.INTEGER, spec.scaler), Typed(axdr.ENUM, spec.unit)])
-        if a.class_id == 17 and a.obis == SAP_ASSIGNMENT and a.index == 2:
-            return [Structure([Typed(axdr.LONG_UNSIGNED, 1), f"SIM{self.name}"[:16].encode()])]
-        ratios = {CT_NUM: (self.ct, 0), CT_DEN: (self.ct, 1), PT_NUM: (self.pt, 0), PT_DEN: (self.pt, 1)}
-        if a.class_id == 1 and a.index == 2 and a.obis in ratios:
-            ratio, part = ratios[a.obis]
-            return OBJECT_UNDEFINED if ratio is None else Typed(axdr.LONG_UNSIGNED, ratio[part])
-        if a.class_id == 1 and a.index == 2:
-            if a.obis == SERIAL:
-                return self.serial
-            if a.obis == FIRMWARE:
-                return "SIM-DLMS 2.1"
-            if a.obis == LDN:
-                return f"SIM{self.name}"[:16].encode()
-        if a.class_id == 70 and a.obis == DISCONNECT:
-            if a.index == 2:
-                return self.control_state == CONNECTED
-            if a.index == 3:
-                return Typed(axdr.ENUM, self.control_state)
-            if a.index == 4:
-                return Typed(axdr.ENUM, self.control_mode)
-        return OBJECT_UNDEFINED
+        read = obj.read.get(a.index)
+        return OBJECT_UNDEFINED if read is None else read(request)
 
     def set(self, request: xdlms.SetRequest) -> int:
         a = request.attribute
-        if a.class_id == 8 and a.obis == CLOCK and a.index == 2:
-            value = axdr.decode(request.data)
-            if not isinstance(value, bytes) or len(value) != 12:
-                return TYPE_UNMATCHED
-            wanted = DateTime.from_bytes(value).to_utc()
-            self.events += [(self.now().replace(microsecond=0), CLOCK_ADJUSTED_OLD),
-                            (wanted.replace(microsecond=0), CLOCK_ADJUSTED_NEW)]  # fmt: skip
-            self.change_clock((wanted - self.clock.datetime()).total_seconds())
-            return SUCCESS
-        if a.class_id == 70 and a.obis == DISCONNECT and a.index == 4:
-            value = axdr.decode(request.data)
-            if not isinstance(value, int) or not 0 <= value <= 6:
-                return TYPE_UNMATCHED
-            self.control_mode = value
-            return SUCCESS
-        if type(self.get(xdlms.GetRequest(request.invoke_id, a))) is not int:
-            return READ_WRITE_DENIED  # there, and readable, but not writable
-        return OBJECT_UNDEFINED
+        obj = self._object(a.class_id, a.obis)
+        if obj is None:
+            return OBJECT_UNDEFINED
+        write = obj.write.get(a.index)
+        if write is None:
+            # There, and readable, but not writable; or no such attribute.
+            return READ_WRITE_DENIED if a.index == 1 or a.index in obj.read else OBJECT_UNDEFINED
+        try:
+            return write(axdr.decode(request.data))
+        except axdr.AxdrError:
+            return TYPE_UNMATCHED
+
+    def _set_clock(self, value: Any) -> int:
+        if not isinstance(value, bytes) or len(value) != 12:
+            return TYPE_UNMATCHED
+        wanted = DateTime.from_bytes(value).to_utc()
+        self.events += [(self.now().replace(microsecond=0), CLOCK_ADJUSTED_OLD),
+                        (wanted.replace(microsecond=0), CLOCK_ADJUSTED_NEW)]  # fmt: skip
+        self.change_clock((wanted - self.clock.datetime()).total_seconds())
+        return SUCCESS
+
+    def _set_control_mode(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 6:
+            return TYPE_UNMATCHED
+        self.control_mode = value
+        return SUCCESS
 
     def action(self, request: xdlms.ActionRequest) -> int:
         m = request.method
-        if m.class_id != 70 or m.obis != DISCONNECT or m.index not in (1, 2):
-            return OBJECT_UNDEFINED
+        obj = self._object(m.class_id, m.obis)
+        method = obj.methods.get(m.index) if obj is not None else None
+        return OBJECT_UNDEFINED if method is None else method(request)
+
+    def _operate(self, request: xdlms.ActionRequest) -> int:
+        """Disconnect control's remote_disconnect (1) and remote_reconnect (2)."""
         self.actions += 1
         if self.control_mode == 0:
             return TEMPORARY_FAILURE  # mode 0: the disconnector is always connected
         if self.faults.stuck_relay:
             return SUCCESS  # acknowledged; the relay does not move: only a read-back shows it
         t = self.clock.now()
-        if m.index == 1:
+        if request.method.index == 1:
             self.control_state = DISCONNECTED
             self.load.set_relay(False, t)
         elif self.control_state == DISCONNECTED:
@@ -580,8 +599,8 @@ class SimulatedDlmsMeter:
             if not lls:  # the public client reads; it never writes (clock, control mode)
                 return xdlms.SetResult(request.invoke_id, READ_WRITE_DENIED).to_bytes(), []
             return xdlms.SetResult(request.invoke_id, self.set(request)).to_bytes(), []
-        if not lls and request.method.class_id == 70:
-            return xdlms.ActionResult(request.invoke_id, READ_WRITE_DENIED).to_bytes(), []  # the public client
+        if not lls:  # the public client runs no methods (the relay's least of all)
+            return xdlms.ActionResult(request.invoke_id, READ_WRITE_DENIED).to_bytes(), []
         return xdlms.ActionResult(request.invoke_id, self.action(request)).to_bytes(), []
 
     async def send_with_faults(self, writer: asyncio.StreamWriter, out: bytes, header: int) -> bool:
