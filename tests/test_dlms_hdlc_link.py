@@ -105,7 +105,7 @@ def test_frames_for_other_stations_are_passed_over() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(request=st.binary(max_size=700), answer=st.binary(max_size=2000),
-       client_info=st.integers(16, 256), server_info=st.integers(16, 256),
+       client_info=st.integers(32, 256), server_info=st.integers(32, 256),
        cuts=st.lists(st.integers(0, 3000), max_size=12))  # fmt: skip
 def test_any_apdu_crosses_whole_at_any_sizes_in_any_split(
     request: bytes, answer: bytes, client_info: int, server_info: int, cuts: list[int]
@@ -148,3 +148,63 @@ def test_well_formed_frames_among_noise_are_all_found(frames: list[bytes], cuts:
         while (frame := reader.next_frame()) is not None:
             found.append(frame.info)
     assert found == frames
+
+
+# From the attacker pass on #16: what broke then.
+
+
+def connected_client(ua_info: bytes = b"", max_info: int = 128) -> HdlcConnection:
+    client = HdlcConnection(CLIENT, SERVER, server=False, max_info=max_info)
+    client.connect()
+    client.data_to_send()
+    client.receive_data(hdlc.Frame(CLIENT, SERVER, hdlc.UA, ua_info).to_bytes())
+    return client
+
+
+@pytest.mark.parametrize("ua_info", [hdlc.snrm_parameters(128, receive=0), bytes([0x81, 0x80, 2, 6, 0])],
+                         ids=["max-info-rx-0", "zero-length-value"])  # fmt: skip
+def test_a_ua_offering_impossible_frame_sizes_is_the_protocols_error(ua_info: bytes) -> None:
+    client = HdlcConnection(CLIENT, SERVER, server=False)
+    client.connect()
+    client.data_to_send()
+    with pytest.raises(hdlc.HdlcError, match="information field size 0"):
+        client.receive_data(hdlc.Frame(CLIENT, SERVER, hdlc.UA, ua_info).to_bytes())
+
+
+def test_an_i_frame_that_does_not_acknowledge_the_request_is_not_its_answer() -> None:
+    client = connected_client()
+    client.send(b"REQ1")
+    client.data_to_send()
+    first = hdlc.Frame(CLIENT, SERVER, hdlc.information_control(0, 1), hdlc.LLC_RESPONSE + b"ANS1").to_bytes()
+    assert client.receive_data(first) == [Received(b"ANS1")]
+    client.send(b"REQ2")
+    client.data_to_send()
+    stale = hdlc.Frame(CLIENT, SERVER, hdlc.information_control(1, 1), hdlc.LLC_RESPONSE + b"ANS1 again").to_bytes()
+    with pytest.raises(hdlc.HdlcError, match="N\\(R\\) 1, expected 2"):
+        client.receive_data(stale)
+
+
+def test_an_rr_asking_for_a_segment_again_gets_it_again() -> None:
+    client = connected_client(hdlc.snrm_parameters(32), max_info=32)
+    client.send(bytes(80))
+    client.data_to_send()  # the first segment, N(S) 0
+    client.receive_data(hdlc.Frame(CLIENT, SERVER, hdlc.rr_control(0)).to_bytes())  # "still waiting for 0"
+    again = hdlc.parse(client.data_to_send())
+    assert again.send_sequence == 0 and again.segmented
+    client.receive_data(hdlc.Frame(CLIENT, SERVER, hdlc.rr_control(1)).to_bytes())
+    assert hdlc.parse(client.data_to_send()).send_sequence == 1
+
+
+def test_noise_that_looks_like_a_long_frame_does_not_swallow_the_frame_after_it() -> None:
+    reader = FrameReader()
+    real = hdlc.Frame(CLIENT, SERVER, hdlc.UA).to_bytes()
+    reader.feed(b"\x7e\xa7\xff" + real)
+    assert reader.next_frame() == hdlc.parse(real)
+    assert reader.noise_bytes == 3 and reader.noise == b"\x7e\xa7\xff"
+
+
+def test_one_flag_may_close_a_frame_and_open_the_next() -> None:
+    reader = FrameReader()
+    first, second = (hdlc.Frame(CLIENT, SERVER, hdlc.rr_control(n)).to_bytes() for n in (1, 2))
+    reader.feed(first + second[1:])
+    assert [reader.next_frame(), reader.next_frame()] == [hdlc.parse(first), hdlc.parse(second)]

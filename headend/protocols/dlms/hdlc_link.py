@@ -39,6 +39,10 @@ from headend.protocols.dlms.hdlc import (
 #: The largest APDU DLMS allows (max PDU size 65535) plus the LLC header: a segmented APDU
 #: past it is a peer that never stops talking, not data.
 MAX_APDU = 0xFFFF + 3
+#: Information field sizes an end may offer (IEC 62056-46: 32 to 2030 bytes, 128 by default).
+MIN_INFO, MAX_INFO = 32, 2030
+#: Bytes of line noise kept to show in errors (a meter at the wrong baud rate or parity).
+NOISE_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,15 @@ Event = Connected | Refused | Disconnected | Received
 
 class FrameReader:
     """Bytes in, frames out: a frame is found by its opening flag and its length field (a
-    0x7E inside it is data), inter-frame flags and line noise before it are skipped."""
+    0x7E inside it is data); inter-frame flags and line noise are skipped, counted and the
+    last of them kept (`noise`), so a line at the wrong speed or parity can be told apart
+    from a silent one. A flag may close one frame and open the next."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        #: Bytes passed over as noise so far, and the last of them.
+        self.noise_bytes = 0
+        self.noise = b""
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -84,37 +93,77 @@ class FrameReader:
         """What was received and is not yet a whole frame."""
         return bytes(self._buffer)
 
+    def _skip(self, n: int) -> None:
+        self.noise_bytes += n
+        self.noise = (self.noise + bytes(self._buffer[:n]))[-NOISE_KEPT:]
+        del self._buffer[:n]
+
     def next_frame(self) -> Frame | None:
-        """The next whole frame, or None until more bytes come. A damaged frame (length field
-        too short, FCS or HCS wrong) is consumed and raises HdlcError with its bytes."""
+        """The next whole frame, or None until more bytes come. A damaged frame raises
+        HdlcError with its bytes; only its opening flag is passed over, so a real frame that
+        began inside it is still found."""
         buf = self._buffer
         while True:
             start = buf.find(FLAG)
             if start < 0:
-                buf.clear()  # noise without a flag: nothing in it can start a frame
+                self._skip(len(buf))  # nothing in it can start a frame
                 return None
-            del buf[:start]
+            if start:
+                self._skip(start)
             if len(buf) < 3:
                 return None
-            if buf[1] == FLAG or buf[1] & 0xF0 != 0xA0:
-                del buf[:1]  # a closing flag before an opening one, or noise that held a flag byte
+            if buf[1] == FLAG:
+                del buf[:1]  # a closing flag before an opening one
+                continue
+            if buf[1] & 0xF0 != 0xA0:
+                self._skip(1)  # noise that held a flag byte
                 continue
             length = int.from_bytes(buf[1:3], "big") & 0x7FF
             if length < 7:
                 raw = bytes(buf[:3])
-                del buf[:3]
+                self._skip(1)
                 raise HdlcError(f"HDLC length {length} is too short", raw)
             if len(buf) < length + 2:
-                return None
+                later = self._frame_after_noise()
+                if later is None:
+                    return None
+                return later
             raw = bytes(buf[: length + 2])
-            del buf[: length + 2]
-            return parse(raw)
+            try:
+                frame = parse(raw)
+            except HdlcError:
+                self._skip(1)
+                raise
+            del buf[: length + 1]  # its closing flag may open the next frame
+            return frame
+
+    def _frame_after_noise(self) -> Frame | None:
+        """While waiting for a long frame: a whole, sound frame further on means the start
+        was noise that looked like a frame's beginning."""
+        buf = self._buffer
+        at = buf.find(FLAG, 1)
+        while at > 0:
+            if at + 3 <= len(buf) and buf[at + 1] & 0xF0 == 0xA0:
+                length = int.from_bytes(buf[at + 1 : at + 3], "big") & 0x7FF
+                if length >= 7 and at + length + 2 <= len(buf):
+                    try:
+                        frame = parse(bytes(buf[at : at + length + 2]))
+                    except HdlcError:
+                        frame = None
+                    if frame is not None:
+                        self._skip(at)
+                        del buf[: length + 1]
+                        return frame
+            at = buf.find(FLAG, at + 1)
+        return None
 
 
 class HdlcConnection:
     def __init__(self, local: bytes, remote: bytes, *, server: bool, max_info: int = DEFAULT_MAX_INFO) -> None:
         """`local`, `remote`: the two ends' encoded HDLC addresses; `max_info`: the longest
         information field this end sends and takes before negotiation lowers it."""
+        if not MIN_INFO <= max_info <= MAX_INFO:
+            raise ValueError(f"HDLC information field size must be {MIN_INFO}..{MAX_INFO}, got {max_info}")
         self.local = local
         self.remote = remote
         self.server = server
@@ -129,6 +178,8 @@ class HdlcConnection:
         self._frames = FrameReader()
         self._out: list[bytes] = []
         self._segments: deque[bytes] = deque()
+        #: The last I-frame sent, for an RR that asks for it again.
+        self._last_sent: tuple[int, bytes, bool] | None = None
         self._incoming = bytearray()
         self._llc_out, self._llc_in = (LLC_RESPONSE, LLC_REQUEST) if server else (LLC_REQUEST, LLC_RESPONSE)
 
@@ -195,25 +246,31 @@ class HdlcConnection:
                 if control != UA:
                     raise HdlcError(f"expected UA to SNRM, got control 0x{control:02x}")
                 params = parse_parameters(frame.info)
-                self.send_info = min(self.max_info, params.get(MAX_INFO_RX, self.max_info))
+                self.send_info = min(self.max_info, _offered(params, MAX_INFO_RX))
                 self.connected = True
                 return [Connected(self.send_info)]
             if control in (UA, DM) and (self._disconnecting or control == DM):
                 self._disconnecting = self.connected = False
                 return [Disconnected()]
-        if self._segments:
-            if not frame.is_rr:
-                raise HdlcError(f"expected RR between segments, got control 0x{control:02x}")
-            self._send_segment()
-            return []
         if frame.is_rr:
-            return []  # nothing waits for it
+            if frame.receive_sequence == (self._send_seq - 1) % 8 and self._last_sent is not None:
+                self._resend()  # it asks for the last frame again (it did not take it)
+            elif frame.receive_sequence != self._send_seq:
+                raise HdlcError(f"RR N(R) {frame.receive_sequence}, expected {self._send_seq}")
+            elif self._segments:
+                self._send_segment()
+            return []  # otherwise nothing waits for it
+        if self._segments:
+            raise HdlcError(f"expected RR between segments, got control 0x{control:02x}")
         if not frame.is_information:
             raise HdlcError(f"expected an I-frame, got control 0x{control:02x}")
         if not self.connected:
             raise HdlcError("an I-frame on an HDLC link that is not connected")
         if frame.send_sequence != self._recv_seq:
             raise HdlcError(f"I-frame N(S) {frame.send_sequence}, expected {self._recv_seq}")
+        if frame.receive_sequence != self._send_seq:
+            # It does not acknowledge what this end sent last: not the answer to it.
+            raise HdlcError(f"I-frame N(R) {frame.receive_sequence}, expected {self._send_seq}")
         self._recv_seq = (self._recv_seq + 1) % 8
         self._incoming += frame.info
         if len(self._incoming) > MAX_APDU:
@@ -233,8 +290,8 @@ class HdlcConnection:
         own size; window 1 whatever it offers."""
         self._reset()
         proposed = parse_parameters(frame.info)
-        self.send_info = min(self.max_info, proposed.get(MAX_INFO_RX, DEFAULT_MAX_INFO))
-        receive = min(self.max_info, proposed.get(MAX_INFO_TX, DEFAULT_MAX_INFO))
+        self.send_info = min(self.max_info, _offered(proposed, MAX_INFO_RX))
+        receive = min(self.max_info, _offered(proposed, MAX_INFO_TX))
         self.connected = True
         self._queue(UA, snrm_parameters(self.send_info, 1, receive=receive))
         return [Connected(self.send_info)]
@@ -243,13 +300,29 @@ class HdlcConnection:
         self._send_seq = self._recv_seq = 0
         self._segments.clear()
         self._incoming = bytearray()
+        self._last_sent = None
 
     def _send_segment(self) -> None:
         part = self._segments.popleft()
         self.largest_sent = max(self.largest_sent, len(part))
+        self._last_sent = (self._send_seq, part, bool(self._segments))
         control = information_control(self._send_seq, self._recv_seq)
         self._send_seq = (self._send_seq + 1) % 8
         self._queue(control, part, bool(self._segments))
 
+    def _resend(self) -> None:
+        assert self._last_sent is not None
+        seq, part, segmented = self._last_sent
+        self._queue(information_control(seq, self._recv_seq), part, segmented)
+
     def _queue(self, control: int, info: bytes = b"", segmented: bool = False) -> None:
         self._out.append(Frame(self.remote, self.local, control, info, segmented).to_bytes())
+
+
+def _offered(params: dict[int, int], key: int) -> int:
+    """An information field size from an SNRM or UA (128 where it names none); one outside
+    32..2030 is the peer's error, never a size to cut frames by."""
+    size = params.get(key, DEFAULT_MAX_INFO)
+    if not MIN_INFO <= size <= MAX_INFO:
+        raise HdlcError(f"HDLC information field size {size} offered; {MIN_INFO}..{MAX_INFO} allowed")
+    return size
