@@ -469,3 +469,26 @@ async def test_drift_is_measured_and_the_clock_set_against_the_time_of_the_read_
     assert on_time.drift_s == 0.0 and not on_time.clock_synced
     assert fast.drift_s == 7200.0 and fast.clock_synced
     assert fleet.meters["M1"].now() == fleet.clock.datetime(), "set to the time of the read, to the second"
+
+
+async def test_a_bug_in_one_meters_read_fails_that_meter_and_the_run_reads_the_others(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #16's attacker pass: an HDLC answer no check foresaw raised ValueError out of the
+    driver, which ended the whole plan run (and every run after it) for every meter."""
+    def session(meter_id: str) -> DlmsSession:
+        if meter_id == "M2":
+            raise ValueError("range() arg 3 must not be zero")  # what the driver raised
+        return DlmsSession.tcp_wrapper("127.0.0.1", fleet.ports[meter_id], meter_id, authentication="lls",
+                                       password=b"12345678", timeout=1, now=fleet.clock.datetime)  # fmt: skip
+
+    async def no_wait(_seconds: float) -> None:
+        return None
+
+    engine = PollingEngine(Registry(fleet.config), fleet.outbox, session, sleep=no_wait,  # type: ignore[arg-type]
+                           clock=fleet.clock.datetime)  # fmt: skip
+    report = await engine.run_plan(fleet.plan(), NOW)
+    by_meter = {r.meter: r for r in report.results}
+    assert not by_meter["M2"].ok and "unexpected error: ValueError" in by_meter["M2"].error
+    assert all(by_meter[m].ok for m in fleet.meters if m != "M2")
+    assert "M2: plan lp: the read failed unexpectedly" in caplog.text

@@ -298,6 +298,14 @@ class PollingEngine:
                         breaker.record(False)
                 if not exc.retryable:
                     return result
+            except Exception as exc:
+                # A driver's bug, or an answer no check foresaw: this meter fails, with the
+                # traceback in the log; the plan's other meters are read as usual.
+                log.exception("%s: plan %s: the read failed unexpectedly", meter_id, plan.id)
+                result.error = f"unexpected error: {type(exc).__name__}: {exc}"
+                result.error_type = "Unexpected"
+                self.stats.failures += 1
+                return result
             pause = self.backoff * 2 ** (attempt - 1) * (1 + random.uniform(0, self.jitter))
             if attempt == plan.attempts or self.monotonic() + pause > deadline:
                 break

@@ -206,7 +206,7 @@ class DlmsSession:
         return self
 
     def _parse_aare(self, reply: bytes) -> codec.AssociationResult:
-        if reply[:1] == bytes([xdlms.EXCEPTION_RESPONSE]) and len(reply) == 3:
+        if reply[:1] == bytes([xdlms.EXCEPTION_RESPONSE]) and len(reply) >= 3:
             # Some meters refuse an AARQ they cannot take (a wrong client address, a busy
             # association) with an ExceptionResponse instead of a rejecting AARE: a refusal.
             refusal = xdlms.ExceptionResult(reply[1], reply[2])
@@ -276,6 +276,7 @@ class DlmsSession:
         if asyncio.get_running_loop().time() > self._deadline:
             await self._close()
             raise Timeout(f"session deadline ({self.session_deadline:g} s) passed", meter=self.meter)
+        plain = request_bytes
         if self.protection is not None:
             request_bytes = self.protection.wrap(request_bytes, await self._reserve_counter())
         reply = await self.transport.exchange(request_bytes)
@@ -291,6 +292,11 @@ class DlmsSession:
             raise self._bad(str(exc), reply) from None
         if isinstance(response, xdlms.ExceptionResult):
             raise Refused(f"exception response: {response.describe()}", meter=self.meter)
+        asked = plain[2] if len(plain) > 2 else None
+        if response.invoke_id != asked:
+            # An answer to another request (sent twice, or late): taking it would shift every answer after it.
+            await self._close()
+            raise self._bad(f"answer for invoke id 0x{response.invoke_id:02x}, asked 0x{asked or 0:02x}", reply)
         return response
 
     def _next_invoke(self) -> int:

@@ -214,6 +214,11 @@ class HdlcConnection:
         """Bytes received that are not yet a whole frame (for the error when the line closes)."""
         return self._frames.buffered
 
+    @property
+    def noise(self) -> FrameReader:
+        """The frame reader, for its count of line noise and the last of it."""
+        return self._frames
+
     # -- what came -----------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Event]:

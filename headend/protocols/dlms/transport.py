@@ -18,7 +18,7 @@ import serial_asyncio_fast
 
 from headend.protocols.base import BadFrame, LinkDown, MeterError, Timeout
 from headend.protocols.dlms import hdlc
-from headend.protocols.dlms.hdlc_link import Connected, Event, HdlcConnection, Received, Refused
+from headend.protocols.dlms.hdlc_link import Connected, Disconnected, Event, HdlcConnection, Received, Refused
 from headend.protocols.dlms.wrapper import WrapperError, WrapperFrame, read_frame
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ class StreamTransport:
     def is_open(self) -> bool:
         return self._writer is not None
 
+    def _silence(self) -> str:
+        """What came instead of an answer, for the Timeout's message (empty: nothing)."""
+        return ""
+
     async def _guarded(self, work: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[T]]) -> T:
         if self._writer is None or self._reader is None:
             raise LinkDown(f"{self.where} is not open", meter=self.meter)
@@ -69,7 +73,7 @@ class StreamTransport:
                 return await work(self._reader, self._writer)
         except TimeoutError:
             await self.close()
-            raise Timeout(f"no complete answer within {self.timeout}s", meter=self.meter) from None
+            raise Timeout(f"no complete answer within {self.timeout}s{self._silence()}", meter=self.meter) from None
         except asyncio.IncompleteReadError as exc:
             await self.close()
             if exc.partial:
@@ -115,6 +119,8 @@ class HdlcTransport(StreamTransport):
         self.client = hdlc.encode_address(client_sap)
         self.server = hdlc.encode_address(server_logical, server_physical)
         self.max_info = max_info
+        #: The information field size the meter takes, once connected.
+        self.send_info = max_info
         self._link = HdlcConnection(self.client, self.server, server=False, max_info=max_info)
         self._events: deque[Event] = deque()
 
@@ -128,6 +134,15 @@ class HdlcTransport(StreamTransport):
             return serial_asyncio_fast.open_serial_connection(url=device, baudrate=baudrate)
 
         return cls(opener, f"hdlc {device}@{baudrate}", meter, **kwargs)  # type: ignore[arg-type]
+
+    def _silence(self) -> str:
+        noise = self._link.noise
+        if not noise.noise_bytes:
+            return ""
+        # A meter at another speed or parity sends bytes that never make a frame.
+        log.warning("%s: %d bytes of line noise on %s, the last: %s", self.meter, noise.noise_bytes, self.where,
+                    noise.noise.hex())  # fmt: skip
+        return f"; {noise.noise_bytes} bytes of line noise instead (wrong speed or parity?): {noise.noise.hex()}"
 
     async def _next_event(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Event:
         """Send what the link has to send (a frame, an RR), read until it has an event."""
@@ -153,8 +168,7 @@ class HdlcTransport(StreamTransport):
                 raise LinkDown("meter answered SNRM with DM (disconnected mode)", meter=self.meter)
             if not isinstance(event, Connected):
                 raise hdlc.HdlcError(f"expected UA to SNRM, got {event}")
-            # The meter's receive limit bounds what we send.
-            self.max_info = event.send_info
+            self.send_info = event.send_info  # the meter's receive limit bounds what we send
 
         self._link = HdlcConnection(self.client, self.server, server=False, max_info=self.max_info)
         self._events.clear()
@@ -162,8 +176,12 @@ class HdlcTransport(StreamTransport):
 
     async def exchange(self, apdu: bytes) -> bytes:
         async def work(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+            if self._events:  # something came that nothing asked for: whatever follows is in doubt
+                raise hdlc.HdlcError(f"an answer nobody asked for: {self._events[0]}")
             self._link.send(apdu)
             event = await self._next_event(reader, writer)
+            if isinstance(event, Disconnected):
+                raise LinkDown("the meter dropped the HDLC link (DM) in the middle of an exchange", meter=self.meter)
             if not isinstance(event, Received):
                 raise hdlc.HdlcError(f"expected an answer, got {event}")
             return event.apdu
