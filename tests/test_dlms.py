@@ -186,6 +186,45 @@ async def test_an_aarq_refused_by_an_exception_response_is_a_refusal_that_says_w
         await server.wait_closed()
 
 
+async def test_an_aarq_refused_for_its_invocation_counter_is_a_refusal_too() -> None:
+    """The invocation-counter-error carries the expected counter after the two error bytes."""
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frame = await wrapper.read_frame(reader)
+        answer = bytes([0xD8, 1, 6, 0, 0, 0x10, 0])
+        writer.write(wrapper.WrapperFrame(frame.destination, frame.source, answer).to_bytes())
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    try:
+        with pytest.raises(Refused, match="invocation-counter-error"):
+            async with DlmsSession.tcp_wrapper("127.0.0.1", server.sockets[0].getsockname()[1], "M1", timeout=2):
+                pass
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_answer_for_another_invoke_id_is_not_taken(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
+    """A meter that answers one request twice: the copy must not be taken as the next answer."""
+    original = meter.service
+    sent: list[bytes] = []
+
+    def twice(apdu: bytes, blocks: list[bytes], lls: bool, max_pdu: int = 0xFFFF) -> tuple[bytes, list[bytes]]:
+        reply, kept = original(apdu, blocks, lls, max_pdu)
+        if sent:  # the second GET is answered with the first one's answer
+            return sent[0], kept
+        sent.append(reply)
+        return reply, kept
+
+    meter.service = twice  # type: ignore[method-assign]
+    async with session(meter, clock) as s:
+        await s.get(3, A_PLUS, 2)
+        with pytest.raises(BadFrame, match="invoke id"):
+            await s.get(3, Obis(1, 0, 2, 8, 0), 2)
+
+
 async def test_unknown_objects_are_unsupported(meter: SimulatedDlmsMeter, clock: ManualClock) -> None:
     async with session(meter, clock) as s:
         with pytest.raises(Unsupported, match="object-undefined"):
