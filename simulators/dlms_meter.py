@@ -67,6 +67,8 @@ UNIT_WH, UNIT_VARH, UNIT_W, UNIT_V, UNIT_A, UNIT_HZ = 30, 32, 27, 35, 33, 44
 SUCCESS, HARDWARE_FAULT, TEMPORARY_FAILURE, OBJECT_UNDEFINED, OBJECT_UNAVAILABLE, TYPE_UNMATCHED = 0, 1, 2, 4, 11, 12
 READ_WRITE_DENIED = 3
 OTHER_REASON = 250
+#: Attributes and methods of each interface class (Blue Book; Association LN version 1).
+CLASS_SHAPES = {1: (2, 0), 3: (3, 1), 4: (5, 1), 7: (8, 2), 8: (9, 6), 15: (9, 4), 17: (2, 1), 70: (4, 2)}
 #: A profile's rows with start <= stamp <= end.
 Rows = Callable[[datetime, datetime], list[Structure]]
 #: Attribute access modes of the association's object list.
@@ -376,6 +378,7 @@ class SimulatedDlmsMeter:
             CosemObject(4, 0, MAX_DEMAND, {
                 2: lambda _r: Typed(u32, self.max_demand()[0]),
                 3: lambda _r: Structure([Typed(i8, 0), Typed(enum, UNIT_W)]),
+                4: lambda _r: Typed(u8, 0),  # status: nothing to report
                 5: lambda _r: Typed(axdr.OCTET_STRING, DateTime.from_datetime(
                     self.max_demand()[1] + self.offset_at(self.clock.datetime()))),
             }),
@@ -407,11 +410,18 @@ class SimulatedDlmsMeter:
 
     def objects(self) -> list[tuple[int, int, Obis, dict[int, int], dict[int, int]]]:
         """(class id, version, logical name, attribute access, method access) of every object
-        there now, as a management client (LLS or HLS) may use them."""
-        return [(o.class_id, o.version, o.obis,
-                 {1: READ} | {i: READ_WRITE if i in o.write else READ for i in sorted(o.read)},
-                 dict.fromkeys(o.methods, 1))
-                for o in self.cosem.values() if o.present()]  # fmt: skip
+        there now, as a management client (LLS or HLS) may use them: every attribute and
+        method of its class, 0 (no access) where this meter gives none (a client reads a
+        missing entry as full access)."""
+        out = []
+        for o in self.cosem.values():
+            if not o.present():
+                continue
+            attributes, methods = CLASS_SHAPES[o.class_id]
+            access = {i: READ_WRITE if i in o.write else READ if i == 1 or i in o.read else 0
+                      for i in range(1, attributes + 1)}  # fmt: skip
+            out.append((o.class_id, o.version, o.obis, access, {m: int(m in o.methods) for m in range(1, methods + 1)}))
+        return out
 
     def object_list(self, management: bool) -> list[Structure]:
         """Attribute 2 of the association (0-0:40.0.0.255): every object with the access this
@@ -419,7 +429,8 @@ class SimulatedDlmsMeter:
         u16, u8, i8, enum = axdr.LONG_UNSIGNED, axdr.UNSIGNED, axdr.INTEGER, axdr.ENUM
         out = []
         for class_id, version, obis, attributes, methods in self.objects():
-            attribute_access = [Structure([Typed(i8, i), Typed(enum, mode if management else mode & READ), None])
+            attribute_access = [Structure([Typed(i8, i), Typed(enum, mode if management else mode & READ),
+                                           [Typed(i8, 1), Typed(i8, 2)] if (class_id, i) == (7, 2) else None])
                                 for i, mode in attributes.items()]  # fmt: skip
             method_access = [Structure([Typed(i8, m), Typed(enum, mode if management else 0)])
                              for m, mode in methods.items()]  # fmt: skip
@@ -455,7 +466,7 @@ class SimulatedDlmsMeter:
             return READ_WRITE_DENIED if a.index == 1 or a.index in obj.read else OBJECT_UNDEFINED
         try:
             return write(axdr.decode(request.data))
-        except axdr.AxdrError:
+        except (axdr.AxdrError, ValueError):  # not A-XDR, or not a date-time (a 13th month)
             return TYPE_UNMATCHED
 
     def _set_clock(self, value: Any) -> int:
@@ -633,6 +644,15 @@ class Association:
         self.max_pdu = 0xFFFF
 
     def handle(self, apdu: bytes) -> bytes:
+        """The answer to one APDU. Whatever a request makes go wrong here, a meter answers it
+        (an ExceptionResponse) and keeps the association; it never drops the line."""
+        try:
+            return self._handle(apdu)
+        except Exception:
+            log.exception("%s: request %s could not be served", self.meter.name, apdu[:64].hex())
+            return xdlms.ExceptionResult(2, 3).to_bytes()  # service-unknown, other-reason
+
+    def _handle(self, apdu: bytes) -> bytes:
         meter = self.meter
         meter.requests += 1
         if apdu[:1] == bytes([codec.AARQ_TAG]):
@@ -647,7 +667,10 @@ class Association:
             except ProtectionError as exc:
                 log.warning("%s: ciphered APDU refused: %s", meter.name, exc)
                 return xdlms.ExceptionResult(2, 6).to_bytes()  # service-unknown: could not decipher
-            return self.protection.wrap(self._hls_pass_3(plain) if self.hls_pending else self._serve(plain))
+            reply = self._hls_pass_3(plain) if self.hls_pending else self._serve(plain)
+            if reply[:1] == bytes([xdlms.EXCEPTION_RESPONSE]):
+                return reply  # exception responses go unciphered (there is no ciphered form of them)
+            return self.protection.wrap(reply)
         if not self.associated:
             return xdlms.ExceptionResult(1, 2).to_bytes()  # service not allowed: no association
         return self._serve(apdu)

@@ -261,6 +261,8 @@ def gurux_walks_the_object_list(port: int, password: str | None) -> dict[str, An
     out: dict[str, Any] = {"listed": {}, "errors": {}, "profiles": {}}
     for obj in association.objectList:
         out["listed"][obj.logicalName] = (int(obj.objectType), int(obj.getAccess(2)))
+        if obj.logicalName == "0.0.1.0.0.255":  # what the meter does not do is listed as no access
+            out["clock_unlisted"] = (int(obj.getAccess(4)), int(obj.getMethodAccess(1)))
         if isinstance(obj, GXDLMSProfileGeneric):
             for attribute in range(3, 9):
                 g.read(obj, attribute)
@@ -293,6 +295,7 @@ async def test_gurux_reads_the_object_list_and_every_object_it_lists(
     for name in ("0.0.1.0.0.255", "1.0.99.1.0.255", "0.0.99.98.0.255", "0.0.96.10.1.255", "0.0.96.11.0.255",
                  "0.0.96.3.10.255", "1.0.1.8.0.255"):  # fmt: skip
         assert name in listed, name
+    assert got["clock_unlisted"] == (0, 0)  # Gurux reads an attribute or method left out as full access
     clock_access = listed["0.0.1.0.0.255"][1]
     assert clock_access == (3 if password else 1)  # read-write for the logged-in client, read-only for the public one
     load = got["profiles"]["1.0.99.1.0.255"]

@@ -119,3 +119,20 @@ def test_a_dlms_get_next_after_the_last_block_or_out_of_the_transfer_is_an_error
     answer, kept = meter.service(xdlms.GetRequestNext(5, 2).to_bytes(), blocks, True)
     result = xdlms.parse_response(answer)
     assert isinstance(result, xdlms.GetResult) and result.data == b"three" and result.last_block and kept == blocks
+
+
+def test_the_dlms_simulator_answers_what_it_cannot_serve_and_keeps_the_association() -> None:
+    """Issue #16's attacker pass: a malformed clock SET raised out of the association and
+    dropped the line (on a serial bus: every meter on it)."""
+    from headend.protocols.dlms import codec
+    from simulators.dlms_meter import CLOCK, Association
+
+    meter = SimulatedDlmsMeter("1", ManualClock(datetime(2026, 3, 9, tzinfo=UTC)))
+    association = Association(meter)
+    association.handle(codec.aarq(codec.AUTH_LLS, b"12345678"))
+    for data in (b"\x09\x0c\x07", bytes.fromhex("090c07ea0d01ff0000000080 0000".replace(" ", ""))):
+        reply = xdlms.parse_response(association.handle(
+            xdlms.SetRequest(0xC1, xdlms.Attribute(8, CLOCK, 2), data).to_bytes()))  # fmt: skip
+        assert isinstance(reply, xdlms.SetResult) and reply.result == 12  # type-unmatched
+    answer = xdlms.parse_response(association.handle(xdlms.GetRequest(0xC2, xdlms.Attribute(8, CLOCK, 2)).to_bytes()))
+    assert isinstance(answer, xdlms.GetResult) and answer.error is None  # the association goes on
