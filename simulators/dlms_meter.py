@@ -1,18 +1,24 @@
-"""DLMS/COSEM meter simulator over the TCP wrapper (IEC 62056-47), logical-name referencing.
+"""DLMS/COSEM meter simulator over the TCP wrapper (IEC 62056-47) and HDLC (IEC 62056-46: a
+bus of meters by physical address on a serial line or TCP), logical-name referencing.
 
-Objects: Clock 0-0:1.0.0.255 (class 8), energy and instantaneous registers (class 3) with
-scaler_unit, a load profile 1-0:99.1.0.255 (class 7: clock, status, +A, -A, +R, -R at
-15-minute intervals) that fills as simulated time passes and answers range-descriptor
-selective access, Disconnect Control 0-0:96.3.10.255 (class 70) whose relay follows
-control_mode (remote reconnect ends in ready_for_reconnection in modes 1, 3, 5), logical
-device name, serial number and firmware (class 1).
+Objects (one table, `CosemObject`, that GET, SET, ACTION and the object list come from):
+the association 0-0:40.0.0.255 (class 15, its object list), Clock 0-0:1.0.0.255 (class 8),
+energy and instantaneous registers (class 3) with scaler_unit, maximum demand (class 4), a
+load profile 1-0:99.1.0.255 (class 7: clock, status, +A, -A, +R, -R at 15-minute intervals)
+that fills as simulated time passes, the event log and daily and monthly billing profiles
+(class 7, attributes 1-8, selective access by range and by entry), Disconnect Control
+0-0:96.3.10.255 (class 70) whose relay follows control_mode (remote reconnect ends in
+ready_for_reconnection in modes 1, 3, 5), the status word and event code, logical device
+name, serial number, firmware and CT/PT ratios (class 1).
 
-Associations: public client without security; LLS with the meter's password. Large answers
-go out as GET data blocks of `block_size` bytes.
+Associations: public client without security (reads only); LLS with the meter's password;
+HLS-GMAC. Answers never exceed the client's max PDU (GET data blocks, at most `block_size`
+bytes); on HDLC the frame sizes the client's SNRM proposed are kept.
 
 Faults: response `delay`, `drop_after_bytes` (connection cut mid-answer), `corrupt`
 (garbage frame), clock drift (`clock_offset_s`), `missing_intervals` (profile rows the meter
-never recorded), `stuck_relay`.
+never recorded), `stuck_relay`, `endless_blocks` / `repeat_block_number` (a meter that never
+stops talking), `trailing_bytes` (bytes after a value sent in blocks).
 
     python -m simulators.dlms_meter --meters 3 --port 4059    # meters on ports 4059, 4060, 4061
     python -m simulators.dlms_meter --meters 3 --hdlc-serial /dev/pts/7    # an RS-485 style HDLC bus

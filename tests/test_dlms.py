@@ -409,3 +409,36 @@ async def test_bytes_after_a_get_answer_fail_the_read_unless_the_link_is_lenient
         assert await s.read_clock() == NOW
     assert len(rows) == 2 * 96 * 4
     assert client_module.trailing_bytes_ignored["M-1"] - before == 1
+
+
+class CannedBlocks:
+    """A transport that answers every GET with `data` in two blocks."""
+
+    meter, where, is_open = "M1", "canned", True
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def bad(self, what: str, raw: bytes) -> BadFrame:
+        return BadFrame(what, meter=self.meter, raw=raw)
+
+    async def close(self) -> None:
+        return None
+
+    async def exchange(self, apdu: bytes) -> bytes:
+        half = len(self.data) // 2
+        if apdu[1] == 1:  # get-request-normal: the first block
+            return xdlms.GetResult(apdu[2], data=self.data[:half], block_number=1, last_block=False).to_bytes()
+        return xdlms.GetResult(apdu[2], data=self.data[half:], block_number=2, last_block=True).to_bytes()
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (bytes.fromhex("1200010005"), "a number followed by bytes: the number may be the wrong one"),
+    (bytes.fromhex("010102020f010f02") + bytes.fromhex("02020f030f04"), "one more row than the count says"),
+], ids=["scalar", "array-short-by-one"])  # fmt: skip
+async def test_a_lenient_link_never_passes_over_what_may_be_part_of_the_value(data: bytes, why: str) -> None:
+    session = DlmsSession(CannedBlocks(data), lenient=True)  # type: ignore[arg-type]
+    with pytest.raises(BadFrame, match="bytes left after the value"):
+        await session.get(7, PROFILE, 2)
+    rows = bytes.fromhex("010102020f010f02") + bytes(11)  # the Gurux C server's tail: passed over
+    assert await DlmsSession(CannedBlocks(rows), lenient=True).get(7, PROFILE, 2) == [[1, 2]]  # type: ignore[arg-type]

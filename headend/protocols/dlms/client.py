@@ -1,4 +1,4 @@
-"""DLMS/COSEM client session over the TCP wrapper: a MeterSession.
+"""DLMS/COSEM client session over the TCP wrapper or HDLC (serial or TCP): a MeterSession.
 
 Every read from the socket is under the session timeout, every frame and APDU is parsed by
 bounded parsers, and any parse failure ends the session with BadFrame (logged once with
@@ -86,10 +86,11 @@ class DlmsSession:
         """`session_deadline`: seconds a whole session (association to release) may take;
         `max_get_bytes`/`max_get_blocks`: what one GET may bring in blocks. A meter that keeps
         talking past any of them gets its session closed with a clear error, and memory stays
-        bounded whatever it sends. `lenient`: bytes after a GET answer's value are logged,
-        counted (`trailing_bytes_ignored`) and passed over instead of failing the read (the
-        Gurux C example server sends 11 after a profile's last block; Gurux's client ignores
-        them); strict by default, as the standard says."""
+        bounded whatever it sends. `lenient`: bytes after the array or structure of a GET
+        answer sent in blocks are logged, counted (`trailing_bytes_ignored`) and passed over
+        instead of failing the read (the Gurux C example server sends 11 after a profile's
+        last block; Gurux's client ignores them), unless they begin like one more element;
+        strict by default, as the standard says."""
         if authentication == codec.AUTH_HLS_GMAC and (keys is None or counters is None):
             raise ValueError("HLS-GMAC needs the global keys and a durable invocation counter store")
         if len(system_title) != 8:
@@ -331,9 +332,11 @@ class DlmsSession:
                                 f"{self.max_get_blocks} blocks and no end in sight", bytes(data[:64]))  # fmt: skip
             response = await self._service(xdlms.GetRequestNext(invoke, response.block_number).to_bytes())
         try:
-            if not self.lenient:
+            if not (self.lenient and blocks):
                 return axdr.decode(bytes(data))
             value, used = axdr.decode_prefix(bytes(data))
+            if used != len(data) and not _ignorable_tail(value, bytes(data[used:])):
+                axdr.decode(bytes(data))  # raises, with what is left named
         except axdr.AxdrError as exc:
             await self._close()
             raise self._bad(f"GET {obis}/{attribute}: {exc}", bytes(data)) from None
@@ -536,6 +539,19 @@ class DlmsSession:
         """remote_disconnect (method 1) or remote_reconnect (method 2); confirm with read_relay()."""
         method = 1 if action == RelayAction.DISCONNECT else 2
         await self.action(70, DISCONNECT_CONTROL, method, Typed(axdr.INTEGER, 0))
+
+
+def _ignorable_tail(value: object, tail: bytes) -> bool:
+    """Whether a lenient link may pass over `tail` after a value sent in blocks: only after
+    an array or structure (a profile's rows), and only when the tail does not begin like
+    one more of its elements (an array whose count is short by one must not lose a row)."""
+    if not isinstance(value, list) or not value:
+        return False
+    first = value[0]
+    if isinstance(first, list):
+        kind = axdr.STRUCTURE if isinstance(first, Structure) else axdr.ARRAY
+        return tail[:2] != bytes([kind, len(first)])
+    return True
 
 
 def _client_sap(authentication: str, client_sap: int | None) -> int:

@@ -1,8 +1,8 @@
-"""HDLC for DLMS/COSEM (IEC 62056-46, frame format type 3), over any byte stream.
-
-Frames are read by their length field, not by flag bytes: 0x7E may legally appear inside
-a frame (dlms-cosem's flag-keyed reader hangs on that). Lengths are bounded by the 11-bit
-format field; HCS and FCS are checked; anything else raises `HdlcError` with the raw bytes.
+"""HDLC frames for DLMS/COSEM (IEC 62056-46, frame format type 3): addresses, control
+fields, HCS/FCS, the SNRM/UA parameter field. Reading frames from bytes and the link's state
+are in hdlc_link.py (frames are found by their length field, not by flag bytes: 0x7E may
+legally appear inside a frame). Lengths are bounded by the 11-bit format field; anything
+that is not a sound frame raises `HdlcError` with the raw bytes.
 """
 
 from __future__ import annotations
