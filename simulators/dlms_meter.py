@@ -898,7 +898,13 @@ class HdlcBus:
                         continue
                     if frame is None:
                         break
-                    if not await self._on_frame(connection, frame, writer):
+                    try:
+                        served = await self._on_frame(connection, frame, writer)
+                    except Exception:  # a bus keeps serving its other meters whatever one frame did
+                        self.bad_frames += 1
+                        log.exception("HDLC bus: frame %s could not be served", frame.to_bytes()[:64].hex())
+                        continue
+                    if not served:
                         return
         finally:
             for key in [k for k in self._links if k[0] == connection]:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import serial_asyncio_fast
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, InterfaceType
 from gurux_dlms.objects import (
@@ -425,3 +426,19 @@ async def test_gurux_reads_the_object_list_over_hdlc(
     finally:
         await bus.stop()
     assert objects >= 20 and in_use > 0 and clock_access == (3 if password else 1)
+
+
+async def test_a_serial_bus_keeps_serving_after_a_client_proposes_zero_byte_frames(
+    serial_bus: tuple[HdlcBus, NullModem], clock: ManualClock
+) -> None:
+    """Issue #16's attacker pass: an SNRM offering 0-byte frames killed the bus's one task,
+    and every meter on the line went silent."""
+    bus, modem = serial_bus
+    _reader, writer = await serial_asyncio_fast.open_serial_connection(url=modem.b, baudrate=9600)
+    meter = hdlc.encode_address(1, 0x11)
+    writer.write(hdlc.Frame(meter, hdlc.encode_address(16), hdlc.SNRM, hdlc.snrm_parameters(0)).to_bytes())
+    await writer.drain()
+    writer.close()
+    async with DlmsSession.hdlc_serial(modem.b, "M-11", server_physical=0x11, timeout=3, now=clock.datetime) as s:
+        assert await s.read_clock() == NOW
+    assert bus.bad_frames >= 1
