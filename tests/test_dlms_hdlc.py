@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import serial_asyncio_fast
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
-from gurux_dlms.enums import Authentication, InterfaceType
+from gurux_dlms.enums import Authentication, InterfaceType, Security
 from gurux_dlms.objects import (
     GXDLMSAssociationLogicalName,
     GXDLMSClock,
@@ -22,6 +22,7 @@ from gurux_dlms.objects import (
     GXDLMSProfileGeneric,
     GXDLMSRegister,
 )
+from gurux_dlms.secure import GXDLMSSecureClient
 
 from headend.config import ConfigError, SerialLink, parse_config
 from headend.model import RelayAction, RelayState
@@ -308,9 +309,18 @@ class GuruxHdlc:
     """A Gurux client speaking HDLC over one TCP connection, a step at a time."""
 
     def __init__(self, port: int, password: str | None, physical: int = 0x11) -> None:
-        auth = Authentication.LOW if password else Authentication.NONE
-        self.client = GXDLMSClient(True, 1 if password else 16, GXDLMSClient.getServerAddress(1, physical), auth,
-                                   password, InterfaceType.HDLC)  # fmt: skip
+        """`password` "hls": HLS-GMAC with the simulator's keys."""
+        server = GXDLMSClient.getServerAddress(1, physical)
+        if password == "hls":
+            self.client = GXDLMSSecureClient(True, 1, server, Authentication.HIGH_GMAC, None, InterfaceType.HDLC)
+            cipher = self.client.settings.cipher
+            cipher.security = Security.AUTHENTICATION_ENCRYPTION
+            cipher.systemTitle = bytearray(b"GURUXCLI")
+            cipher.blockCipherKey = bytearray(DEFAULT_KEYS.encryption)
+            cipher.authenticationKey = bytearray(DEFAULT_KEYS.authentication)
+        else:
+            auth = Authentication.LOW if password else Authentication.NONE
+            self.client = GXDLMSClient(True, 1 if password else 16, server, auth, password, InterfaceType.HDLC)
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
 
     def run(self, frames: list[bytes] | bytes) -> GXReplyData:
@@ -333,6 +343,9 @@ class GuruxHdlc:
     def connect(self) -> None:
         self.client.parseUAResponse(self.run(self.client.snrmRequest()).data)
         self.client.parseAareResponse(self.run(self.client.aarqRequest()).data)
+        if self.client.getIsAuthenticationRequired():
+            request = self.client.getApplicationAssociationRequest()
+            self.client.parseApplicationAssociationResponse(self.run(request).data)
 
     def clock(self) -> object:
         clock = GXDLMSClock("0.0.1.0.0.255")
@@ -415,7 +428,7 @@ def object_list_over_hdlc(port: int, password: str | None) -> tuple[int, int, in
         g.close()
 
 
-@pytest.mark.parametrize("password", [None, "12345678"], ids=["public", "lls"])
+@pytest.mark.parametrize("password", [None, "12345678", "hls"], ids=["public", "lls", "hls-gmac"])
 async def test_gurux_reads_the_object_list_over_hdlc(
     meters: dict[int, SimulatedDlmsMeter], password: str | None
 ) -> None:
