@@ -38,7 +38,8 @@ async def run_drain(storage: StorageConfig) -> int:
     return 0
 
 
-TERMINAL = {"confirmed", "confirmed_ready_for_reconnection", "failed", "expired", "rejected", "cancelled"}
+TERMINAL = {"confirmed", "confirmed_ready_for_reconnection", "dry_run_ok", "failed", "expired", "rejected",
+            "cancelled"}
 #: Taken on, waiting for a window or a second person: not done, not refused.
 PENDING = {"deferred", "awaiting_approval"}
 EXIT_PENDING = 3
@@ -176,7 +177,7 @@ def run_switch(args: argparse.Namespace, transport: httpx.BaseTransport | None =
             time.sleep(0.2)  # polling the API for the outcome the operator is waiting for
             command = client.get(command["href"]).json()
         _show_command(command, args.what, command["meter"])
-        if command["state"].startswith("confirmed"):
+        if command["state"].startswith("confirmed") or command["state"] == "dry_run_ok":
             return 0
         return EXIT_PENDING if command["state"] in PENDING else 1
 

@@ -18,7 +18,8 @@ from headend.api.auth import TokenStore
 from tests.conftest import Spawn
 
 ROOT = Path(__file__).resolve().parent.parent
-DONE = frozenset({"confirmed", "confirmed_ready_for_reconnection", "failed", "expired", "cancelled", "rejected"})
+DONE = frozenset({"confirmed", "confirmed_ready_for_reconnection", "dry_run_ok", "failed", "expired", "cancelled",
+                  "rejected"})
 #: Principals of the test sites and their roles.
 PRINCIPALS = {
     "anna": {"operator"},

@@ -332,3 +332,25 @@ async def test_a_protected_disconnect_approved_outside_its_window_runs_when_the_
     assert lines["A"].meter(8).relay_writes == 1
     await runner.stop()
     e.close()
+
+
+async def test_a_dry_run_ends_dry_run_ok_never_confirmed_and_the_relay_never_moves(
+    lines: dict[str, Line], tmp_path: Path
+) -> None:
+    """Issue #21: a dry run ended `confirmed` with the relay never operated, and VEE counted the
+    meter as disconnected. Also after a restart that finds the dry run `sent`."""
+    e = engine(lines, tmp_path, dry_run=True)
+    cut = e.request("A-1", RelayAction.DISCONNECT, who="anna", why="arrears test").command
+    done = await e.run(cut.id)
+    assert done.state == CommandState.DRY_RUN_OK and done.evidence["operated"] is False
+    assert done.evidence["relay_after"] == "connected"
+    assert lines["A"].meter(1).relay_connected and lines["A"].meter(1).relay_writes == 0
+    left = e.request("A-2", RelayAction.DISCONNECT, who="anna", why="arrears test").command
+    assert e.journal.claim(left.id, "dead") is not None
+    e.journal.transition(left.id, CommandState.SENT, {"attempt": 1}, attempt=True, owner="dead")  # then killed
+    e.journal.close()
+    restarted = engine(lines, tmp_path, dry_run=True)
+    (found,) = restarted.recover()
+    after = await restarted.reconfirm(found)
+    assert after is not None and after.state == CommandState.DRY_RUN_OK
+    assert lines["A"].meter(2).relay_connected and lines["A"].meter(2).relay_writes == 0

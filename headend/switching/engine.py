@@ -262,8 +262,12 @@ class SwitchingEngine:
                         self._send(session, command, before, register, owner, attempt))
                     if not send:
                         return command
+                    if self.dry_run:
+                        state = await session.read_relay()
+                        return await self.off_loop(self._dry_run_done, command, state, await _register(session),
+                                                   owner)  # fmt: skip
                     state = await self._read_back(session, targets)
-                    if state in targets or self.dry_run:
+                    if state in targets:
                         return await self.off_loop(self._confirmed, command, state, await _register(session), owner)
                     last_error = f"relay still {state.value} {self.confirm_timeout:g}s after the command"
             except MeterError as exc:
@@ -333,11 +337,20 @@ class SwitchingEngine:
                             attempt=True, owner=command.owner)  # fmt: skip
         await session.operate_relay(command.action)
 
+    def _dry_run_done(self, command: Command, state: RelayState, register: Any, owner: str | None) -> Command:
+        """A dry run's end: the relay as read now (never operated), and no confirmation."""
+        evidence = {"relay_after": state.value, "register_after": register, "checked_at": self.now().isoformat(),
+                    "operated": False}  # fmt: skip
+        log.info("command %s: %s %s dry run done; relay %s, not operated", command.id, command.meter,
+                 command.action, state.value)  # fmt: skip
+        return self.journal.transition(command.id, CommandState.DRY_RUN_OK, {"relay": state.value, "operated": False},
+                                       evidence, owner=owner)  # fmt: skip
+
     def _confirmed(self, command: Command, state: RelayState, register: Any, owner: str | None, *,
                    operated: bool = True, evidence: dict[str, Any] | None = None) -> Command:  # fmt: skip
         final = CommandState.CONFIRMED_READY if state == RelayState.READY_FOR_RECONNECTION else CommandState.CONFIRMED
         evidence = {**(evidence or {}), "relay_after": state.value, "register_after": register,
-                    "confirmed_at": self.now().isoformat(), "operated": operated and not self.dry_run}  # fmt: skip
+                    "confirmed_at": self.now().isoformat(), "operated": operated}  # fmt: skip
         log.info("command %s: %s %s confirmed (%s)", command.id, command.meter, command.action, state.value)
         done = self.journal.transition(command.id, final, {"relay": state.value, "operated": evidence["operated"]},
                                        evidence, owner=owner)  # fmt: skip
@@ -397,7 +410,10 @@ class SwitchingEngine:
                 if state in targets:
                     return await self.off_loop(self._confirmed, command, state, await _register(session),
                                                command.owner)  # fmt: skip
-                if command.action == RelayAction.RECONNECT and not self.dry_run:
+                if self.dry_run:
+                    return await self.off_loop(self._dry_run_done, command, state, await _register(session),
+                                               command.owner)  # fmt: skip
+                if command.action == RelayAction.RECONNECT:
                     # Unlike a disconnect, a reconnect is safe to send again: the customer paid.
                     await _finished_even_if_cancelled(self._send_again(session, command))
                     state = await self._read_back(session, targets)

@@ -43,6 +43,9 @@ class CommandState(StrEnum):
     CONFIRMED = "confirmed"
     #: A reconnect the meter accepted as ready_for_reconnection: the customer presses the button.
     CONFIRMED_READY = "confirmed_ready_for_reconnection"
+    #: A dry run (`switching.dry_run`): every check made and journaled, `sent` included, the
+    #: relay never operated; the read-back shows it as it was. Never "confirmed": nothing happened.
+    DRY_RUN_OK = "dry_run_ok"
     FAILED = "failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
@@ -74,7 +77,7 @@ _ALLOWED: dict[CommandState, frozenset[CommandState]] = {
     CommandState.RUNNING: frozenset({CommandState.SENT, CommandState.QUEUED, CommandState.DEFERRED,
                                      CommandState.REJECTED, CommandState.CANCELLED, CommandState.EXPIRED,
                                      CommandState.FAILED, *_DONE}),
-    CommandState.SENT: frozenset({CommandState.SENT, CommandState.FAILED, *_DONE}),
+    CommandState.SENT: frozenset({CommandState.SENT, CommandState.FAILED, CommandState.DRY_RUN_OK, *_DONE}),
 }
 # fmt: on
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _FINISHED = frozenset({
     CommandState.REJECTED, CommandState.CONFIRMED, CommandState.CONFIRMED_READY, CommandState.FAILED,
-    CommandState.EXPIRED, CommandState.CANCELLED,
+    CommandState.EXPIRED, CommandState.CANCELLED, CommandState.DRY_RUN_OK,
 })  # fmt: skip
 
 
