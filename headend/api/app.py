@@ -1,7 +1,9 @@
 """The HTTP API: switching commands and billing events, bearer-token authenticated.
 
-Every call needs `Authorization: Bearer <token>`; roles decide what it may do. Bad input
-gets a 4xx with a reason (422 lists the fields), never a 500.
+Every call here needs `Authorization: Bearer <token>`; roles decide what it may do. (Of
+what `headend serve` adds, `/health` and the docs pages are open, and `/metrics` unless
+`api.metrics_auth` is set.) Bad input gets a 4xx with a reason (422 lists the fields),
+never a 500.
 """
 
 import json
