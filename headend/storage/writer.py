@@ -42,6 +42,16 @@ class WriterStats:
     outbox_failures: int = 0
 
 
+async def until_drained(drained: asyncio.Event, outbox: Outbox) -> None:
+    """Wait for `drained` (set by a writer each time it finds the outbox empty) to hold with the
+    outbox really empty: readings accepted after it was set clear it again."""
+    while True:
+        await drained.wait()
+        if outbox.depth() == 0:
+            return
+        drained.clear()
+
+
 #: Per (kind, meter, channel) of a batch, the first and last time it writes.
 Spans = dict[tuple[str, str, Obis], tuple[int, int]]
 
@@ -286,11 +296,7 @@ class BatchWriter:
 
     async def wait_drained(self) -> None:
         """Return once the writer has found the outbox empty after the last accept."""
-        while True:
-            await self._drained.wait()
-            if self.outbox.depth() == 0:
-                return
-            self._drained.clear()
+        await until_drained(self._drained, self.outbox)
 
     def stop(self) -> None:
         self._stop.set()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from headend.config import StorageConfig
 from headend.storage.outbox import Outbox
-from headend.storage.writer import WriterStats
+from headend.storage.writer import WriterStats, until_drained
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +221,7 @@ class WriterProcess:
 
     async def wait_drained(self) -> None:
         """Return once the writer process has found the outbox empty after the last accept."""
-        while True:
-            await self._drained.wait()
-            if self.outbox.depth() == 0:
-                return
-            self._drained.clear()
+        await until_drained(self._drained, self.outbox)
 
     def stop(self) -> None:
         self._stop.set()

@@ -215,8 +215,8 @@ class HdlcConnection:
         return self._frames.buffered
 
     @property
-    def noise(self) -> FrameReader:
-        """The frame reader, for its count of line noise and the last of it."""
+    def frames(self) -> FrameReader:
+        """The frame reader (its count of line noise and the last of it)."""
         return self._frames
 
     # -- what came -----------------------------------------------------------------------

@@ -119,8 +119,6 @@ class HdlcTransport(StreamTransport):
         self.client = hdlc.encode_address(client_sap)
         self.server = hdlc.encode_address(server_logical, server_physical)
         self.max_info = max_info
-        #: The information field size the meter takes, once connected.
-        self.send_info = max_info
         self._link = HdlcConnection(self.client, self.server, server=False, max_info=max_info)
         self._events: deque[Event] = deque()
 
@@ -136,7 +134,7 @@ class HdlcTransport(StreamTransport):
         return cls(opener, f"hdlc {device}@{baudrate}", meter, **kwargs)  # type: ignore[arg-type]
 
     def _silence(self) -> str:
-        noise = self._link.noise
+        noise = self._link.frames
         if not noise.noise_bytes:
             return ""
         # A meter at another speed or parity sends bytes that never make a frame.
@@ -168,7 +166,6 @@ class HdlcTransport(StreamTransport):
                 raise LinkDown("meter answered SNRM with DM (disconnected mode)", meter=self.meter)
             if not isinstance(event, Connected):
                 raise hdlc.HdlcError(f"expected UA to SNRM, got {event}")
-            self.send_info = event.send_info  # the meter's receive limit bounds what we send
 
         self._link = HdlcConnection(self.client, self.server, server=False, max_info=self.max_info)
         self._events.clear()
