@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import serial_asyncio_fast
@@ -91,6 +92,15 @@ async def serial_bus(meters: dict[int, SimulatedDlmsMeter]) -> AsyncIterator[tup
         await bus.stop()
 
 
+@pytest.fixture
+async def tcp_bus(meters: dict[int, SimulatedDlmsMeter]) -> AsyncIterator[HdlcBus]:
+    """Meter 0x11 alone on an HDLC bus over TCP (`bus.port`)."""
+    bus = HdlcBus({0x11: meters[0x11]})
+    await bus.start_tcp()
+    yield bus
+    await bus.stop()
+
+
 async def test_three_meters_on_one_serial_hdlc_bus(
     serial_bus: tuple[HdlcBus, NullModem], meters: dict[int, SimulatedDlmsMeter], clock: ManualClock
 ) -> None:
@@ -118,12 +128,9 @@ async def test_a_meter_that_is_not_on_the_bus_stays_silent(serial_bus: tuple[Hdl
             pass
 
 
-async def test_hdlc_over_tcp(meters: dict[int, SimulatedDlmsMeter], clock: ManualClock) -> None:
-    bus = HdlcBus({0x11: meters[0x11]})
-    port = await bus.start_tcp()
-    async with DlmsSession.hdlc_tcp("127.0.0.1", port, "M-11", server_physical=0x11, timeout=3) as s:
+async def test_hdlc_over_tcp(tcp_bus: HdlcBus) -> None:
+    async with DlmsSession.hdlc_tcp("127.0.0.1", tcp_bus.port, "M-11", server_physical=0x11, timeout=3) as s:
         assert await s.read_clock() == NOW
-    await bus.stop()
 
 
 def test_a_physical_address_above_127_is_a_four_byte_address_as_gurux_writes_it() -> None:
@@ -154,75 +161,96 @@ async def test_a_meter_at_a_four_byte_hdlc_address_is_read(clock: ManualClock) -
         await bus.stop()
 
 
-def gurux_over_hdlc(port: int, max_info: int | None = None) -> dict[str, object]:
-    client = GXDLMSClient(True, 1, GXDLMSClient.getServerAddress(1, 0x11), Authentication.LOW, "12345678",
-                          InterfaceType.HDLC)  # fmt: skip
-    if max_info is not None:
-        client.hdlcSettings.maxInfoRX = client.hdlcSettings.maxInfoTX = max_info
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+class GuruxHdlc:
+    """A Gurux client speaking HDLC over one TCP connection, a step at a time."""
 
-    def run(frames: list[bytes] | bytes) -> GXReplyData:
+    def __init__(self, port: int, password: str | None, physical: int = 0x11) -> None:
+        """`password` "hls": HLS-GMAC with the simulator's keys."""
+        server = GXDLMSClient.getServerAddress(1, physical)
+        if password == "hls":
+            self.client = GXDLMSSecureClient(True, 1, server, Authentication.HIGH_GMAC, None, InterfaceType.HDLC)
+            cipher = self.client.settings.cipher
+            cipher.security = Security.AUTHENTICATION_ENCRYPTION
+            cipher.systemTitle = bytearray(b"GURUXCLI")
+            cipher.blockCipherKey = bytearray(DEFAULT_KEYS.encryption)
+            cipher.authenticationKey = bytearray(DEFAULT_KEYS.authentication)
+        else:
+            auth = Authentication.LOW if password else Authentication.NONE
+            self.client = GXDLMSClient(True, 1 if password else 16, server, auth, password, InterfaceType.HDLC)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+
+    def run(self, frames: list[bytes] | bytes) -> GXReplyData:
         reply = GXReplyData()
         for frame in frames if isinstance(frames, list) else [frames]:
-            sock.sendall(frame)
+            self.sock.sendall(frame)
             buf = GXByteBuffer()
-            while not client.getData(buf, reply, None):
-                buf.set(sock.recv(4096))
+            while not self.client.getData(buf, reply, None):
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("the meter closed the connection")
+                buf.set(chunk)
         while reply.isMoreData():
-            frame = client.receiverReady(reply)
-            sock.sendall(frame)
+            self.sock.sendall(self.client.receiverReady(reply))
             buf = GXByteBuffer()
-            while not client.getData(buf, reply, None):
-                buf.set(sock.recv(4096))
+            while not self.client.getData(buf, reply, None):
+                buf.set(self.sock.recv(4096))
         return reply
 
-    client.parseUAResponse(run(client.snrmRequest()).data)
-    out: dict[str, object] = {"negotiated": (client.hdlcSettings.maxInfoTX, client.hdlcSettings.maxInfoRX)}
-    client.parseAareResponse(run(client.aarqRequest()).data)
-    profile = GXDLMSProfileGeneric("1.0.99.1.0.255")
-    client.updateValue(profile, 3, run(client.read(profile, 3)).value)
-    out["captured"] = len(profile.captureObjects)
-    clock = GXDLMSClock("0.0.1.0.0.255")
-    client.updateValue(clock, 2, run(client.read(clock, 2)).value)
-    out["clock"] = clock.time.value
-    register = GXDLMSRegister("1.0.1.8.0.255")
-    for attribute in (3, 2):
-        client.updateValue(register, attribute, run(client.read(register, attribute)).value)
-    out["energy"] = register.value
-    serial = GXDLMSData("0.0.96.1.0.255")
-    client.updateValue(serial, 2, run(client.read(serial, 2)).value)
-    out["serial"] = serial.value
-    run(client.releaseRequest())
-    run(client.disconnectRequest())
-    sock.close()
-    return out
+    def connect(self) -> None:
+        self.client.parseUAResponse(self.run(self.client.snrmRequest()).data)
+        self.client.parseAareResponse(self.run(self.client.aarqRequest()).data)
+        if self.client.getIsAuthenticationRequired():
+            request = self.client.getApplicationAssociationRequest()
+            self.client.parseApplicationAssociationResponse(self.run(request).data)
+
+    def read(self, obj: Any, attribute: int) -> Any:
+        self.client.updateValue(obj, attribute, self.run(self.client.read(obj, attribute)).value)
+        return obj
+
+    def clock(self) -> object:
+        return self.read(GXDLMSClock("0.0.1.0.0.255"), 2).time.value
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-async def test_gurux_speaks_hdlc_to_the_simulator(meters: dict[int, SimulatedDlmsMeter], clock: ManualClock) -> None:
-    bus = HdlcBus({0x11: meters[0x11]})
-    port = await bus.start_tcp()
-    got = await asyncio.to_thread(gurux_over_hdlc, port)
-    await bus.stop()
+def gurux_over_hdlc(port: int, max_info: int | None = None) -> dict[str, object]:
+    g = GuruxHdlc(port, "12345678")
+    if max_info is not None:
+        g.client.hdlcSettings.maxInfoRX = g.client.hdlcSettings.maxInfoTX = max_info
+    try:
+        g.connect()
+        out: dict[str, object] = {"negotiated": (g.client.hdlcSettings.maxInfoTX, g.client.hdlcSettings.maxInfoRX)}
+        out["captured"] = len(g.read(GXDLMSProfileGeneric("1.0.99.1.0.255"), 3).captureObjects)
+        out["clock"] = g.clock()
+        out["energy"] = g.read(g.read(GXDLMSRegister("1.0.1.8.0.255"), 3), 2).value
+        out["serial"] = g.read(GXDLMSData("0.0.96.1.0.255"), 2).value
+        g.run(g.client.releaseRequest())
+        g.run(g.client.disconnectRequest())
+        return out
+    finally:
+        g.close()
+
+
+async def test_gurux_speaks_hdlc_to_the_simulator(
+    tcp_bus: HdlcBus, meters: dict[int, SimulatedDlmsMeter], clock: ManualClock
+) -> None:
+    got = await asyncio.to_thread(gurux_over_hdlc, tcp_bus.port)
     assert got["clock"].replace(tzinfo=None) == NOW.replace(tzinfo=None)  # type: ignore[attr-defined]
     assert got["energy"] == meters[0x11].register_value(A_PLUS, clock.now())
     assert got["serial"] == "SN~11~"
-    assert bus.bad_frames == 0
+    assert tcp_bus.bad_frames == 0
 
 
 async def test_the_simulator_keeps_to_the_hdlc_frame_size_the_client_negotiated(
-    meters: dict[int, SimulatedDlmsMeter], clock: ManualClock
+    tcp_bus: HdlcBus, meters: dict[int, SimulatedDlmsMeter], clock: ManualClock
 ) -> None:
     """Issue #16: the UA always said 128/128 and 129-byte frames came whatever the client
     proposed; now the UA answers the client's sizes and every frame keeps to them."""
-    bus = HdlcBus({0x11: meters[0x11]})
-    port = await bus.start_tcp()
-    try:
-        got = await asyncio.to_thread(gurux_over_hdlc, port, 32)
-    finally:
-        await bus.stop()
+    got = await asyncio.to_thread(gurux_over_hdlc, tcp_bus.port, 32)
     assert got["negotiated"] == (32, 32) and got["captured"] == 6
     assert got["energy"] == meters[0x11].register_value(A_PLUS, clock.now())
-    assert 0 < bus.largest_info <= 32 and bus.bad_frames == 0
+    assert 0 < tcp_bus.largest_info <= 32 and tcp_bus.bad_frames == 0
 
 
 async def test_sessions_come_from_the_config_with_the_password_from_the_environment(
@@ -305,57 +333,6 @@ async def test_the_simulator_runs_as_its_own_process_on_an_hdlc_pty() -> None:
             await proc.wait()
 
 
-class GuruxHdlc:
-    """A Gurux client speaking HDLC over one TCP connection, a step at a time."""
-
-    def __init__(self, port: int, password: str | None, physical: int = 0x11) -> None:
-        """`password` "hls": HLS-GMAC with the simulator's keys."""
-        server = GXDLMSClient.getServerAddress(1, physical)
-        if password == "hls":
-            self.client = GXDLMSSecureClient(True, 1, server, Authentication.HIGH_GMAC, None, InterfaceType.HDLC)
-            cipher = self.client.settings.cipher
-            cipher.security = Security.AUTHENTICATION_ENCRYPTION
-            cipher.systemTitle = bytearray(b"GURUXCLI")
-            cipher.blockCipherKey = bytearray(DEFAULT_KEYS.encryption)
-            cipher.authenticationKey = bytearray(DEFAULT_KEYS.authentication)
-        else:
-            auth = Authentication.LOW if password else Authentication.NONE
-            self.client = GXDLMSClient(True, 1 if password else 16, server, auth, password, InterfaceType.HDLC)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
-
-    def run(self, frames: list[bytes] | bytes) -> GXReplyData:
-        reply = GXReplyData()
-        for frame in frames if isinstance(frames, list) else [frames]:
-            self.sock.sendall(frame)
-            buf = GXByteBuffer()
-            while not self.client.getData(buf, reply, None):
-                chunk = self.sock.recv(4096)
-                if not chunk:
-                    raise ConnectionError("the meter closed the connection")
-                buf.set(chunk)
-        while reply.isMoreData():
-            self.sock.sendall(self.client.receiverReady(reply))
-            buf = GXByteBuffer()
-            while not self.client.getData(buf, reply, None):
-                buf.set(self.sock.recv(4096))
-        return reply
-
-    def connect(self) -> None:
-        self.client.parseUAResponse(self.run(self.client.snrmRequest()).data)
-        self.client.parseAareResponse(self.run(self.client.aarqRequest()).data)
-        if self.client.getIsAuthenticationRequired():
-            request = self.client.getApplicationAssociationRequest()
-            self.client.parseApplicationAssociationResponse(self.run(request).data)
-
-    def clock(self) -> object:
-        clock = GXDLMSClock("0.0.1.0.0.255")
-        self.client.updateValue(clock, 2, self.run(self.client.read(clock, 2)).value)
-        return clock.time.value
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def hijack_over_hdlc(port: int) -> str:
     """An LLS client associates and goes without releasing; a new connection, with no SNRM,
     no AARQ and no password, sends remote_disconnect in the first client's name."""
@@ -374,14 +351,9 @@ def hijack_over_hdlc(port: int) -> str:
 
 
 async def test_an_association_never_outlives_its_connection_a_new_one_cannot_switch_in_its_name(
-    meters: dict[int, SimulatedDlmsMeter],
+    tcp_bus: HdlcBus, meters: dict[int, SimulatedDlmsMeter]
 ) -> None:
-    bus = HdlcBus({0x11: meters[0x11]})
-    port = await bus.start_tcp()
-    try:
-        outcome = await asyncio.to_thread(hijack_over_hdlc, port)
-    finally:
-        await bus.stop()
+    outcome = await asyncio.to_thread(hijack_over_hdlc, tcp_bus.port)
     # Gurux gets the meter's DM (disconnected mode) as an error code of its own (-4) or raises.
     assert not outcome.endswith("error 0"), outcome
     assert meters[0x11].actions == 0 and meters[0x11].control_state == 1  # the relay never moved
@@ -402,26 +374,19 @@ def two_clients_at_once(port: int) -> list[object]:
 
 
 async def test_two_connections_with_one_client_address_keep_their_own_hdlc_sequence(
-    meters: dict[int, SimulatedDlmsMeter],
+    tcp_bus: HdlcBus,
 ) -> None:
-    bus = HdlcBus({0x11: meters[0x11]})
-    port = await bus.start_tcp()
-    try:
-        clocks = await asyncio.to_thread(two_clients_at_once, port)
-    finally:
-        await bus.stop()
+    clocks = await asyncio.to_thread(two_clients_at_once, tcp_bus.port)
     assert [c.replace(tzinfo=None) for c in clocks] == [NOW.replace(tzinfo=None)] * 4  # type: ignore[attr-defined]
-    assert bus.bad_frames == 0
+    assert tcp_bus.bad_frames == 0
 
 
 def object_list_over_hdlc(port: int, password: str | None) -> tuple[int, int, int]:
     g = GuruxHdlc(port, password)
     try:
         g.connect()
-        association = GXDLMSAssociationLogicalName("0.0.40.0.0.255")
-        g.client.updateValue(association, 2, g.run(g.client.read(association, 2)).value)
-        profile = GXDLMSProfileGeneric("1.0.99.1.0.255")
-        g.client.updateValue(profile, 7, g.run(g.client.read(profile, 7)).value)
+        association = g.read(GXDLMSAssociationLogicalName("0.0.40.0.0.255"), 2)
+        profile = g.read(GXDLMSProfileGeneric("1.0.99.1.0.255"), 7)
         clock = next(o for o in association.objectList if o.logicalName == "0.0.1.0.0.255")
         return len(association.objectList), int(profile.entriesInUse), int(clock.getAccess(2))
     finally:
@@ -430,14 +395,9 @@ def object_list_over_hdlc(port: int, password: str | None) -> tuple[int, int, in
 
 @pytest.mark.parametrize("password", [None, "12345678", "hls"], ids=["public", "lls", "hls-gmac"])
 async def test_gurux_reads_the_object_list_over_hdlc(
-    meters: dict[int, SimulatedDlmsMeter], password: str | None
+    tcp_bus: HdlcBus, password: str | None
 ) -> None:
-    bus = HdlcBus({0x11: meters[0x11]})
-    port = await bus.start_tcp()
-    try:
-        objects, in_use, clock_access = await asyncio.to_thread(object_list_over_hdlc, port, password)
-    finally:
-        await bus.stop()
+    objects, in_use, clock_access = await asyncio.to_thread(object_list_over_hdlc, tcp_bus.port, password)
     assert objects >= 20 and in_use > 0 and clock_access == (3 if password else 1)
 
 
